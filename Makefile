@@ -1,0 +1,46 @@
+# unionfs — every target does its own set-up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+PYTEST  := $(VPY) -m pytest
+
+.PHONY: all setup deps venv test test-slow demo bench clean
+
+all: test
+
+# System packages: libfuse2 (fusepy's library), fuse3 (fusermount, mount.fuse),
+# and the peers/interop tools the tests and benchmark compare against.
+APT_PKGS := libfuse2 fuse3 fuse-overlayfs attr busybox-static umoci skopeo podman runc
+
+deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	  fi; \
+	fi
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+venv: $(VPY)
+	$(VPY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(VPY) -m pip install -q -e '.[test,zstd]'
+
+setup: deps venv
+
+test: setup
+	$(PYTEST) -q
+
+test-slow: setup
+	$(PYTEST) -q -m slow
+
+demo: setup
+	$(VPY) scripts/demo.py
+
+bench: setup
+	$(VPY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

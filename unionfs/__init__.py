@@ -1,0 +1,3 @@
+"""unionfs: a pure-Python union (copy-on-write) filesystem on FUSE."""
+
+__version__ = "0.1.0"
