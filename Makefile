@@ -30,11 +30,14 @@ venv: $(VPY)
 
 setup: deps venv
 
+# pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test: setup
-	$(PYTEST) -q
+	@$(PYTEST) -q; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; \
+	 [ $$rc -eq 0 ]
 
 test-slow: setup
-	$(PYTEST) -q -m slow
+	@$(PYTEST) -q -m slow; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; \
+	 [ $$rc -eq 0 ]
 
 demo: setup
 	$(VPY) scripts/demo.py
