@@ -1,0 +1,241 @@
+"""Atomic copy-up (overlayfs's copy_up.c).
+
+The first change to an entry that lives only in a lower layer copies it into
+the upper: parents first (each with its own metadata), then the entry. The
+copy is built under a temporary name in the work directory -- data, owner,
+xattrs, mode, times, in that order -- fsync'ed, and renamed into place, so a
+crash leaves either no upper entry (the lower still shows) or a complete one.
+Leftover temporaries are removed when the next mount starts.
+
+Callers hold the union's mutation lock; lookups run concurrently and see the
+lower entry until the rename publishes the copy.
+"""
+
+import errno
+import itertools
+import os
+import stat
+
+from unionfs import whiteout as wh
+from unionfs.layers import DIR, split_path
+
+_COPY_CHUNK = 1 << 20
+_IS_ROOT = os.geteuid() == 0
+
+# Errors that mean "this xattr cannot be copied here", not "copy-up failed":
+# the upper's filesystem lacks the namespace (ENOTSUP), or the daemon lacks the
+# privilege for it (EPERM, e.g. trusted.* when not root; EACCES, security.*).
+_XATTR_SKIP = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
+
+
+def copy_xattrs(src, dst):
+    """Copy every non-private xattr of ``src`` to ``dst`` (no symlink follow)."""
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in _XATTR_SKIP:
+            return
+        raise
+    for name in names:
+        if wh.is_private_xattr(name):
+            continue
+        try:
+            value = os.getxattr(src, name, follow_symlinks=False)
+            os.setxattr(dst, name, value, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in _XATTR_SKIP and e.errno != errno.ENODATA:
+                raise
+
+
+def copy_data(fd_in, fd_out, size):
+    """Copy ``size`` bytes, keeping holes (a sparse lower stays sparse)."""
+    off = 0
+    try:
+        while off < size:
+            try:
+                start = os.lseek(fd_in, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:      # only a hole is left
+                    break
+                raise
+            end = os.lseek(fd_in, start, os.SEEK_HOLE)
+            _copy_range(fd_in, fd_out, start, min(end, size) - start)
+            off = end
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+        # The lower's filesystem cannot report holes: copy everything.
+        _copy_range(fd_in, fd_out, 0, size)
+    os.ftruncate(fd_out, size)
+
+
+def _copy_range(fd_in, fd_out, off, count):
+    end = off + count
+    try:
+        while off < end:
+            n = os.copy_file_range(fd_in, fd_out, min(end - off, 1 << 30), off, off)
+            if n == 0:
+                return              # the source shrank under us: stop at EOF
+            off += n
+        return
+    except OSError as e:
+        # Cross-device or unsupported: fall back to plain reads and writes.
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while off < end:
+        buf = os.pread(fd_in, min(_COPY_CHUNK, end - off), off)
+        if not buf:
+            return
+        written = 0
+        while written < len(buf):
+            written += os.pwrite(fd_out, buf[written:], off + written)
+        off += len(buf)
+
+
+def set_metadata(src, dst, st):
+    """Give ``dst`` the owner, xattrs, mode and times of ``src`` (``st``).
+
+    Order matters: chown clears set-id bits, so the mode comes after it.
+    """
+    if _IS_ROOT:
+        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    copy_xattrs(src, dst)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+class CopyUp:
+    """Copies entries from lower layers into the upper of ``stack``."""
+
+    def __init__(self, stack, work, writer, fsync=True):
+        self.stack = stack
+        self.upper = stack.upper
+        self.work = work            # private temp dir on the upper's filesystem
+        self.writer = writer
+        self.fsync = fsync
+        self._seq = itertools.count()
+
+    def temp_name(self):
+        """A fresh name in the work dir (the pid keeps two daemons apart)."""
+        return os.path.join(self.work, f"#{os.getpid():x}.{next(self._seq):x}")
+
+    def ensure_dir(self, path):
+        """Copy directory ``path`` (and its parents) up if needed; return its node."""
+        node = self.stack.lookup(path)
+        if node is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        if node.in_upper:
+            return node
+        return self.copy_up(path, node)
+
+    def copy_up(self, path, node=None, data=True):
+        """Make ``path`` an upper entry; return its new node.
+
+        ``data=False`` copies only metadata (the caller truncates to 0 next).
+        """
+        if node is None:
+            node = self.stack.lookup(path)
+            if node is None:
+                raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        if node.in_upper:
+            return node
+        parent, _ = split_path(path)
+        self.ensure_dir(parent)
+        src = node.top.real(path)
+        st = os.lstat(src)
+        tmp = self._build_copy(src, st, data)
+        self.publish(tmp, path)
+        return self.stack.lookup(path)
+
+    def publish(self, tmp, path):
+        """Rename work entry ``tmp`` to ``path`` in the upper, keeping the
+        parent directory's times (as overlayfs does: a copy-up is not a change
+        of the parent)."""
+        parent_real = self.upper.real(split_path(path)[0])
+        pst = os.lstat(parent_real)
+        try:
+            os.rename(tmp, self.upper.real(path))
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        finally:
+            self.stack.invalidate(path)
+        os.utime(parent_real, ns=(pst.st_atime_ns, pst.st_mtime_ns),
+                 follow_symlinks=False)
+
+    def _build_copy(self, src, st, data):
+        tmp = self.temp_name()
+        mode = st.st_mode
+        try:
+            if stat.S_ISREG(mode):
+                self._copy_file(src, tmp, st, data)
+                return tmp
+            if stat.S_ISDIR(mode):
+                os.mkdir(tmp, 0o700)
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(src), tmp)
+            else:
+                os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            set_metadata(src, tmp, st)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        return tmp
+
+    def _copy_file(self, src, tmp, st, data):
+        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                if data:
+                    copy_data(fd_in, fd_out, st.st_size)
+                set_metadata(src, tmp, st)
+                if self.fsync:
+                    os.fsync(fd_out)
+            except BaseException:
+                os.close(fd_out)
+                os.unlink(tmp)
+                raise
+            os.close(fd_out)
+        finally:
+            os.close(fd_in)
+
+    def copy_up_tree(self, path, listing):
+        """Copy a whole merged directory into the upper and make it opaque.
+
+        Used before a directory that lower layers contribute to is renamed:
+        afterwards the upper directory alone holds the merged contents, so it
+        can move anywhere (no redirect xattrs, no EXDEV). ``listing(path)``
+        yields the merged (name, kind) entries of a directory.
+        """
+        node = self.ensure_dir(path)
+        if len(node.layers) == 1:
+            return node             # upper-only: nothing below to copy
+        for name, kind in listing(path):
+            child = path.rstrip("/") + "/" + name
+            cnode = self.stack.lookup(child)
+            if cnode is None:
+                continue
+            if kind == DIR:
+                self.copy_up_tree(child, listing)
+            elif not cnode.in_upper:
+                self.copy_up(child, cnode)
+        self.writer.set_opaque(self.upper.real(path))
+        self.stack.invalidate(path, tree=True)
+        return self.stack.lookup(path)
+
+
+def remove_tree(path):
+    """Remove a work-dir entry of any type, best effort (cleanup path only)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    for entry in os.scandir(path):
+        remove_tree(entry.path)
+    os.rmdir(path)

@@ -1,0 +1,297 @@
+"""The layer stack and path lookup (overlayfs's namei.c).
+
+A *merged path* is an absolute path in the mounted view ("/", "/etc/passwd").
+Every layer maps it to a backing path by prefixing the layer's root; because
+lookup walks one component at a time and only descends into components that
+are real directories in that layer, a symlink inside a layer is never
+followed while resolving a path (``root + path`` only ever crosses
+directories already seen as directories).
+
+Invariants the caches rely on:
+- lower layers never change while mounted (documented as undefined), so what
+  a lower directory holds is read once (``DirIndex``) and kept;
+- the upper is changed only by this daemon, and every change calls
+  ``LayerStack.invalidate`` for the paths it touched, after touching them.
+"""
+
+import errno
+import os
+import stat
+import threading
+
+from unionfs import whiteout as wh
+
+# Entry kinds as seen in one layer.
+DIR = "d"        # a directory (merges with directories below)
+NONDIR = "n"     # anything else that is visible: hides every layer below
+WHITEOUT = "w"   # a whiteout: hides the name in every layer below
+
+# Bound on cached lookups; past it the cache starts over (lookups stay correct).
+MAX_CACHED_NODES = 400_000
+
+
+def child_path(parent, name):
+    return "/" + name if parent == "/" else parent + "/" + name
+
+
+def split_path(path):
+    """'/a/b' -> ('/a', 'b'); '/a' -> ('/', 'a')."""
+    parent, _, name = path.rpartition("/")
+    return (parent or "/"), name
+
+
+class DirIndex:
+    """What one directory of an immutable lower layer holds, read once."""
+
+    __slots__ = ("kinds", "opaque")
+
+    def __init__(self, kinds, opaque):
+        self.kinds = kinds      # name -> DIR | NONDIR | WHITEOUT
+        self.opaque = opaque
+
+
+class Layer:
+    """One backing directory of the stack. All reads of a layer go through here.
+
+    ``index`` is the position in the stack (0 = top-most). ``ino_tag`` is or'ed
+    into inode numbers of layers on another device than the top layer, so
+    inode numbers from different filesystems cannot collide in the merged view.
+    """
+
+    def __init__(self, root, index, upper=False, ino_tag=0):
+        self.root = os.path.abspath(root).rstrip("/")
+        self.index = index
+        self.upper = upper
+        self.ino_tag = ino_tag
+        self._dirs = {}         # lower layers only: merged dir path -> DirIndex
+
+    def __repr__(self):
+        return f"Layer({self.root!r}, {'upper' if self.upper else 'lower'} #{self.index})"
+
+    def real(self, path):
+        """Backing path of merged ``path`` in this layer (see module doc)."""
+        return self.root + path if path != "/" else self.root + "/"
+
+    def lstat(self, path):
+        return os.lstat(self.root + path)
+
+    # -- lookup primitives ------------------------------------------------
+
+    def child_kind(self, parent, name):
+        """Kind of ``name`` inside directory ``parent`` of this layer, or None."""
+        if not self.upper:
+            idx = self._dirs.get(parent)
+            if idx is None:
+                idx = self._load(parent)
+            return idx.kinds.get(name)
+        path = self.root + child_path(parent, name)
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            prefix = self.root + parent if parent != "/" else self.root
+            if os.path.lexists(prefix + "/" + wh.WH_PREFIX + name):
+                return WHITEOUT
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            return DIR
+        if wh.is_whiteout_stat(st):
+            return WHITEOUT
+        return NONDIR
+
+    def is_opaque(self, path):
+        """True if directory ``path`` of this layer hides the layers below."""
+        if not self.upper:
+            idx = self._dirs.get(path)
+            if idx is None:
+                idx = self._load(path)
+            return idx.opaque
+        real = self.real(path)
+        return wh.has_opaque_xattr(real) or os.path.lexists(
+            os.path.join(real, wh.WH_OPAQUE))
+
+    def _load(self, path):
+        """Read lower directory ``path`` once: its entries, whiteouts, opacity."""
+        kinds = {}
+        hidden = []
+        opaque = False
+        real = self.real(path)
+        try:
+            it = os.scandir(real)
+        except (FileNotFoundError, NotADirectoryError):
+            it = None
+        if it is not None:
+            with it:
+                for e in it:
+                    name = e.name
+                    if name.startswith(wh.WH_PREFIX):
+                        if name == wh.WH_OPAQUE:
+                            opaque = True
+                        elif not name.startswith(wh.WH_PREFIX + wh.WH_PREFIX):
+                            hidden.append(name[len(wh.WH_PREFIX):])
+                        # other ".wh..wh.*" names are aufs metadata: ignored.
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        kinds[name] = DIR
+                    elif e.is_file(follow_symlinks=False) or e.is_symlink():
+                        kinds[name] = NONDIR
+                    else:
+                        st = e.stat(follow_symlinks=False)
+                        kinds[name] = WHITEOUT if wh.is_whiteout_stat(st) else NONDIR
+            opaque = opaque or wh.has_opaque_xattr(real)
+        for name in hidden:
+            # An entry present in the same layer as its marker stays visible.
+            kinds.setdefault(name, WHITEOUT)
+        idx = DirIndex(kinds, opaque)
+        self._dirs[path] = idx
+        return idx
+
+
+class Node:
+    """The result of a merged lookup.
+
+    ``layers`` holds the layers that contribute, top-most first: for a
+    directory every layer where it is a directory down to the first opaque
+    one; for anything else exactly one layer.
+    """
+
+    __slots__ = ("kind", "layers")
+
+    def __init__(self, kind, layers):
+        self.kind = kind
+        self.layers = layers
+
+    @property
+    def is_dir(self):
+        return self.kind == DIR
+
+    @property
+    def top(self):
+        return self.layers[0]
+
+    @property
+    def in_upper(self):
+        return self.layers[0].upper
+
+    def __repr__(self):
+        return f"Node({self.kind}, {self.layers})"
+
+
+_MISS = object()
+
+
+class LayerStack:
+    """The upper (optional) over the lowers, with a cache of resolved paths."""
+
+    def __init__(self, upper, lowers):
+        self.upper = upper
+        self.lowers = list(lowers)
+        self.layers = ([upper] if upper is not None else []) + self.lowers
+        self._cache = {}
+        self._gen = 0
+        self._cache_lock = threading.Lock()
+
+    # -- lookup -------------------------------------------------------------
+
+    def lookup(self, path):
+        """Resolve merged ``path`` to a Node, or None if it does not exist.
+
+        Raises ENOTDIR if a component before the last is not a directory.
+        Lock-free: a result computed while the upper changed is not cached
+        (the generation check), so the cache never holds a stale answer.
+        """
+        node = self._cache.get(path, _MISS)
+        if node is not _MISS:
+            return node
+        gen = self._gen
+        if path == "/":
+            node = self._lookup_in("/", None, self.layers, root=True)
+        else:
+            parent_path, name = split_path(path)
+            parent = self._lookup_walk(parent_path)
+            if parent is None:
+                return None
+            if parent.kind != DIR:
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+            node = self._lookup_in(parent_path, name, parent.layers)
+        self._store(gen, path, node)
+        return node
+
+    def _lookup_walk(self, path):
+        """Iterative lookup from the deepest cached ancestor (no recursion,
+        so paths deeper than the interpreter's recursion limit work)."""
+        todo = []
+        p = path
+        while p != "/" and p not in self._cache:
+            todo.append(p)
+            p = split_path(p)[0]
+        node = self.lookup(p)
+        for p in reversed(todo):
+            if node is None:
+                return None
+            if node.kind != DIR:
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), p)
+            node = self.lookup(p)
+        return node
+
+    def _lookup_in(self, parent, name, layers, root=False):
+        path = "/" if root else child_path(parent, name)
+        dirs = []
+        for layer in layers:
+            if root:
+                kind = DIR if os.path.isdir(layer.root + "/") else None
+            else:
+                kind = layer.child_kind(parent, name)
+            if kind is None:
+                continue
+            if kind == WHITEOUT:
+                break
+            if kind == DIR:
+                dirs.append(layer)
+                if layer.is_opaque(path):
+                    break
+                continue
+            if dirs:
+                break       # a directory above hides a non-directory below
+            return Node(NONDIR, (layer,))
+        return Node(DIR, tuple(dirs)) if dirs else None
+
+    def lookup_below(self, path):
+        """What shows at ``path`` if the upper had no entry there (None if
+        nothing). Used to decide whether a removal needs a whiteout."""
+        if path == "/":
+            return None
+        parent_path, name = split_path(path)
+        parent = self.lookup(parent_path)
+        if parent is None or parent.kind != DIR:
+            return None
+        layers = tuple(l for l in parent.layers if not l.upper)
+        return self._lookup_in(parent_path, name, layers) if layers else None
+
+    # -- cache maintenance ----------------------------------------------------
+
+    def _store(self, gen, path, node):
+        with self._cache_lock:
+            if gen == self._gen:
+                if len(self._cache) >= MAX_CACHED_NODES:
+                    self._cache.clear()
+                self._cache[path] = node
+
+    def invalidate(self, path, tree=False):
+        """Forget ``path`` (and with ``tree`` everything below it).
+
+        Called by every operation that changed the upper, after the change.
+        """
+        with self._cache_lock:
+            self._gen += 1
+            self._cache.pop(path, None)
+            if tree:
+                if path == "/":
+                    self._cache.clear()
+                    return
+                prefix = path + "/"
+                for key in [k for k in self._cache if k.startswith(prefix)]:
+                    del self._cache[key]
+
+    def inode(self, layer, st):
+        """Inode number of ``st`` (from ``layer``) in the merged view."""
+        return st.st_ino | layer.ino_tag

@@ -1,0 +1,367 @@
+"""Mount options, validation, the daemon, and unmounting.
+
+``mount()`` validates everything a user can get wrong *before* anything is
+created, forks the daemon, and returns once the kernel has the mount live (the
+daemon reports from FUSE's ``init``) -- or raises ``UserError`` with the
+reason, leaving nothing mounted.
+"""
+
+import dataclasses
+import errno
+import hashlib
+import os
+import subprocess
+import tempfile
+import time
+
+from unionfs import whiteout as wh
+from unionfs.errors import UserError
+
+# -- options ----------------------------------------------------------------
+
+# libfuse2 options passed through unchanged (the high-level library and
+# mount(2) flags it understands).
+FUSE_FLAGS = {
+    "allow_other", "allow_root", "default_permissions", "ro", "rw", "suid",
+    "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync", "atime",
+    "noatime", "dirsync", "kernel_cache", "auto_cache", "noauto_cache",
+    "big_writes", "hard_remove", "use_ino", "readdir_ino", "direct_io",
+    "noforget", "nonempty", "blkdev", "intr", "large_read", "auto_unmount",
+    "async_read", "sync_read", "atomic_o_trunc", "no_remote_lock",
+    "splice_read", "splice_write", "splice_move",
+}
+FUSE_VALUED = {
+    "fsname", "subtype", "max_read", "attr_timeout", "entry_timeout",
+    "negative_timeout", "ac_attr_timeout", "max_write", "max_readahead",
+    "uid", "gid", "umask", "remember", "blksize", "intr_signal", "modules",
+    "max_background", "congestion_threshold", "context", "fscontext",
+    "defcontext", "rootcontext",
+}
+# Options of kernel overlayfs / fuse-overlayfs (or of mount(8)) that change
+# nothing a user of this filesystem sees: accepted, ignored with one warning.
+IGNORED = {
+    "relatime", "norelatime", "strictatime", "nostrictatime", "diratime",
+    "nodiratime", "lazytime", "nolazytime", "redirect_dir", "index", "metacopy",
+    "userxattr", "xino", "noacl", "acl", "static_nlink", "threaded",
+    "xattr_permissions", "max_idle_threads", "clone_fd", "nfs_export",
+    "fsync", "fast_ino", "writeback", "defaults", "_netdev", "nofail",
+    "user", "users", "noauto", "auto", "x-", "timeout",
+}
+# fuse-overlayfs options whose effect we do not implement and that *would*
+# change what the user sees: refused even by fuse-unionfs.
+REFUSED = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid",
+           "squash_to_gid", "plugins"}
+
+# Defaults, each measured or required (see docs/PERFORMANCE.md, README):
+DEFAULT_FUSE_OPTIONS = {
+    "default_permissions": True,    # the kernel checks modes for every user
+    "use_ino": True,                # backing inode numbers: hard links show
+    "hard_remove": True,            # no .fuse_hidden files in the upper
+    "big_writes": True,             # 128 KiB writes instead of 4 KiB
+    "max_write": "131072",
+    "auto_cache": True,             # page cache kept while a file is unchanged
+    "nonempty": True,               # like overlayfs: any directory can be covered
+    "fsname": "unionfs",
+    "subtype": "unionfs",
+}
+
+
+@dataclasses.dataclass
+class MountSpec:
+    lowerdirs: list                 # top-most first, as in lowerdir=TOP:...:BOTTOM
+    upperdir: str | None = None
+    workdir: str | None = None
+    whiteout: str = wh.FORMAT_AUTO
+    fuse_options: dict = dataclasses.field(default_factory=dict)
+    volatile: bool = False          # skip fsync of copied-up data
+
+
+def split_options(optstrings):
+    """Options from one or more ``-o`` strings; empty items (doubled or
+    trailing commas, as container engines write them) are skipped."""
+    items = []
+    for s in optstrings:
+        items.extend(i for i in s.split(",") if i)
+    return items
+
+
+def parse_options(optstrings, strict=True, warn=None):
+    """Build a MountSpec from ``-o`` strings.
+
+    ``strict`` (``unionfs mount``): an unknown option is an error. Otherwise
+    (``fuse-unionfs``, fuse-overlayfs's contract) it is ignored with a warning.
+    """
+    spec = MountSpec(lowerdirs=[])
+    ignored = []
+    for item in split_options(optstrings):
+        key, eq, value = item.partition("=")
+        if key == "lowerdir":
+            spec.lowerdirs = [d for d in value.split(":") if d]
+        elif key == "upperdir":
+            spec.upperdir = value
+        elif key == "workdir":
+            spec.workdir = value
+        elif key == "whiteout":
+            if value not in wh.FORMATS:
+                raise UserError(f"whiteout={value}: must be one of {', '.join(wh.FORMATS)}")
+            spec.whiteout = value
+        elif key == "volatile":
+            spec.volatile = True
+        elif key in REFUSED:
+            raise UserError(f"option {key!r} is not supported by unionfs")
+        elif (key in FUSE_FLAGS and not eq) or (key in FUSE_VALUED and eq):
+            spec.fuse_options[key] = value if eq else True
+        elif key in IGNORED or key.startswith("x-"):
+            ignored.append(key)
+        elif strict:
+            raise UserError(f"unknown mount option {item!r}")
+        else:
+            ignored.append(key)
+    if ignored and warn is not None:
+        warn(f"ignoring mount options: {', '.join(sorted(set(ignored)))}")
+    if not spec.lowerdirs:
+        raise UserError("missing lowerdir=DIR[:DIR...] option")
+    return spec
+
+
+# -- validation ---------------------------------------------------------------
+
+def _inside(a, b):
+    """True if real path ``a`` is ``b`` or below it."""
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
+def _existing_dir(role, path):
+    if not os.path.exists(path):
+        raise UserError(f"{role} {path}: no such directory")
+    if not os.path.isdir(path):
+        raise UserError(f"{role} {path}: not a directory")
+    return os.path.realpath(path)
+
+
+def validate(spec, mountpoint):
+    """Check what the user gave before anything is created or mounted."""
+    lowers = [_existing_dir("lowerdir", d) for d in spec.lowerdirs]
+    mnt = _existing_dir("mountpoint", mountpoint)
+    named = [("lowerdir", d) for d in lowers]
+    if (spec.upperdir is None) != (spec.workdir is None):
+        raise UserError("upperdir and workdir must be given together")
+    if spec.upperdir is not None:
+        upper = _existing_dir("upperdir", spec.upperdir)
+        work = _existing_dir("workdir", spec.workdir)
+        if not os.access(upper, os.W_OK) or not os.access(work, os.W_OK):
+            raise UserError(f"upperdir {spec.upperdir} and workdir {spec.workdir} must be writable")
+        if os.stat(upper).st_dev != os.stat(work).st_dev:
+            raise UserError(f"workdir {spec.workdir} must be on the same filesystem as upperdir {spec.upperdir}")
+        named += [("upperdir", upper), ("workdir", work)]
+    # Lowers may nest (they are only read); anything written must not be
+    # reachable through another layer, or one write would show twice.
+    for i, (role_a, a) in enumerate(named):
+        for role_b, b in named[i + 1:]:
+            if role_a == role_b == "lowerdir":
+                continue
+            if _inside(a, b) or _inside(b, a):
+                raise UserError(f"{role_a} {a} overlaps {role_b} {b}")
+    for role, d in named:
+        if _inside(mnt, d) or _inside(d, mnt):
+            raise UserError(f"mountpoint {mnt} overlaps {role} {d}")
+    if not os.path.exists("/dev/fuse"):
+        raise UserError("/dev/fuse is missing: this machine cannot mount FUSE filesystems")
+    try:
+        import fuse  # noqa: F401  (loads libfuse.so.2)
+    except (OSError, ImportError) as e:
+        raise UserError(f"cannot load libfuse2 ({e}); install the libfuse2 package")
+    return mnt
+
+
+# -- the daemon -----------------------------------------------------------------
+
+def _runtime_dir():
+    base = "/run/unionfs" if os.geteuid() == 0 else os.path.join(
+        os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"unionfs-{os.geteuid()}")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base
+
+
+def pidfile_for(mountpoint):
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
+    return os.path.join(_runtime_dir(), key + ".pid")
+
+
+def fuse_options_for(spec):
+    opts = dict(DEFAULT_FUSE_OPTIONS)
+    if os.geteuid() == 0:
+        opts["allow_other"] = True  # a container rootfs is for every user
+    if spec.upperdir is None:
+        opts["ro"] = True
+    opts.update(spec.fuse_options)
+    if opts.pop("rw", None) and spec.upperdir is None:
+        opts["ro"] = True
+    return opts
+
+
+def serve(spec, mountpoint, debug=False, on_ready=None):
+    """Run the filesystem in this process until it is unmounted."""
+    import fuse
+    from unionfs.fs import FS_ENCODING, UnionOperations
+    from unionfs.union import Union
+
+    try:
+        union = Union(spec.lowerdirs, spec.upperdir, spec.workdir,
+                      whiteout=spec.whiteout, fsync=not spec.volatile)
+    except OSError as e:
+        raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
+    os.umask(0)     # modes arrive from the kernel with the caller's umask applied
+    ops = UnionOperations(union, on_init=on_ready)
+    fuse.FUSE(ops, mountpoint, raw_fi=True, encoding=FS_ENCODING,
+              foreground=True, debug=debug, **fuse_options_for(spec))
+
+
+def mount(spec, mountpoint, foreground=False, debug=False):
+    """Mount ``spec`` on ``mountpoint``; return once it is live."""
+    mountpoint = validate(spec, mountpoint)
+    if foreground or debug:
+        pidfile = pidfile_for(mountpoint)
+        _write_pidfile(pidfile)
+        try:
+            serve(spec, mountpoint, debug=debug)
+        except RuntimeError:
+            raise UserError(f"mounting {mountpoint} failed (see the message above)")
+        finally:
+            _remove(pidfile)
+        return
+
+    errlog = tempfile.TemporaryFile()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the daemon
+        os.close(rfd)
+        os._exit(_daemon(spec, mountpoint, wfd, errlog))
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        status = r.read()
+    if status.startswith(b"ok"):
+        return
+    _, code = os.waitpid(pid, 0)
+    reason = status.decode(errors="replace").strip()
+    if not reason:
+        errlog.seek(0)
+        lines = [l for l in errlog.read().decode(errors="replace").splitlines() if l.strip()]
+        reason = lines[-1].strip() if lines else f"daemon exited with status {code >> 8}"
+    raise UserError(f"mounting {mountpoint} failed: {reason}")
+
+
+def _daemon(spec, mountpoint, wfd, errlog):
+    """Child side of mount(): detach, serve, report readiness on ``wfd``."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(errlog.fileno(), 2)     # libfuse's own messages, for the parent
+    pidfile = pidfile_for(mountpoint)
+
+    def ready():
+        _write_pidfile(pidfile)
+        os.write(wfd, b"ok\n")
+        os.close(wfd)
+        os.dup2(null, 2)
+
+    try:
+        serve(spec, mountpoint, on_ready=ready)
+        return 0
+    except UserError as e:
+        _report(wfd, str(e))
+        return 1
+    except RuntimeError:
+        _report(wfd, "")            # libfuse said why on stderr (errlog)
+        return 1
+    except BaseException as e:      # a bug: say what, briefly
+        _report(wfd, f"internal error: {type(e).__name__}: {e}")
+        return 1
+    finally:
+        _remove(pidfile)
+
+
+def _report(wfd, msg):
+    try:
+        os.write(wfd, msg.encode())
+        os.close(wfd)
+    except OSError:
+        pass        # already reported ready; nobody is listening
+
+
+def _write_pidfile(path):
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# -- unmounting ---------------------------------------------------------------
+
+def _mount_entry(mountpoint):
+    """The /proc/self/mountinfo fields of ``mountpoint``, or None."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[4].encode().decode("unicode_escape")
+            if mnt == target:
+                sep = fields.index("-")
+                found = (fields[sep + 1], fields[sep + 2])      # fstype, source
+    return found
+
+
+def _daemon_pid(mountpoint):
+    try:
+        with open(pidfile_for(mountpoint)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def umount(mountpoint, timeout=30):
+    """Unmount a unionfs mount and wait for its daemon to finish."""
+    if not os.path.isdir(mountpoint) and not os.path.lexists(mountpoint):
+        raise UserError(f"{mountpoint}: no such directory")
+    entry = _mount_entry(mountpoint)
+    if entry is None or not entry[0].startswith("fuse"):
+        raise UserError(f"{mountpoint} is not a FUSE mount")
+    pid = _daemon_pid(mountpoint)
+    stale = False
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        stale = e.errno == errno.ENOTCONN
+    cmd = ["fusermount", "-u"] + (["-z"] if stale else []) + [mountpoint]
+    if os.geteuid() == 0:
+        cmd = ["umount"] + (["-l"] if stale else []) + [mountpoint]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        if "busy" in msg:
+            raise UserError(f"{mountpoint} is busy (a process still uses it)")
+        raise UserError(f"unmounting {mountpoint} failed: {msg}")
+    if stale:
+        raise UserError(f"{mountpoint}: the daemon had died; the stale mount was removed")
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+

@@ -1,0 +1,301 @@
+"""Operations that create, remove and rename names (overlayfs's dir.c).
+
+Each function takes the ``Union`` and merged paths and runs under its
+mutation lock. The rules (DESIGN.md §3):
+
+- a new name over a whiteout replaces the whiteout (atomically: built in the
+  work dir, then renamed or exchanged into place); a directory made there is
+  opaque, so nothing of the deleted directory shows through;
+- removing a name that a lower layer also has leaves a whiteout;
+- rename copies the source up first (a directory with lower parts as a whole,
+  made opaque), then moves it inside the upper: never EXDEV.
+
+Every change ends with ``stack.invalidate`` for the paths it touched.
+"""
+
+import errno
+import os
+import stat
+
+from unionfs import whiteout as wh
+from unionfs.copyup import remove_tree
+from unionfs.layers import DIR, WHITEOUT, split_path
+from unionfs.osutil import rename_exchange
+from unionfs.readdir import merged_entries
+
+_IS_ROOT = os.geteuid() == 0
+
+
+def _err(code, path=None):
+    return OSError(code, os.strerror(code), path)
+
+
+def check_name(name):
+    """Names that cannot exist in the merged view: OCI markers are reserved
+    (they would read back as whiteouts), and over-long names are refused
+    before a marker for them could be."""
+    if name.startswith(wh.WH_PREFIX):
+        raise _err(errno.EINVAL, name)
+    if len(os.fsencode(name)) > 255:
+        raise _err(errno.ENAMETOOLONG, name)
+
+
+def _set_owner(real, owner, parent_real, is_dir):
+    """Give a new entry the caller's uid/gid (set-gid parents keep their gid).
+
+    Only a privileged daemon can; otherwise entries belong to the daemon's
+    user, who is the only user of such a mount.
+    """
+    if owner is None or not _IS_ROOT:
+        return
+    uid, gid = owner
+    pst = os.lstat(parent_real)
+    if pst.st_mode & stat.S_ISGID:
+        gid = pst.st_gid
+    st = os.lstat(real)
+    os.chown(real, uid, gid, follow_symlinks=False)
+    # chown clears set-id bits of non-directories: put back what was asked.
+    if not is_dir and not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(real, stat.S_IMODE(st.st_mode))
+
+
+def _new_entry(u, path, build, is_dir, owner):
+    """Create a new name at merged ``path`` with ``build(real_path)``.
+
+    ``build`` makes the entry at the path it is given and returns what the
+    caller wants back (an fd for create). Returns that value.
+    """
+    u.check_writable()
+    parent, name = split_path(path)
+    check_name(name)
+    with u.lock:
+        if u.stack.lookup(path) is not None:
+            raise _err(errno.EEXIST, path)
+        pnode = u.copyup.ensure_dir(parent)
+        if pnode.kind != DIR:
+            raise _err(errno.ENOTDIR, path)
+        upper = u.upper
+        parent_real = upper.real(parent)
+        dst = upper.real(path)
+        over_whiteout = upper.child_kind(parent, name) == WHITEOUT
+        try:
+            if not over_whiteout:
+                result = build(dst)
+                _set_owner(dst, owner, parent_real, is_dir)
+                return result
+            tmp = u.copyup.temp_name()
+            result = build(tmp)
+            try:
+                _set_owner(tmp, owner, parent_real, is_dir)
+                if is_dir:
+                    u.writer.set_opaque(tmp)
+                if os.path.lexists(dst):
+                    # An overlay whiteout (0/0 device) holds the name.
+                    if is_dir:
+                        rename_exchange(tmp, dst)
+                        os.unlink(tmp)
+                    else:
+                        os.rename(tmp, dst)
+                else:
+                    # An OCI marker hides the name: publish, then drop it.
+                    os.rename(tmp, dst)
+                    os.unlink(u.writer.marker_path(parent_real, name))
+            except BaseException:
+                remove_tree(tmp)
+                raise
+            return result
+        finally:
+            u.stack.invalidate(path)
+
+
+def create(u, path, mode, flags, owner):
+    accmode = flags & os.O_ACCMODE
+    keep = flags & (os.O_APPEND | os.O_SYNC | os.O_DSYNC)
+
+    def build(real):
+        return os.open(real, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                       | (accmode or os.O_RDONLY) | keep, stat.S_IMODE(mode))
+    return _new_entry(u, path, build, False, owner)
+
+
+def mkdir(u, path, mode, owner):
+    _new_entry(u, path, lambda real: os.mkdir(real, stat.S_IMODE(mode)), True, owner)
+
+
+def mknod(u, path, mode, dev, owner):
+    _new_entry(u, path, lambda real: os.mknod(real, mode, dev), False, owner)
+
+
+def symlink(u, path, target, owner):
+    _new_entry(u, path, lambda real: os.symlink(target, real), False, owner)
+
+
+def link(u, existing, path):
+    u.check_writable()
+    with u.lock:
+        node = u.node(existing)
+        if node.kind == DIR:
+            raise _err(errno.EPERM, existing)
+        src = u.copyup.copy_up(existing, node).top.real(existing)
+        try:
+            _new_entry(u, path, lambda real: os.link(src, real), False, None)
+        finally:
+            u.stack.invalidate(existing)
+
+
+def _remove_whiteout_needed(u, path):
+    """True if something below the upper would show at ``path`` once the
+    upper entry is gone: then removal must leave a whiteout."""
+    return u.stack.lookup_below(path) is not None
+
+
+def _whiteout(u, path, is_dir):
+    """Replace whatever the upper has at ``path`` (maybe nothing) by a
+    whiteout, atomically where the format allows."""
+    parent, name = split_path(path)
+    upper = u.upper
+    dst = upper.real(path)
+    existing = os.path.lexists(dst)
+    if u.writer.format == wh.FORMAT_OVERLAY:
+        tmp = u.copyup.temp_name()
+        u.writer.make_device_whiteout(tmp)
+        try:
+            if existing and is_dir:
+                rename_exchange(tmp, dst)       # tmp now holds the old dir
+            else:
+                os.rename(tmp, dst)
+        finally:
+            remove_tree(tmp)
+        return
+    # OCI: the marker first, so the name is never visible-then-gone-then-back.
+    u.writer.make_marker(upper.real(parent), name)
+    if existing:
+        _remove_upper(u, dst, is_dir)
+
+
+def _remove_upper(u, real, is_dir):
+    if is_dir:
+        # Move it out of sight in one step, then empty it at leisure: it
+        # holds only whiteouts and markers (the merged dir was empty).
+        tmp = u.copyup.temp_name()
+        os.rename(real, tmp)
+        remove_tree(tmp)
+    else:
+        os.unlink(real)
+
+
+def unlink(u, path):
+    u.check_writable()
+    with u.lock:
+        node = u.node(path)
+        if node.kind == DIR:
+            raise _err(errno.EISDIR, path)
+        _remove(u, path, node, False)
+
+
+def rmdir(u, path):
+    u.check_writable()
+    if path == "/":
+        raise _err(errno.EBUSY, path)
+    with u.lock:
+        node = u.node(path)
+        if node.kind != DIR:
+            raise _err(errno.ENOTDIR, path)
+        if merged_entries(path, node):
+            raise _err(errno.ENOTEMPTY, path)
+        _remove(u, path, node, True)
+
+
+def _remove(u, path, node, is_dir):
+    try:
+        u.copyup.ensure_dir(split_path(path)[0])
+        if _remove_whiteout_needed(u, path):
+            _whiteout(u, path, is_dir and node.in_upper)
+        else:
+            _remove_upper(u, u.upper.real(path), is_dir)
+    finally:
+        u.stack.invalidate(path, tree=is_dir)
+
+
+def _listing(u):
+    def listing(path):
+        node = u.node(path)
+        return [(name, DIR if stat.S_ISDIR(ftype) else "n")
+                for name, ftype, _ in merged_entries(path, node)]
+    return listing
+
+
+def rename(u, old, new):
+    """rename(2) on the merged view (no flags: libfuse2 has none)."""
+    u.check_writable()
+    if old == new:
+        return
+    if new.startswith(old + "/"):
+        raise _err(errno.EINVAL, new)
+    new_parent, new_name = split_path(new)
+    check_name(new_name)
+    with u.lock:
+        src = u.node(old)
+        dst = u.stack.lookup(new)
+        if dst is not None:
+            if src.kind == DIR and dst.kind != DIR:
+                raise _err(errno.ENOTDIR, new)
+            if src.kind != DIR and dst.kind == DIR:
+                raise _err(errno.EISDIR, new)
+            if dst.kind == DIR and merged_entries(new, dst):
+                raise _err(errno.ENOTEMPTY, new)
+            if src.kind != DIR and src.in_upper and dst.in_upper:
+                a, b = os.lstat(u.upper.real(old)), os.lstat(u.upper.real(new))
+                if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                    return      # two links of one file: rename does nothing
+        pnode = u.stack.lookup(new_parent)
+        if pnode is None or pnode.kind != DIR:
+            raise _err(errno.ENOENT if pnode is None else errno.ENOTDIR, new)
+        try:
+            _rename_locked(u, old, new, src)
+        finally:
+            u.stack.invalidate(old, tree=True)
+            u.stack.invalidate(new, tree=True)
+
+
+def _rename_locked(u, old, new, src):
+    upper = u.upper
+    is_dir = src.kind == DIR
+    if is_dir:
+        u.copyup.copy_up_tree(old, _listing(u))
+    else:
+        u.copyup.copy_up(old, src)
+    new_parent, new_name = split_path(new)
+    u.copyup.ensure_dir(new_parent)
+    old_needs_whiteout = _remove_whiteout_needed(u, old)
+    below_new = u.stack.lookup_below(new)
+    upper_old, upper_new = upper.real(old), upper.real(new)
+    if is_dir and below_new is not None and below_new.kind == DIR \
+            and not upper.is_opaque(old):
+        # Lower layers have a directory at the target: the moved directory
+        # must hide it, or its entries would merge into ours.
+        u.writer.set_opaque(upper_old)
+
+    kind_new = upper.child_kind(new_parent, new_name)
+    marker = None
+    displaced = False           # did an exchange leave the old target at `old`?
+    if kind_new == WHITEOUT and not os.path.lexists(upper_new):
+        marker = u.writer.marker_path(upper.real(new_parent), new_name)
+        kind_new = None
+    if kind_new is None or not is_dir:
+        os.rename(upper_old, upper_new)
+    else:
+        # A directory onto a whiteout device or an (empty) upper directory:
+        # rename(2) cannot replace those, an exchange does it in one step.
+        rename_exchange(upper_old, upper_new)
+        displaced = True
+    if marker is not None:
+        os.unlink(marker)
+
+    if displaced:
+        st = os.lstat(upper_old)
+        if old_needs_whiteout and wh.is_whiteout_stat(st):
+            return              # the displaced whiteout is just what old needs
+        _remove_upper(u, upper_old, stat.S_ISDIR(st.st_mode))
+    if old_needs_whiteout:
+        _whiteout(u, old, False)

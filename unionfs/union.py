@@ -1,0 +1,223 @@
+"""The union: layer stack + copy-up + whiteouts, as operations on merged paths.
+
+Everything here is plain Python over directories (no FUSE): each method takes
+merged paths, returns values, and raises ``OSError`` with the errno the caller
+should see. ``fs.py`` maps FUSE calls onto these methods; ``namespace.py``
+holds the operations that create, remove and rename names.
+
+Locking: one re-entrant lock serialises every change to the upper (copy-ups
+and namespace operations). Lookups, reads and writes through open files do
+not take it.
+"""
+
+import errno
+import os
+import stat
+import threading
+
+from unionfs import namespace
+from unionfs import whiteout as wh
+from unionfs.copyup import CopyUp, remove_tree
+from unionfs.layers import DIR, Layer, LayerStack
+from unionfs.readdir import merged_entries
+
+# Our temporaries live in WORKDIR/WORK_SUBDIR: kernel overlayfs owns
+# WORKDIR/work and WORKDIR/index, so the same workdir serves both.
+WORK_SUBDIR = "unionfs-work"
+
+_IS_ROOT = os.geteuid() == 0
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# Flags passed through to the backing open(); everything else (O_CREAT,
+# O_EXCL: handled by create(); O_DIRECT: our buffers are not aligned;
+# O_NOCTTY, O_NONBLOCK on regular files: meaningless) is dropped.
+_OPEN_PASS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+
+
+def _err(code, path=None):
+    return OSError(code, os.strerror(code), path)
+
+
+class Union:
+    """A mounted union of ``lowerdirs`` (top first) under ``upperdir``."""
+
+    def __init__(self, lowerdirs, upperdir=None, workdir=None,
+                 whiteout=wh.FORMAT_AUTO, fsync=True):
+        top = upperdir if upperdir is not None else lowerdirs[0]
+        top_dev = os.stat(top).st_dev
+        lowers = []
+        for i, d in enumerate(lowerdirs):
+            tag = 0 if os.stat(d).st_dev == top_dev else (i + 1) << 56
+            lowers.append(Layer(d, i + 1, upper=False, ino_tag=tag))
+        upper = Layer(upperdir, 0, upper=True) if upperdir is not None else None
+        self.stack = LayerStack(upper, lowers)
+        self.upper = upper
+        self.readonly = upper is None
+        self.lock = threading.RLock()
+        self.work = None
+        self.copyup = None
+        self.writer = None
+        if upper is not None:
+            self.work = os.path.join(workdir, WORK_SUBDIR)
+            self._prepare_work()
+            if whiteout == wh.FORMAT_AUTO:
+                whiteout = (wh.FORMAT_OVERLAY if wh.can_write_overlay_whiteouts(self.work)
+                            else wh.FORMAT_OCI)
+            self.writer = wh.Writer(whiteout)
+            self.copyup = CopyUp(self.stack, self.work, self.writer, fsync=fsync)
+
+    def _prepare_work(self):
+        """Create the work dir, removing what an earlier daemon left behind
+        (temporaries of interrupted copy-ups and renames: never published)."""
+        os.makedirs(self.work, mode=0o700, exist_ok=True)
+        for entry in os.scandir(self.work):
+            remove_tree(entry.path)
+
+    # -- lookup ---------------------------------------------------------------
+
+    def node(self, path):
+        node = self.stack.lookup(path)
+        if node is None:
+            raise _err(errno.ENOENT, path)
+        return node
+
+    def check_writable(self):
+        if self.readonly:
+            raise _err(errno.EROFS)
+
+    def lstat(self, path):
+        """(stat_result, inode number) of merged ``path``."""
+        node = self.node(path)
+        layer = node.layers[0]
+        st = os.lstat(layer.real(path))
+        return st, st.st_ino | layer.ino_tag
+
+    def listdir(self, path):
+        node = self.node(path)
+        if node.kind != DIR:
+            raise _err(errno.ENOTDIR, path)
+        return merged_entries(path, node)
+
+    def readlink(self, path):
+        node = self.node(path)
+        return os.readlink(node.top.real(path))
+
+    def statfs(self):
+        top = self.upper if self.upper is not None else self.stack.layers[0]
+        return os.statvfs(top.real("/"))
+
+    # -- copy-up --------------------------------------------------------------
+
+    def upper_path(self, path, data=True):
+        """Copy ``path`` up if needed; return its backing path in the upper."""
+        self.check_writable()
+        node = self.node(path)
+        if not node.in_upper:
+            with self.lock:
+                self.copyup.copy_up(path, data=data)
+        return self.upper.real(path)
+
+    # -- files ----------------------------------------------------------------
+
+    def open(self, path, flags):
+        """Open ``path``; return (fd, in_lower). Writers get an upper copy."""
+        backing = flags & _OPEN_PASS
+        if flags & _WRITE_FLAGS:
+            self.check_writable()
+            truncating = bool(flags & os.O_TRUNC)
+            real = self.upper_path(path, data=not truncating)
+            if truncating:
+                backing |= os.O_TRUNC
+            in_lower = False
+        else:
+            node = self.node(path)
+            real = node.top.real(path)
+            in_lower = not node.in_upper
+        return os.open(real, backing | os.O_NOFOLLOW | os.O_CLOEXEC), in_lower
+
+    def truncate(self, path, length):
+        os.truncate(self.upper_path(path, data=length > 0), length)
+
+    # -- attributes -------------------------------------------------------------
+
+    def chmod(self, path, mode):
+        os.chmod(self.upper_path(path), stat.S_IMODE(mode), follow_symlinks=False)
+
+    def chown(self, path, uid, gid):
+        real = self.upper_path(path)
+        st = os.lstat(real)
+        os.chown(real, uid, gid, follow_symlinks=False)
+        # chown of a non-directory clears set-id bits when the caller is not
+        # privileged; the daemon is, so the kernel won't: do it as it would.
+        if not stat.S_ISDIR(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            new = os.lstat(real)
+            keep = stat.S_IMODE(new.st_mode)
+            if keep != stat.S_IMODE(st.st_mode):
+                return          # the kernel already cleared them
+            keep &= ~stat.S_ISUID
+            if st.st_mode & stat.S_IXGRP:
+                keep &= ~stat.S_ISGID
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(real, keep)
+
+    def utimens(self, path, atime_ns, mtime_ns):
+        """Set times; ``None`` for either means "leave it" (UTIME_OMIT)."""
+        real = self.upper_path(path)
+        if atime_ns is None or mtime_ns is None:
+            st = os.lstat(real)
+            atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+            mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+        os.utime(real, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+
+    # -- xattrs ---------------------------------------------------------------
+
+    def getxattr(self, path, name):
+        if wh.is_private_xattr(name):
+            raise _err(errno.ENODATA, path)
+        node = self.node(path)
+        return os.getxattr(node.top.real(path), name, follow_symlinks=False)
+
+    def listxattr(self, path):
+        node = self.node(path)
+        names = os.listxattr(node.top.real(path), follow_symlinks=False)
+        return [n for n in names if not wh.is_private_xattr(n)]
+
+    def setxattr(self, path, name, value, flags):
+        if wh.is_private_xattr(name):
+            raise _err(errno.EPERM, path)
+        self.check_writable()
+        os.setxattr(self.upper_path(path), name, value, flags, follow_symlinks=False)
+
+    def removexattr(self, path, name):
+        if wh.is_private_xattr(name):
+            raise _err(errno.ENODATA, path)
+        self.check_writable()
+        node = self.node(path)
+        # Removing what is not there must not cost a copy-up.
+        os.getxattr(node.top.real(path), name, follow_symlinks=False)
+        os.removexattr(self.upper_path(path), name, follow_symlinks=False)
+
+    # -- namespace (see namespace.py) --------------------------------------------
+
+    def create(self, path, mode, flags, owner=None):
+        return namespace.create(self, path, mode, flags, owner)
+
+    def mkdir(self, path, mode, owner=None):
+        namespace.mkdir(self, path, mode, owner)
+
+    def mknod(self, path, mode, dev, owner=None):
+        namespace.mknod(self, path, mode, dev, owner)
+
+    def symlink(self, path, target, owner=None):
+        namespace.symlink(self, path, target, owner)
+
+    def link(self, existing, path):
+        namespace.link(self, existing, path)
+
+    def unlink(self, path):
+        namespace.unlink(self, path)
+
+    def rmdir(self, path):
+        namespace.rmdir(self, path)
+
+    def rename(self, old, new):
+        namespace.rename(self, old, new)

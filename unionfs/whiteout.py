@@ -1,0 +1,122 @@
+"""Whiteout and opaque-directory formats: how a layer says "nothing below".
+
+Two on-disk formats exist and both are *read* in every layer; the mount's
+``whiteout=`` option chooses which one is *written* to the upper:
+
+``overlay`` (kernel overlayfs)
+    a whiteout is a character device 0/0 named like the hidden entry; an
+    opaque directory carries the xattr ``trusted.overlay.opaque=y`` (or
+    ``user.overlay.opaque=y`` when the daemon may not set trusted xattrs).
+    An upper written this way stays mountable by kernel overlayfs.
+
+``oci`` (OCI image layers, aufs)
+    a whiteout is an empty file ``.wh.NAME`` beside the hidden entry; an
+    opaque directory contains ``.wh..wh..opq``. Names that start with
+    ``.wh.`` are markers, never entries of the merged view.
+"""
+
+import os
+import stat
+
+# OCI/aufs: ".wh.NAME" in a directory hides NAME in every layer below.
+WH_PREFIX = ".wh."
+# OCI/aufs: this entry makes its directory opaque.
+WH_OPAQUE = ".wh..wh..opq"
+# overlayfs: xattrs that mark an opaque directory (value b"y").
+OVL_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+OVL_OPAQUE_VALUE = b"y"
+# xattr namespaces that belong to the union itself: never listed, read or set
+# through the merged view (as overlayfs hides its own trusted.overlay.*).
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+
+FORMAT_OVERLAY = "overlay"
+FORMAT_OCI = "oci"
+FORMAT_AUTO = "auto"
+FORMATS = (FORMAT_OVERLAY, FORMAT_OCI, FORMAT_AUTO)
+
+
+def is_whiteout_stat(st):
+    """True if ``st`` is an overlay-format whiteout (character device 0/0)."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_marker_name(name):
+    """True for names that are OCI whiteout/opaque markers, not entries."""
+    return name.startswith(WH_PREFIX)
+
+
+def is_private_xattr(name):
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def has_opaque_xattr(path):
+    """True if the directory at ``path`` carries an overlay opaque xattr."""
+    for name in OVL_OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == OVL_OPAQUE_VALUE:
+                return True
+        except OSError:
+            # ENODATA (not set), ENOTSUP/EPERM (namespace unavailable to us):
+            # either way this marker is absent.
+            pass
+    return False
+
+
+def can_write_overlay_whiteouts(workdir):
+    """Whether the daemon may create 0/0 character devices (needs CAP_MKNOD).
+
+    Probed by trying it in ``workdir``: the only reliable answer inside user
+    namespaces and containers.
+    """
+    probe = os.path.join(workdir, ".unionfs-whiteout-probe")
+    try:
+        os.mknod(probe, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    except OSError:
+        return False
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+    return True
+
+
+def opaque_xattr_name():
+    """The opaque xattr this daemon writes: trusted.* needs CAP_SYS_ADMIN."""
+    return OVL_OPAQUE_XATTRS[0] if os.geteuid() == 0 else OVL_OPAQUE_XATTRS[1]
+
+
+class Writer:
+    """Writes whiteouts and opaque markers into the upper in one format.
+
+    Only the marker-writing syscalls live here; making them atomic with the
+    rest of an operation (work-dir temporaries, renames) is the caller's job.
+    """
+
+    def __init__(self, fmt):
+        if fmt not in (FORMAT_OVERLAY, FORMAT_OCI):
+            raise ValueError(fmt)
+        self.format = fmt
+        self.opaque_xattr = opaque_xattr_name()
+
+    def make_device_whiteout(self, path):
+        """Create an overlay whiteout (0/0 character device) at ``path``."""
+        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+    def marker_path(self, real_parent, name):
+        return os.path.join(real_parent, WH_PREFIX + name)
+
+    def make_marker(self, real_parent, name):
+        """Create the OCI whiteout ``.wh.NAME`` in ``real_parent``."""
+        fd = os.open(self.marker_path(real_parent, name),
+                     os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o000)
+        os.close(fd)
+
+    def set_opaque(self, real_dir):
+        """Mark directory ``real_dir`` opaque in this writer's format."""
+        if self.format == FORMAT_OVERLAY:
+            os.setxattr(real_dir, self.opaque_xattr, OVL_OPAQUE_VALUE,
+                        follow_symlinks=False)
+        else:
+            fd = os.open(os.path.join(real_dir, WH_OPAQUE),
+                         os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o000)
+            os.close(fd)
