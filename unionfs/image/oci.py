@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 
 from unionfs.errors import UserError
@@ -54,6 +55,14 @@ ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 # Compression magic numbers.
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+# What a corrupt or truncated (compressed) blob raises while being read.
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+try:
+    import zstandard as _zstandard
+    _READ_ERRORS += (_zstandard.ZstdError,)
+except ImportError:
+    pass
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK = 1 << 20
@@ -148,9 +157,10 @@ def config_diff_ids(config: dict, what: str) -> list[str]:
 
 class VerifyingReader(io.RawIOBase):
     """A read-only stream that hashes what passes through and, at EOF, checks
-    the digest (and the size, if known). Raises UserError naming `what`."""
+    the digest (and the size, if known). Raises UserError naming `what`.
+    With `digest=None` it only computes it (`.digest`, after `drain()`)."""
 
-    def __init__(self, raw, digest: str, what: str, size: int | None = None, progress=None):
+    def __init__(self, raw, digest: str | None, what: str, size: int | None = None, progress=None):
         self._raw = raw
         self._expected = digest
         self._size = size
@@ -159,16 +169,20 @@ class VerifyingReader(io.RawIOBase):
         self._progress = progress
         self.count = 0
         self.verified = False
+        self.digest = None
 
     def readable(self):
         return True
 
     def readinto(self, b):
-        n = self._raw.readinto(b) if hasattr(self._raw, "readinto") else None
-        if n is None:
+        try:
             data = self._raw.read(len(b))
-            n = len(data)
-            b[:n] = data
+        except UserError:
+            raise
+        except _READ_ERRORS as e:
+            raise UserError(f"{self._what}: cannot read the blob: {e}") from None
+        n = len(data)
+        b[:n] = data
         if n:
             self._hash.update(memoryview(b)[:n])
             self.count += n
@@ -185,8 +199,8 @@ class VerifyingReader(io.RawIOBase):
             return
         if self._size is not None and self.count != self._size:
             raise UserError(f"{self._what}: blob is {self.count} bytes, its descriptor says {self._size}")
-        actual = "sha256:" + self._hash.hexdigest()
-        if actual != self._expected:
+        actual = self.digest = "sha256:" + self._hash.hexdigest()
+        if self._expected is not None and actual != self._expected:
             raise UserError(f"{self._what}: digest mismatch: expected {short(self._expected)}, got {short(actual)}")
         self.verified = True
 
@@ -223,7 +237,8 @@ def decompressor(stream, compression: str, what: str):
 class LayerStream:
     """Open a layer blob for reading its tar, verifying both digests.
 
-    `blob` is a raw readable stream of the (maybe compressed) blob. Read the
+    `blob` is a raw readable stream of the (maybe compressed) blob; `digest`
+    may be None when the format does not name it (docker-archive). Read the
     tar from `.tar`; call `.finish()` after the tar is consumed: it drains both
     streams and raises UserError on any digest mismatch.
     """
@@ -231,12 +246,8 @@ class LayerStream:
     def __init__(self, blob, digest: str | None, diff_id: str, what: str,
                  size: int | None = None, progress=None):
         self.what = what
-        if digest is not None:
-            self.outer = VerifyingReader(blob, digest, what, size, progress)
-            buffered = io.BufferedReader(self.outer, CHUNK)
-        else:
-            self.outer = None
-            buffered = io.BufferedReader(_Counting(blob, progress), CHUNK)
+        self.outer = VerifyingReader(blob, digest, what, size, progress)
+        buffered = io.BufferedReader(self.outer, CHUNK)
         self.compression = sniff_compression(buffered.peek(4)[:4])
         self.inner = VerifyingReader(decompressor(buffered, self.compression, what),
                                      diff_id, f"{what}: diff_id")
@@ -247,27 +258,15 @@ class LayerStream:
         while self.tar.read(CHUNK):
             pass
         self.inner.drain()
-        if self.outer is not None:
-            while self._buffered.read(CHUNK):
-                pass
-            self.outer.drain()
+        while self._buffered.read(CHUNK):
+            pass
+        self.outer.drain()
+
+    @property
+    def digest(self) -> str:
+        """The blob's digest (valid after `finish()`)."""
+        return self.outer.digest
 
     @property
     def tar_size(self) -> int:
         return self.inner.count
-
-
-class _Counting(io.RawIOBase):
-    def __init__(self, raw, progress):
-        self._raw, self._progress = raw, progress
-
-    def readable(self):
-        return True
-
-    def readinto(self, b):
-        data = self._raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        if self._progress and n:
-            self._progress.advance(n)
-        return n
