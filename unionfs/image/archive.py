@@ -94,7 +94,8 @@ class TarSource(Source):
             self.tf = tarfile.open(path, "r:*")
             members = self.tf.getmembers()
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise UserError(f"{label}: not a readable tar archive ({e})") from None
+            reason = str(e).splitlines()[0].rstrip(":")
+            raise UserError(f"{label}: not a readable tar archive ({reason})") from None
         self.members = {}
         for m in members:
             name = normalize_member(m.name)

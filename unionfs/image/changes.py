@@ -17,15 +17,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-# OCI / aufs whiteout names (OCI image-spec, layer.md "Whiteouts").
-WH_PREFIX = ".wh."
-WH_OPAQUE = ".wh..wh..opq"
-# Overlay-format opaque markers (value "y").
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
-OPAQUE_VALUE = b"y"
-# Xattrs that belong to the union filesystem's bookkeeping, not to the files:
-# never committed into a layer.
-PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "trusted.unionfs.", "user.unionfs.")
+from unionfs import whiteout as wh
+from unionfs.layers import Layer, LayerStack
+from unionfs.readdir import merged_entries
 
 
 @dataclass
@@ -42,24 +36,9 @@ class Entry:
         return "/" + "/".join(self.parts)
 
 
-def is_overlay_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def has_opaque_xattr(path: str) -> bool:
-    for name in OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == OPAQUE_VALUE:
-                return True
-        except OSError as e:
-            # ENODATA: not set; ENOTSUP/EPERM: a namespace we may not read here.
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-    return False
-
-
 def file_xattrs(path: str) -> dict[str, bytes]:
-    """The xattrs a layer should carry for `path` (sorted, private ones left out)."""
+    """The xattrs a layer should carry for `path`, sorted; the union's own
+    bookkeeping (overlay opaque markers etc.) is left out."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as e:
@@ -68,7 +47,7 @@ def file_xattrs(path: str) -> dict[str, bytes]:
         raise
     out = {}
     for name in sorted(names):
-        if name.startswith(PRIVATE_XATTR_PREFIXES):
+        if wh.is_private_xattr(name):
             continue
         try:
             out[name] = os.getxattr(path, name, follow_symlinks=False)
@@ -84,18 +63,20 @@ def walk_upper(upper: str):
 
 
 def _walk(path: str, parts: tuple[str, ...], st: os.stat_result):
-    opaque = has_opaque_xattr(path)
+    opaque = wh.has_opaque_xattr(path)
     whiteouts, nodes, names = [], [], set()
     with os.scandir(path) as it:
         listing = sorted(it, key=lambda e: os.fsencode(e.name))
     for e in listing:
         est = e.stat(follow_symlinks=False)
         names.add(e.name)
-        if e.name == WH_OPAQUE:
+        if e.name == wh.WH_OPAQUE:
             opaque = True
-        elif e.name.startswith(WH_PREFIX):
-            whiteouts.append(Entry("whiteout", parts + (e.name[len(WH_PREFIX):],), e.path, est))
-        elif is_overlay_whiteout(est):
+        elif e.name.startswith(wh.WH_PREFIX + wh.WH_PREFIX):
+            continue  # other ".wh..wh.*" names are aufs metadata, not entries
+        elif e.name.startswith(wh.WH_PREFIX):
+            whiteouts.append(Entry("whiteout", parts + (e.name[len(wh.WH_PREFIX):],), e.path, est))
+        elif wh.is_whiteout_stat(est):
             whiteouts.append(Entry("whiteout", parts + (e.name,), e.path, est))
         else:
             nodes.append((e, est))
@@ -110,69 +91,26 @@ def _walk(path: str, parts: tuple[str, ...], st: os.stat_result):
 
 
 class LowerView:
-    """Lookups in a stack of read-only layers (top first), as the union
-    filesystem resolves them: whiteouts hide, non-directories hide what is
-    below, directories merge until an opaque one; symlinks are not followed."""
+    """Lookups in a stack of read-only layers (top first), exactly as the
+    union filesystem resolves them (its own lookup and listing code)."""
 
     def __init__(self, lowers: list[str]):
-        self.lowers = lowers
+        self._stack = LayerStack(None, [Layer(d, i) for i, d in enumerate(lowers)])
 
-    @staticmethod
-    def _whited_out(d: str, name: str) -> bool:
-        return os.path.lexists(os.path.join(d, WH_PREFIX + name))
-
-    def lookup(self, parts: tuple[str, ...]):
-        """("dir", [layer dirs]) | ("other", None) | (None, None)."""
-        dirs = list(self.lowers)
-        for i, name in enumerate(parts):
-            found, other = [], False
-            for d in dirs:
-                p = os.path.join(d, name)
-                try:
-                    st = os.lstat(p)
-                except (FileNotFoundError, NotADirectoryError):
-                    st = None
-                if st is not None and is_overlay_whiteout(st):
-                    break
-                if st is not None:
-                    if stat.S_ISDIR(st.st_mode):
-                        found.append(p)
-                        if has_opaque_xattr(p) or os.path.lexists(os.path.join(p, WH_OPAQUE)):
-                            break
-                    else:
-                        other = not found
-                        break
-                if self._whited_out(d, name):
-                    break
-            if other:
-                return ("other", None) if i == len(parts) - 1 else (None, None)
-            if not found:
-                return None, None
-            dirs = found
-        return "dir", dirs
+    def _node(self, parts: tuple[str, ...]):
+        try:
+            return self._stack.lookup("/" + "/".join(parts))
+        except NotADirectoryError:
+            return None
 
     def exists(self, parts: tuple[str, ...]) -> bool:
-        return self.lookup(parts)[0] is not None
+        return self._node(parts) is not None
 
     def listdir(self, parts: tuple[str, ...]) -> set[str]:
-        kind, dirs = self.lookup(parts)
-        if kind != "dir":
+        node = self._node(parts)
+        if node is None or not node.is_dir:
             return set()
-        visible, hidden = set(), set()
-        for d in dirs:
-            names = os.listdir(d)
-            layer_hidden = set()
-            for name in names:
-                if name == WH_OPAQUE:
-                    continue
-                if name.startswith(WH_PREFIX):
-                    layer_hidden.add(name[len(WH_PREFIX):])
-                elif is_overlay_whiteout(os.lstat(os.path.join(d, name))):
-                    layer_hidden.add(name)
-                elif name not in hidden:
-                    visible.add(name)
-            hidden |= layer_hidden
-        return visible
+        return {name for name, _, _ in merged_entries("/" + "/".join(parts), node)}
 
 
 def diff(upper: str, lowers: list[str] | None) -> list[tuple[str, str]]:

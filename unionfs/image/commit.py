@@ -25,7 +25,8 @@ import time
 
 from unionfs.errors import UserError
 from unionfs.image import oci
-from unionfs.image.changes import WH_OPAQUE, WH_PREFIX, file_xattrs, walk_upper
+from unionfs.image.changes import file_xattrs, walk_upper
+from unionfs.whiteout import WH_OPAQUE, WH_PREFIX
 from unionfs.image.store import Image, Staging, Store
 from unionfs.image.unpack import PAX_XATTR_PREFIX
 
