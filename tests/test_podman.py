@@ -1,0 +1,428 @@
+"""podman runs containers on fuse-unionfs (issue 6).
+
+containers/storage's overlay driver with `mount_program = fuse-unionfs` calls
+the program with fuse-overlayfs's argv for every container rootfs and, for
+`podman commit`, mounts the container and its parent image to compute the new
+layer. These tests drive real podman + runc through that path: import a
+busybox rootfs, run it, change files and directories in a container, commit,
+run the committed image, commit again on top, and check every step sees
+exactly the tree it should.
+
+The mount program is fuse-unionfs from this project unless
+$UNIONFS_PODMAN_MOUNT_PROGRAM names another (e.g. fuse-overlayfs, to compare).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from podman_helpers import (
+    DIR, LISTING_SCRIPT, MOUNT_PROGRAM_ENV, STATIC_BUSYBOX, PodmanSandbox, Symlink,
+    busybox_rootfs_tar, docker_archive, expected_listing, is_static_executable,
+    mounts_under, processes_mentioning, selected_mount_program, tar_tree,
+    unionfs_program, unmount_all_under, wait_for_exit, without, write_tree,
+)
+
+HAVE_RUNC = bool(shutil.which("runc")) or os.path.exists("/usr/sbin/runc")
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(os.geteuid() != 0, reason="these podman tests run as root"),
+    pytest.mark.skipif(not shutil.which("podman") or not HAVE_RUNC,
+                       reason="podman and runc are not installed"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+]
+
+BASE_IMAGE = "localhost/unionfs-test/busybox:base"
+GEN1_IMAGE = "localhost/unionfs-test/busybox:gen1"
+GEN2_IMAGE = "localhost/unionfs-test/busybox:gen2"
+LAYERED_IMAGE = "localhost/unionfs-test/layered:1"
+
+# The image's /data before any container touched it.
+BASE_TREE = {
+    "data/keep.txt": "keep",
+    "data/modify.txt": "old",
+    "data/delete.txt": "gone",
+    "data/chmod.txt": "mode",
+    "data/recreated.txt": "v1",
+    "data/rename_src.txt": "moved",
+    "data/over_src.txt": "src",
+    "data/over_dst.txt": "dst",
+    "data/file2dir": "file",
+    "data/dir2file/x.txt": "x",
+    "data/deldir/a/b.txt": "b",
+    "data/deldir/c.txt": "c",
+    "data/recreate/old1.txt": "old1",
+    "data/recreate/sub/old2.txt": "old2",
+    "data/recreate_new/old.txt": "old",
+    "data/recreate_new/sub/x.txt": "x",
+    "data/renamedir/f1.txt": "f1",
+    "data/renamedir/sub/f2.txt": "f2",
+    "data/nested/deep/stay.txt": "stay",
+    "data/nested/deep/remove.txt": "remove",
+    "data/link": Symlink("keep.txt"),
+    "data/emptydir": DIR,
+}
+
+# First container on the base image: every kind of change, one per entry.
+GEN1_CHANGES = """
+set -e
+cd /data
+echo new > modify.txt
+rm delete.txt
+chmod 600 chmod.txt
+rm recreated.txt; echo v2 > recreated.txt
+mv rename_src.txt rename_dst.txt
+mv over_src.txt over_dst.txt
+rm file2dir; mkdir file2dir; echo inner > file2dir/inner.txt
+rm -r dir2file; echo nowfile > dir2file
+rm -r deldir
+rm -r recreate; mkdir recreate
+rm -r recreate_new; mkdir recreate_new; echo fresh > recreate_new/new.txt
+mv renamedir moveddir
+rm nested/deep/remove.txt
+ln -sfn modify.txt link
+rmdir emptydir
+mkdir -p newdir/sub; echo hello > newdir/sub/hello.txt
+"""
+
+GEN1_TREE = {
+    **without(BASE_TREE, "data/modify.txt", "data/delete.txt", "data/chmod.txt",
+              "data/recreated.txt", "data/rename_src.txt", "data/over_src.txt",
+              "data/over_dst.txt", "data/file2dir", "data/dir2file", "data/deldir",
+              "data/recreate", "data/recreate_new", "data/renamedir",
+              "data/nested/deep/remove.txt", "data/link", "data/emptydir"),
+    "data/modify.txt": "new",
+    "data/chmod.txt": ("mode", 0o600),
+    "data/recreated.txt": "v2",
+    "data/rename_dst.txt": "moved",
+    "data/over_dst.txt": "src",
+    "data/file2dir/inner.txt": "inner",
+    "data/dir2file": "nowfile",
+    "data/recreate": DIR,                     # removed and re-created: empty
+    "data/recreate_new/new.txt": "fresh",     # removed, re-created, refilled
+    "data/moveddir/f1.txt": "f1",
+    "data/moveddir/sub/f2.txt": "f2",
+    "data/link": Symlink("modify.txt"),
+    "data/newdir/sub/hello.txt": "hello",
+}
+
+# Second container, on the committed image: changes to entries of both the
+# base layer and the layer containers/storage wrote from the first commit
+# (its whiteouts, opaque directories and copied-up renames).
+GEN2_CHANGES = """
+set -e
+cd /data
+rm keep.txt
+rm newdir/sub/hello.txt
+rm -r moveddir/sub; mkdir moveddir/sub
+echo fresher > recreate_new/new.txt
+echo late > recreate/late.txt
+mv file2dir file2dir_moved
+mkdir deldir
+echo back > delete.txt
+"""
+
+GEN2_TREE = {
+    **without(GEN1_TREE, "data/keep.txt", "data/newdir/sub/hello.txt",
+              "data/moveddir/sub", "data/recreate_new/new.txt", "data/file2dir"),
+    "data/newdir/sub": DIR,
+    "data/moveddir/sub": DIR,                 # re-created over a layer-2 dir: empty
+    "data/recreate_new/new.txt": "fresher",
+    "data/recreate/late.txt": "late",
+    "data/file2dir_moved/inner.txt": "inner",
+    "data/deldir": DIR,                       # new dir over a lower whiteout: empty
+    "data/delete.txt": "back",                # file over a lower whiteout
+}
+
+# A layer as registries ship it (OCI whiteouts and opaque marker), loaded on
+# top of the base rootfs. With a mount_program, containers/storage keeps these
+# as `.wh.` files in the layer directory (podman 4.3 does), so the mount
+# program must honour that format in its lower layers.
+WHITEOUT_LAYER = {
+    "data/.wh.delete.txt": "",
+    "data/.wh.deldir": "",
+    "data/nested/deep/.wh.remove.txt": "",
+    "data/recreate/.wh..wh..opq": "",
+    "data/recreate/fresh.txt": "fresh",
+    "data/newfile.txt": "new",
+}
+
+LAYERED_TREE = {
+    **without(BASE_TREE, "data/delete.txt", "data/deldir", "data/nested/deep/remove.txt",
+              "data/recreate"),
+    "data/recreate/fresh.txt": "fresh",
+    "data/newfile.txt": "new",
+}
+
+# A container on that image, changing names the loaded whiteouts hide.
+LAYERED_CHANGES = """
+set -e
+cd /data
+echo back > delete.txt
+mkdir deldir
+rm recreate/fresh.txt; echo more > recreate/more.txt
+"""
+
+LAYERED_CHANGED_TREE = {
+    **without(LAYERED_TREE, "data/recreate/fresh.txt"),
+    "data/delete.txt": "back",
+    "data/deldir": DIR,
+    "data/recreate/more.txt": "more",
+}
+
+
+def changes_then_listing(changes: str) -> str:
+    """A script making CHANGES, then listing $1 as `PodmanSandbox.listing` does."""
+    return changes + LISTING_SCRIPT
+
+
+def fstypes_of(program: str) -> set[str]:
+    """The /proc/mounts types a mount by PROGRAM may show (fuse.SUBTYPE)."""
+    name = os.path.basename(program)
+    # unionfs names its subtype after the project; mount.fuse's type
+    # fuse.fuse-unionfs names the program. Either says who serves the mount.
+    return {f"fuse.{name}", f"fuse.{name.removeprefix('fuse-')}"}
+
+
+def assert_tree(seen: list[str], tree: dict, what: str) -> None:
+    """SEEN (listing lines) is exactly TREE's /data; else say what differs."""
+    expected = expected_listing(tree, "data")
+    missing = sorted(set(expected) - set(seen))
+    unexpected = sorted(set(seen) - set(expected))
+    assert seen == expected, (f"{what}:\n  missing: {missing}\n  unexpected: {unexpected}")
+
+
+def _mount_program_or_fail() -> str:
+    program = selected_mount_program()
+    if program is None:
+        pytest.fail(f"mount program not found (${MOUNT_PROGRAM_ENV}="
+                    f"{os.environ.get(MOUNT_PROGRAM_ENV, '')!r}; default fuse-unionfs: "
+                    "run `pip install -e .` in the venv)")
+    return program
+
+
+def _busybox_or_fail() -> str:
+    if not is_static_executable(STATIC_BUSYBOX):
+        pytest.fail(f"{STATIC_BUSYBOX} is not a static busybox: install busybox-static")
+    return STATIC_BUSYBOX
+
+
+@pytest.fixture(scope="module")
+def rootfs_tar(tmp_path_factory):
+    """The base image's rootfs: static busybox plus BASE_TREE."""
+    return busybox_rootfs_tar(tmp_path_factory.mktemp("rootfs"), BASE_TREE, _busybox_or_fail())
+
+
+@pytest.fixture(scope="module")
+def podman(rootfs_tar):
+    """A podman sandbox on the selected mount program, with the base image imported."""
+    sandbox = PodmanSandbox(_mount_program_or_fail())
+    try:
+        sandbox.run("import", "--quiet", str(rootfs_tar), BASE_IMAGE)
+        yield sandbox
+    finally:
+        complaints = sandbox.close()
+    assert not complaints, "\n".join(complaints)
+
+
+def test_import_and_run(podman):
+    out = podman.sh(BASE_IMAGE, 'echo "hello from $(busybox | head -n 1 | cut -d " " -f 1)";'
+                    " cat /data/keep.txt /data/nested/deep/stay.txt; readlink /data/link")
+    assert out.splitlines() == ["hello from BusyBox", "keep", "stay", "keep.txt"]
+
+    # The container's root really is served by the configured mount program.
+    root_type = podman.sh(BASE_IMAGE, "awk '$2 == \"/\" { print $3 }' /proc/mounts").strip()
+    assert root_type in fstypes_of(podman.mount_program), root_type
+
+    assert_tree(podman.listing(BASE_IMAGE, "/data"), BASE_TREE, "base image")
+    # --rm containers leave neither a mount nor a daemon behind.
+    assert mounts_under(podman.base) == []
+    assert wait_for_exit(podman.daemons(), 15) == []
+
+
+def test_commit_twice_and_run(podman):
+    """Change, commit, run; change again on the committed image, commit, run."""
+    seen = sorted(podman.sh(BASE_IMAGE, changes_then_listing(GEN1_CHANGES), "/data",
+                            name="gen1").splitlines())
+    assert_tree(seen, GEN1_TREE, "first container after its changes")
+    podman.run("commit", "--quiet", "gen1", GEN1_IMAGE)
+    assert_tree(podman.listing(GEN1_IMAGE, "/data"), GEN1_TREE, "first committed image")
+
+    seen = sorted(podman.sh(GEN1_IMAGE, changes_then_listing(GEN2_CHANGES), "/data",
+                            name="gen2").splitlines())
+    assert_tree(seen, GEN2_TREE, "second container after its changes")
+    podman.run("commit", "--quiet", "gen2", GEN2_IMAGE)
+    assert_tree(podman.listing(GEN2_IMAGE, "/data"), GEN2_TREE, "second committed image")
+
+    # The layers below were never written: older images still show their trees.
+    assert_tree(podman.listing(GEN1_IMAGE, "/data"), GEN1_TREE, "first image, afterwards")
+    assert_tree(podman.listing(BASE_IMAGE, "/data"), BASE_TREE, "base image, afterwards")
+
+    podman.run("rm", "gen1", "gen2")
+    assert mounts_under(podman.base) == []
+
+
+def test_load_layers_with_whiteouts(podman, rootfs_tar, tmp_path):
+    """Whiteouts and opaque dirs unpacked by containers/storage hide what they should."""
+    write_tree(tmp_path / "layer", WHITEOUT_LAYER)
+    layer_tar = tar_tree(tmp_path / "layer.tar", tmp_path / "layer")
+    podman.run("load", "--quiet", "--input",
+               str(docker_archive(tmp_path, [rootfs_tar, layer_tar], LAYERED_IMAGE)))
+    assert_tree(podman.listing(LAYERED_IMAGE, "/data"), LAYERED_TREE, "loaded two-layer image")
+    seen = sorted(podman.sh(LAYERED_IMAGE, changes_then_listing(LAYERED_CHANGES),
+                            "/data").splitlines())
+    assert_tree(seen, LAYERED_CHANGED_TREE, "container on it, after its changes")
+
+
+# ------------------------------------------------------------ --version
+
+def _fuse_unionfs_or_fail() -> str:
+    program = unionfs_program("fuse-unionfs")
+    if program is None:
+        pytest.fail("fuse-unionfs not found: run `pip install -e .` in the venv")
+    return program
+
+
+def test_version_answers_like_fuse_overlayfs(podman):
+    program = _fuse_unionfs_or_fail()
+    done = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    # fuse-overlayfs prints "fuse-overlayfs: version 1.10" among its lines.
+    lines = done.stdout.splitlines()
+    assert f"fuse-unionfs: version {metadata.version('unionfs')}" in lines
+    assert all(re.fullmatch(r"[\w .:-]*version:? [\w.+~-]+", line) for line in lines), lines
+
+    # The engine asks too: podman info reports the mount program's answer.
+    if os.path.basename(podman.mount_program) == "fuse-unionfs":
+        info = podman.run("info", "--format",
+                          '{{ index .Store.GraphOptions "overlay.mount_program" }}').stdout
+        assert "fuse-unionfs: version" in info, info
+
+
+# ------------------------------------------------------------ mount.fuse
+
+MOUNT_FUSE = shutil.which("mount.fuse") or "/sbin/mount.fuse"
+
+
+def _mount_via(how: str, program: str, opts: str, mnt: Path) -> list[str]:
+    """The command that mounts MNT the way HOW says."""
+    if how == "mount.fuse":
+        # Exactly what mount(8) runs for `-t fuse.fuse-unionfs`; mount.fuse
+        # then runs `fuse-unionfs SOURCE MNT -o OPTS` found on $PATH.
+        return [MOUNT_FUSE, "fuse-unionfs", str(mnt), "-t", "fuse.fuse-unionfs", "-o", opts]
+    if how == "mount -t fuse PROG#SOURCE":
+        return ["mount", "-t", "fuse", f"{program}#fuse-unionfs", str(mnt), "-o", opts]
+    return ["mount", "-t", "fuse.fuse-unionfs", "fuse-unionfs", str(mnt), "-o", opts]
+
+
+# mount(8) runs its helpers without $PATH; /bin/sh then searches this one.
+HELPER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@pytest.mark.parametrize("how", ["mount.fuse", "mount -t fuse PROG#SOURCE",
+                                 "mount -t fuse.fuse-unionfs"])
+def test_mount_through_mount_fuse(tmp_path, how):
+    program = _fuse_unionfs_or_fail()
+    if not os.path.exists(MOUNT_FUSE):
+        pytest.fail("mount.fuse not found: install fuse3")
+    if how == "mount -t fuse.fuse-unionfs":
+        on_path = shutil.which("fuse-unionfs", path=HELPER_DEFAULT_PATH)
+        if on_path is None:
+            pytest.skip("fuse-unionfs is not installed on the PATH mount(8) gives its helpers "
+                        f"({HELPER_DEFAULT_PATH}); the mount.fuse case covers the same call")
+    top, bottom, upper, work, mnt = (tmp_path / d for d in ("top", "bottom", "upper", "work", "mnt"))
+    for d in (top / "d", bottom / "d", upper, work, mnt):
+        d.mkdir(parents=True)
+    (bottom / "a.txt").write_text("a-bottom\n")
+    (bottom / "b.txt").write_text("b-bottom\n")
+    (bottom / "d" / "low.txt").write_text("low\n")
+    (top / "a.txt").write_text("a-top\n")
+    (top / "d" / "high.txt").write_text("high\n")
+    opts = f"lowerdir={top}:{bottom},upperdir={upper},workdir={work}"
+    env = dict(os.environ, PATH=f"{os.path.dirname(program)}:{os.environ.get('PATH', '')}")
+    try:
+        done = subprocess.run(_mount_via(how, program, opts, mnt), env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        # It returned, so it daemonised; the mount must be live right now.
+        assert mounts_under(mnt) == [str(mnt)]
+        assert _fstype(mnt) in fstypes_of(program)
+        daemons = processes_mentioning(str(mnt))
+        assert daemons, "no daemon serves the mount"
+
+        assert sorted(os.listdir(mnt)) == ["a.txt", "b.txt", "d"]
+        assert sorted(os.listdir(mnt / "d")) == ["high.txt", "low.txt"]
+        assert (mnt / "a.txt").read_text() == "a-top\n"
+        (mnt / "b.txt").unlink()
+        (mnt / "d" / "low.txt").write_text("changed\n")
+        assert sorted(os.listdir(mnt)) == ["a.txt", "d"]
+        assert (upper / "d" / "low.txt").read_text() == "changed\n"
+        assert (bottom / "b.txt").read_text() == "b-bottom\n"
+        assert (bottom / "d" / "low.txt").read_text() == "low\n"
+
+        done = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert mounts_under(mnt) == []
+        assert wait_for_exit(daemons, 15) == [], "daemon still running after umount"
+    finally:
+        leftovers = unmount_all_under(tmp_path)
+        for pid in wait_for_exit(processes_mentioning(str(mnt)), 10):
+            os.kill(pid, signal.SIGTERM)   # a daemon this test started, for its own mount
+    assert leftovers == []
+
+
+def _fstype(mnt: Path) -> str:
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == str(mnt):
+                return fields[2]
+    return ""
+
+
+# ------------------------------------------------------------ timing
+
+@pytest.mark.slow
+def test_podman_run_timing(tmp_path, capsys):
+    """`podman run --rm IMAGE true` on fuse-unionfs, fuse-overlayfs and kernel overlay.
+
+    Reports the numbers (pytest -s); asserts only that every run succeeds.
+    """
+    busybox = _busybox_or_fail()
+    programs = {"fuse-unionfs": _fuse_unionfs_or_fail(),
+                "fuse-overlayfs": shutil.which("fuse-overlayfs"),
+                "kernel overlay": None}
+    rootfs_tar = busybox_rootfs_tar(tmp_path, {"data/x": "x"}, busybox)
+    runs = int(os.environ.get("UNIONFS_PODMAN_TIMING_RUNS", "5"))
+    report = []
+    for label, program in programs.items():
+        if label == "fuse-overlayfs" and program is None:
+            continue
+        sandbox = PodmanSandbox(program)
+        try:
+            sandbox.run("import", "--quiet", str(rootfs_tar), BASE_IMAGE)
+            sandbox.run("run", "--rm", BASE_IMAGE, "true")   # warm caches
+            times = []
+            for _ in range(runs):
+                start = time.monotonic()
+                sandbox.run("run", "--rm", BASE_IMAGE, "true")
+                times.append(time.monotonic() - start)
+        finally:
+            complaints = sandbox.close()
+        assert not complaints, "\n".join(complaints)
+        report.append(f"{label:15} median {statistics.median(times):.3f}s "
+                      f"min {min(times):.3f}s max {max(times):.3f}s ({runs} runs)")
+    with capsys.disabled():
+        print("\npodman run --rm IMAGE true:\n  " + "\n  ".join(report))
