@@ -267,3 +267,44 @@ def force_unmount(mnt: str):
         for cmd in (["fusermount", "-u", mnt], ["umount", mnt], ["umount", "-l", mnt]):
             if subprocess.run(cmd, capture_output=True).returncode == 0:
                 break
+
+
+def apply_layers(tars: list[bytes], dest: str):
+    """Reference semantics for tests: apply OCI layers (trusted input, whiteout
+    entries listed before their siblings) into `dest` with plain tarfile."""
+    import shutil
+
+    def remove(p):
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.unlink(p)
+    for data in tars:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            dirs = []
+            for m in tf.getmembers():
+                parent, _, base = m.name.rstrip("/").rpartition("/")
+                target_dir = os.path.join(dest, parent)
+                if base == ".wh..wh..opq":
+                    for name in os.listdir(target_dir):
+                        remove(os.path.join(target_dir, name))
+                    continue
+                if base.startswith(".wh."):
+                    remove(os.path.join(target_dir, base[4:]))
+                    continue
+                p = os.path.join(dest, m.name)
+                if os.path.lexists(p) and not (m.isdir() and os.path.isdir(p)):
+                    remove(p)
+                tf.extract(m, dest, numeric_owner=True, filter="fully_trusted")
+                for key, value in m.pax_headers.items():
+                    if key.startswith("SCHILY.xattr."):
+                        os.setxattr(p, key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape"),
+                                    follow_symlinks=False)
+                if m.issym():
+                    os.utime(p, (m.mtime, m.mtime), follow_symlinks=False)
+                if m.isdir():
+                    dirs.append(m)
+            for m in reversed(dirs):  # tarfile sets dir metadata only when extracting all
+                p = os.path.join(dest, m.name)
+                os.chmod(p, m.mode)
+                os.utime(p, (m.mtime, m.mtime))

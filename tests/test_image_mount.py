@@ -1,0 +1,187 @@
+"""Images on real mounts, through the `unionfs` command line: mount an image
+as a container rootfs, change it, diff, commit, save, load again, remount."""
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from image_helpers import (D, F, FIFO, H, L, apply_layers, docker_archive, force_unmount, fuse_available,
+                           have_mount_api, layer_tar, tree)
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse"),
+    pytest.mark.skipif(not have_mount_api(), reason="unionfs.mount is not there yet"),
+]
+
+IS_ROOT = os.geteuid() == 0
+
+BASE = layer_tar(
+    D("bin"), F("bin/tool", b"#!/bin/sh\necho tool\n", mode=0o755), L("bin/alias", "tool"),
+    D("etc", mode=0o755), F("etc/motd", b"hello\n"), F("etc/passwd", b"root:x:0:0::/:/bin/sh\n"),
+    F("etc/secret", b"s", mode=0o600, uid=1000, gid=1000, xattrs={"user.label": "base"}),
+    D("data"), F("data/a", b"a"), H("data/a-link", "data/a"), D("data/old"), F("data/old/x", b"x"),
+    FIFO("run.fifo"),
+    D("srv"), F("srv/index.html", b"<p>v1</p>"), D("srv/assets"), F("srv/assets/logo", b"logo1"),
+)
+CHANGE = layer_tar(D("etc"), F("etc/motd", b"hello again\n"), F("etc/added", b"added"))
+DELETE = layer_tar(D("etc"), F("etc/.wh.passwd"), D("data"), F("data/.wh.old"))
+REPLACE = layer_tar(D("srv"), F("srv/.wh..wh..opq"), F("srv/index.html", b"<p>v2</p>"), D("srv/new"),
+                    F("srv/new/page", b"page"))
+LAYERS = [BASE, CHANGE, DELETE, REPLACE]
+
+
+def unionfs(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "unionfs", *map(str, args)], capture_output=True, text=True,
+                       timeout=120)
+    if check:
+        assert p.returncode == 0, f"unionfs {' '.join(map(str, args))}: {p.stderr}"
+    return p
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A store with the test image loaded, and a mount helper that always
+    unmounts what it mounted."""
+    mounts = []
+    store = tmp_path / "store"
+    docker_archive(tmp_path / "image.tar", LAYERS, tags=["test/img:1"])
+    unionfs("image", "load", "--store", store, "-q", tmp_path / "image.tar")
+
+    def mount(image, name=None, store=store):
+        mnt = tmp_path / f"mnt{len(mounts)}"
+        mnt.mkdir()
+        mounts.append(str(mnt))
+        extra = ["--name", name] if name else []
+        out = unionfs("image", "mount", "--store", store, image, mnt, *extra).stdout.strip()
+        return mnt, out
+    try:
+        yield store, mount
+    finally:
+        for m in reversed(mounts):
+            force_unmount(m)
+
+
+def expected_tree(tmp_path, layers):
+    ref = tmp_path / "reference"
+    if ref.exists():
+        shutil.rmtree(ref)
+    ref.mkdir()
+    apply_layers(layers, str(ref))
+    return tree(str(ref), owners=IS_ROOT)
+
+
+def test_mounted_image_equals_the_layers_applied_in_order(env, tmp_path):
+    store, mount = env
+    mnt, name = mount("test/img:1")
+    assert name == "img-1"
+    got = tree(str(mnt), owners=IS_ROOT)
+    assert got == expected_tree(tmp_path, LAYERS)
+    assert "etc/passwd" not in got and "data/old" not in got and "srv/assets" not in got
+    assert os.getxattr(mnt / "etc/secret", "user.label") == b"base"
+    assert os.lstat(mnt / "data/a").st_ino == os.lstat(mnt / "data/a-link").st_ino
+
+
+def change_things(mnt):
+    (mnt / "etc/motd").write_text("changed in the container\n")
+    (mnt / "etc/brand-new").write_text("new\n")
+    os.unlink(mnt / "etc/added")
+    os.chmod(mnt / "bin/tool", 0o700)
+    shutil.rmtree(mnt / "srv")
+    os.mkdir(mnt / "srv")
+    (mnt / "srv/only").write_text("only")
+    os.symlink("../etc/motd", mnt / "data/motd-link")
+    os.link(mnt / "etc/brand-new", mnt / "data/hard")
+    os.setxattr(mnt / "etc/brand-new", "user.color", b"blue")
+
+
+def test_change_diff_commit_save_load_remount(env, tmp_path):
+    store, mount = env
+    mnt, name = mount("test/img:1", name="work")
+    change_things(mnt)
+    diff = unionfs("diff", "--store", store, "work").stdout.splitlines()
+    assert diff == sorted(diff, key=lambda l: l.split(" ", 1)[1])
+    expected = {"C /bin", "C /bin/tool", "C /data", "A /data/hard", "A /data/motd-link", "C /etc",
+                "D /etc/added", "A /etc/brand-new", "C /etc/motd", "C /srv", "D /srv/index.html",
+                "D /srv/new", "A /srv/only"}
+    assert set(diff) == expected
+    # By mount point too.
+    assert unionfs("diff", "--store", store, mnt).stdout.splitlines() == diff
+    changed = tree(str(mnt), owners=IS_ROOT)
+
+    unionfs("commit", "--store", store, mnt, "test/img:2", "-m", "container changes")
+    unionfs("umount", mnt)
+    # Committed again, unmounted: the same image.
+    assert unionfs("commit", "--store", store, "-q", "work", "again", "-m", "container changes").stdout == ""
+    ids = {unionfs("image", "inspect", "--store", store, ref).stdout.split('"Id": "')[1][:71]
+           for ref in ("test/img:2", "again")}
+    assert len(ids) == 1
+
+    # The committed image mounted in a fresh container shows the changed tree.
+    mnt2, _ = mount("test/img:2")
+    assert tree(str(mnt2), owners=IS_ROOT) == changed
+    unionfs("umount", mnt2)
+
+    # Save in both formats, load into a new store, mount, same tree.
+    for fmt in ("docker", "oci"):
+        archive = tmp_path / f"img2-{fmt}.tar"
+        unionfs("image", "save", "--store", store, "test/img:2", "-o", archive, "--format", fmt)
+        other = tmp_path / f"store-{fmt}"
+        unionfs("image", "load", "--store", other, archive)
+        mnt3, _ = mount("test/img:2", store=other)
+        assert tree(str(mnt3), owners=IS_ROOT) == changed
+        unionfs("umount", mnt3)
+
+    # The container keeps its changes: a second mount shows them again.
+    mnt4, name4 = mount("test/img:1", name="work")
+    assert name4 == "work"
+    assert tree(str(mnt4), owners=IS_ROOT) == changed
+    ps = unionfs("ps", "--store", store).stdout
+    assert any(l.split()[:1] == ["work"] and "mounted" in l.split() for l in ps.splitlines())
+    # A mounted container cannot be removed without -f.
+    p = unionfs("rm", "--store", store, "work", check=False)
+    assert p.returncode == 1 and "is mounted at" in p.stderr
+    unionfs("umount", mnt4)
+    unionfs("rm", "--store", store, "work")
+    assert "work" not in unionfs("ps", "--store", store).stdout
+
+
+def test_mount_errors(env, tmp_path):
+    store, mount = env
+    p = unionfs("image", "mount", "--store", store, "nope", tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr == "unionfs: image nope: no such image\n"
+    p = unionfs("image", "mount", "--store", store, "test/img:1", tmp_path / "missing", check=False)
+    assert p.returncode == 1 and "not a directory" in p.stderr
+    mnt, _ = mount("test/img:1", name="busy")
+    other = tmp_path / "other"
+    other.mkdir()
+    p = unionfs("image", "mount", "--store", store, "test/img:1", other, "--name", "busy", check=False)
+    assert p.returncode == 1 and "already mounted" in p.stderr
+    assert not os.path.ismount(other)
+
+
+def test_device_whiteouts_in_upper_are_committed_as_wh_files(env, tmp_path):
+    """Deleting through the mount writes whatever whiteout format the mount
+    chose; the committed layer always has .wh. entries."""
+    store, mount = env
+    mnt, _ = mount("test/img:1", name="wh")
+    os.unlink(mnt / "etc/motd")
+    shutil.rmtree(mnt / "data")
+    unionfs("commit", "--store", store, "wh", "wh:1")
+    unionfs("umount", mnt)
+    archive = tmp_path / "wh.tar"
+    unionfs("image", "save", "--store", store, "wh:1", "-o", archive)
+    import json
+    import tarfile
+    with tarfile.open(archive) as tf:
+        manifest = json.load(tf.extractfile("manifest.json"))
+        import io
+        top = tarfile.open(fileobj=io.BytesIO(tf.extractfile(manifest[0]["Layers"][-1]).read()))
+        names = top.getnames()
+    assert "etc/.wh.motd" in names and ".wh.data" in names
+    assert not any(stat.S_ISCHR(m.mode) or m.ischr() for m in top.getmembers())
