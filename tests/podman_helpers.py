@@ -2,10 +2,11 @@
 
 `PodmanSandbox` writes its own containers.conf, storage.conf, registries.conf
 and signature policy under one temporary directory and points podman at them
-through the environment, so nothing of the host's container state is read or
-changed. `close()` removes every container and image, unmounts whatever is
-still mounted below the directory, waits for the mount-program daemons it
-started (indirectly, through podman) to exit, and deletes the directory.
+through the environment (podman's tmp_dir lives there too), so the host's
+container configuration, images and containers are neither read nor changed.
+`close()` removes every container and image, unmounts whatever is still
+mounted below the directory, waits for the mount-program daemons it started
+(indirectly, through podman) to exit, and deletes the directory.
 
 Every subprocess call has a timeout.
 """
