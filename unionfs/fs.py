@@ -222,8 +222,14 @@ class UnionOperations(fuse.Operations):
     def open(self, path, fi):
         fd, in_lower = self.union.open(path, fi.flags)
         fi.fh = fd
-        # Lower files never change while mounted: keep their page cache.
-        fi.keep_cache = 1 if in_lower else 0
+        if in_lower:
+            # Lower files never change while mounted: keep their page cache.
+            fi.keep_cache = 1
+        elif os.fstat(fd).st_nlink > 1:
+            # The kernel caches each *name* of a hard link separately (the
+            # high-level API gives every path its own node); bypass its page
+            # cache so a write through one name is read through another.
+            fi.direct_io = 1
         return 0
 
     def create(self, path, mode, fi):

@@ -346,7 +346,7 @@ def umount(mountpoint, timeout=30):
     pid = _daemon_pid(mountpoint)
     stale = False
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)      # always asks the daemon (stat may be cached)
     except OSError as e:
         stale = e.errno == errno.ENOTCONN
     cmd = ["fusermount", "-u"] + (["-z"] if stale else []) + [mountpoint]

@@ -14,7 +14,7 @@ import time
 from unionfs.errors import EXIT_OK, UserError
 from unionfs.image import oci
 from unionfs.image.progress import Progress
-from unionfs.image.store import Store, default_store_path, mounted_paths
+from unionfs.image.store import Store, default_store_path, mounted_paths, name_candidates
 
 FORMATS = ("docker", "oci")
 
@@ -262,7 +262,7 @@ def cmd_image_rm(args) -> int:
     with store.locked():
         for ref in args.images:
             image = store.resolve(ref)
-            named = [n for n in (ref, ref + ":latest") if n in image.names][:1]
+            named = [n for n in name_candidates(ref) if n in image.names][:1]
             if named and len(image.names) > 1:
                 store.untag(named[0])
                 _info(args, f"Untagged: {named[0]}")
@@ -323,7 +323,7 @@ def cmd_save(args) -> int:
     store = _store(args)
     progress = _progress(args)
     image = store.resolve(args.image)
-    names = [n for n in (args.image, args.image + ":latest") if n in image.names][:1] or image.names
+    names = [n for n in name_candidates(args.image) if n in image.names][:1] or image.names
     images = [(store.config_bytes(image), image.layers, names)]
     out_path = os.path.abspath(args.output)
     out_dir = os.path.dirname(out_path)

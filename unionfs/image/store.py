@@ -57,6 +57,34 @@ def now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+# Docker Hub's registry and namespace, implied in short names (`busybox` is
+# `docker.io/library/busybox`); skopeo writes the long form into archives.
+DEFAULT_REGISTRY = "docker.io/"
+DEFAULT_NAMESPACE = "library/"
+
+
+def name_candidates(ref: str) -> list[str]:
+    """The names `ref` may be stored under, most literal first: as written,
+    with `:latest`, and in its long or short Docker Hub form."""
+    forms = [ref]
+    if ref.startswith(DEFAULT_REGISTRY):
+        short = ref[len(DEFAULT_REGISTRY):]
+        forms.append(short[len(DEFAULT_NAMESPACE):] if short.startswith(DEFAULT_NAMESPACE) else short)
+    else:
+        first = ref.split("/", 1)[0]
+        if "/" not in ref:
+            forms.append(DEFAULT_REGISTRY + DEFAULT_NAMESPACE + ref)
+        elif "." not in first and ":" not in first and first != "localhost":
+            forms.append(DEFAULT_REGISTRY + ref)
+    out = []
+    for form in forms:
+        has_tag = ":" in form.rsplit("/", 1)[-1] or "@" in form
+        for name in (form,) if has_tag else (form, form + ":latest"):
+            if name not in out:
+                out.append(name)
+    return out
+
+
 @dataclass
 class Image:
     id: str                    # config digest
@@ -306,10 +334,10 @@ class Store:
         raise UserError(f"image {oci.short(image_id)}: no such image in the store")
 
     def resolve(self, ref: str) -> Image:
-        """An image by name (as loaded or tagged; `:latest` implied), or by a
-        unique prefix of its ID."""
+        """An image by name (as loaded or tagged, see `name_candidates`), or
+        by a unique prefix of its ID."""
         tags = self.tags()
-        for name in (ref, ref + ":latest"):
+        for name in name_candidates(ref):
             if name in tags:
                 return self.image(tags[name])
         prefix = ref[len("sha256:"):] if ref.startswith("sha256:") else ref

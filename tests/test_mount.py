@@ -1,0 +1,377 @@
+"""Integration tests: real mounts through /dev/fuse with the real CLI."""
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import (FUSE_UNIONFS, IS_ROOT, UNIONFS, force_unmount, is_mounted,
+                      requires_fuse, requires_root, run, wait_for)
+
+pytestmark = requires_fuse
+
+
+def tree_of(root):
+    """{relative path: (type, content or target)} of a directory tree."""
+    out = {}
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", None)
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = ("f", p.read_bytes())
+            else:
+                out[rel] = ("o", stat.S_IFMT(st.st_mode))
+    return out
+
+
+def populate(layers):
+    l0, l1 = layers.lowers
+    (l1 / "etc").mkdir()
+    (l1 / "etc" / "passwd").write_text("root:x:0:0\n")
+    (l1 / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    (l1 / "var" / "cache").mkdir(parents=True)
+    (l1 / "var" / "cache" / "old").write_text("stale")
+    (l0 / "etc").mkdir()
+    (l0 / "etc" / "hosts").write_text("10.0.0.1 top\n")
+    (l0 / "bin").mkdir()
+    os.symlink("busybox", l0 / "bin" / "sh")
+
+
+def test_merged_view_copy_up_whiteout_opaque(layers, mounted):
+    populate(layers)
+    before = tree_of(layers.base / "l1"), tree_of(layers.base / "l0")
+    mnt = mounted()
+    assert sorted(os.listdir(mnt)) == ["bin", "etc", "var"]
+    assert sorted(os.listdir(mnt / "etc")) == ["hosts", "passwd"]
+    assert (mnt / "etc" / "hosts").read_text() == "10.0.0.1 top\n"
+    assert os.readlink(mnt / "bin" / "sh") == "busybox"
+
+    with open(mnt / "etc" / "passwd", "a") as f:             # copy-up
+        f.write("user:x:1000:1000\n")
+    assert (mnt / "etc" / "passwd").read_text() == "root:x:0:0\nuser:x:1000:1000\n"
+    (mnt / "etc" / "hosts").unlink()                         # whiteout
+    assert sorted(os.listdir(mnt / "etc")) == ["passwd"]
+    (mnt / "var" / "cache" / "old").unlink()
+    (mnt / "var" / "cache").rmdir()
+    (mnt / "var" / "cache").mkdir()                          # opaque
+    assert os.listdir(mnt / "var" / "cache") == []
+    assert (tree_of(layers.base / "l1"), tree_of(layers.base / "l0")) == before
+
+    view = tree_of(mnt)
+    run([UNIONFS, "umount", str(mnt)], check=True)
+    assert not is_mounted(mnt)
+    r = run([UNIONFS, "mount", "-o", layers.options(), str(mnt)])
+    assert r.returncode == 0, r.stderr
+    try:
+        assert tree_of(mnt) == view                          # survives a remount
+    finally:
+        force_unmount(mnt)
+
+
+def test_read_only_without_upper(layers, mounted):
+    populate(layers)
+    mnt = mounted(upper=False)
+    assert (mnt / "etc" / "passwd").read_text() == "root:x:0:0\n"
+    for action in (lambda: open(mnt / "etc" / "passwd", "a"),
+                   lambda: (mnt / "new").write_text("x"),
+                   lambda: (mnt / "etc" / "hosts").unlink(),
+                   lambda: (mnt / "d").mkdir()):
+        with pytest.raises(OSError) as e:
+            action()
+        assert e.value.errno == errno.EROFS
+
+
+def test_hard_links_share_data(layers, mounted):
+    populate(layers)
+    mnt = mounted()
+    os.link(mnt / "etc" / "passwd", mnt / "etc" / "passwd2")
+    with open(mnt / "etc" / "passwd2", "a") as f:
+        f.write("via link\n")
+    assert (mnt / "etc" / "passwd").read_text().endswith("via link\n")
+    a, b = os.stat(mnt / "etc" / "passwd"), os.stat(mnt / "etc" / "passwd2")
+    assert a.st_ino == b.st_ino
+
+
+def test_rename_directory_from_lower(layers, mounted):
+    populate(layers)
+    mnt = mounted()
+    os.rename(mnt / "etc", mnt / "config")
+    assert sorted(os.listdir(mnt)) == ["bin", "config", "var"]
+    assert sorted(os.listdir(mnt / "config")) == ["hosts", "passwd"]
+    assert (mnt / "config" / "hosts").read_text() == "10.0.0.1 top\n"
+    os.rename(mnt / "config" / "hosts", mnt / "config" / "passwd")
+    assert (mnt / "config" / "passwd").read_text() == "10.0.0.1 top\n"
+
+
+def test_special_files_xattrs_statfs(layers, mounted):
+    populate(layers)
+    mnt = mounted()
+    os.mkfifo(mnt / "fifo")
+    assert stat.S_ISFIFO(os.lstat(mnt / "fifo").st_mode)
+    os.symlink("/nowhere", mnt / "dangling")
+    assert os.readlink(mnt / "dangling") == "/nowhere"
+    os.setxattr(mnt / "etc" / "passwd", "user.tag", b"v1")
+    assert os.getxattr(mnt / "etc" / "passwd", "user.tag") == b"v1"
+    assert "user.tag" in os.listxattr(mnt / "etc" / "passwd")
+    os.removexattr(mnt / "etc" / "passwd", "user.tag")
+    assert "user.tag" not in os.listxattr(mnt / "etc" / "passwd")
+    sv = os.statvfs(mnt)
+    assert sv.f_blocks > 0 and sv.f_bsize > 0
+
+
+def test_times_and_mtime_only_update(layers, mounted):
+    populate(layers)
+    mnt = mounted()
+    p = mnt / "etc" / "passwd"
+    os.utime(p, ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+    st = os.stat(p)
+    assert st.st_mtime_ns == 1_600_000_000_987_654_321
+    # touch -m: mtime only, atime UTIME_OMIT (dropped by libfuse2 by default).
+    r = run(["touch", "-m", "-d", "2001-02-03 04:05:06 UTC", str(p)])
+    assert r.returncode == 0, r.stderr
+    assert int(os.stat(p).st_mtime) == 981173106
+    assert os.stat(p).st_atime_ns == 1_500_000_000_123_456_789
+
+
+def test_unlinked_open_file_keeps_working(layers, mounted):
+    populate(layers)
+    mnt = mounted()
+    with open(mnt / "scratch", "w+") as f:
+        f.write("abc")
+        os.unlink(mnt / "scratch")
+        f.write("def")
+        f.seek(0)
+        assert f.read() == "abcdef"
+    assert os.listdir(layers.upper) == []                 # no .fuse_hidden files
+
+
+def test_names_that_are_not_utf8_round_trip(layers, mounted):
+    mnt = mounted()
+    name = b"caf\xe9-\xff\xfe"
+    path = os.path.join(os.fsencode(mnt), name)
+    with open(path, "wb") as f:
+        f.write(b"latin-1 name")
+    assert name in os.listdir(os.fsencode(mnt))
+    assert os.path.exists(os.path.join(os.fsencode(layers.upper), name))
+    with open(path, "rb") as f:
+        assert f.read() == b"latin-1 name"
+
+
+def test_concurrent_appends_to_one_lower_file(layers, mounted):
+    (layers.lowers[1] / "log").write_text("start\n")
+    mnt = mounted()
+    writers, lines = 8, 200
+    script = ("import sys\n"
+              "p, w, n = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+              "for i in range(n):\n"
+              "    with open(p, 'a') as f: f.write(f'{w}:{i}\\n')\n")
+    procs = [subprocess.Popen(["python3", "-c", script, str(mnt / "log"), str(w), str(lines)])
+             for w in range(writers)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    got = (mnt / "log").read_text().splitlines()
+    assert got[0] == "start"
+    assert sorted(got[1:]) == sorted(f"{w}:{i}" for w in range(writers) for i in range(lines))
+    assert (layers.lowers[1] / "log").read_text() == "start\n"
+    assert os.listdir(layers.work / "unionfs-work") == []
+
+
+@pytest.fixture
+def shared_layers(mounter):
+    """Layers under a directory every user may traverse (tmp_path is 0700)."""
+    import tempfile
+    from conftest import Layers
+    base = tempfile.mkdtemp(prefix="unionfs-shared-")
+    os.chmod(base, 0o755)
+    try:
+        yield Layers(base)
+    finally:
+        mounter.cleanup()
+        subprocess.run(["rm", "-rf", base], timeout=60)
+
+
+@requires_root
+def test_files_belong_to_the_caller_and_modes_are_enforced(shared_layers, mounter):
+    layers = shared_layers
+    populate(layers)
+    mnt = mounter.mount(layers)
+    os.chmod(mnt, 0o1777)
+    nobody = 65534
+
+    def as_nobody(code):
+        return subprocess.run(["python3", "-c", code], capture_output=True, text=True,
+                              timeout=60, preexec_fn=lambda: (os.setgid(nobody), os.setuid(nobody)))
+
+    r = as_nobody(f"open({str(mnt / 'mine')!r}, 'w').write('x')")
+    assert r.returncode == 0, r.stderr
+    st = os.stat(mnt / "mine")
+    assert (st.st_uid, st.st_gid) == (nobody, nobody)
+    assert os.stat(layers.upper / "mine").st_uid == nobody
+    r = as_nobody(f"open({str(mnt / 'etc' / 'passwd')!r}, 'a').write('evil')")
+    assert "PermissionError" in r.stderr
+    assert (mnt / "etc" / "passwd").read_text() == "root:x:0:0\n"
+    # The sticky bit on / protects root's file from nobody.
+    (mnt / "rootfile").write_text("r")
+    r = as_nobody(f"import os; os.unlink({str(mnt / 'rootfile')!r})")
+    assert "PermissionError" in r.stderr
+    assert (mnt / "rootfile").exists()
+
+
+@requires_root
+def test_kernel_overlayfs_reads_our_upper(layers, mounted, tmp_path):
+    populate(layers)
+    mnt = mounted(extra="whiteout=overlay")
+    (mnt / "etc" / "hosts").unlink()
+    (mnt / "var" / "cache" / "old").unlink()
+    (mnt / "var" / "cache").rmdir()
+    (mnt / "var" / "cache").mkdir()
+    (mnt / "var" / "cache" / "fresh").write_text("new")
+    with open(mnt / "etc" / "passwd", "a") as f:
+        f.write("more\n")
+    os.rename(mnt / "bin", mnt / "sbin")
+    ours = tree_of(mnt)
+    run([UNIONFS, "umount", str(mnt)], check=True)
+    kmnt, kwork = tmp_path / "kmnt", tmp_path / "kwork"
+    kmnt.mkdir()
+    kwork.mkdir()
+    lower = ":".join(map(str, layers.lowers))
+    r = run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={lower},upperdir={layers.upper},workdir={kwork}", str(kmnt)])
+    if r.returncode != 0:
+        pytest.skip(f"kernel overlayfs unavailable: {r.stderr.strip()}")
+    try:
+        assert tree_of(kmnt) == ours
+    finally:
+        run(["umount", str(kmnt)])
+
+
+def test_sigterm_unmounts_cleanly(layers):
+    populate(layers)
+    p = subprocess.Popen([UNIONFS, "mount", "-f", "-o", layers.options(), str(layers.mnt)],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: is_mounted(layers.mnt)), "mount did not appear"
+        assert wait_for(lambda: os.path.exists(layers.mnt / "etc"))
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0
+        assert not is_mounted(layers.mnt)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        force_unmount(layers.mnt)
+
+
+def test_fuse_unionfs_takes_fuse_overlayfs_argv(layers):
+    populate(layers)
+    opts = f"lowerdir={':'.join(map(str, layers.lowers))},,upperdir={layers.upper}," \
+           f"workdir={layers.work},rw,dev,suid,volatile,redirect_dir=on,"
+    r = run([FUSE_UNIONFS, "overlay-source", str(layers.mnt), "-o", opts])
+    try:
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(layers.mnt)
+        assert sorted(os.listdir(layers.mnt)) == ["bin", "etc", "var"]
+        assert r.stderr.count("\n") <= 1                 # at most one warning
+    finally:
+        force_unmount(layers.mnt)
+    r = run([FUSE_UNIONFS, "--version"])
+    assert r.returncode == 0 and r.stdout.startswith("fuse-unionfs: version ")
+
+
+@pytest.fixture
+def fuse_unionfs_on_path():
+    """mount(8) runs helpers with a fixed PATH: make fuse-unionfs findable
+    there for the test, as the README tells users to."""
+    link = Path("/usr/local/bin/fuse-unionfs")
+    made = False
+    if not link.exists():
+        link.symlink_to(FUSE_UNIONFS)
+        made = True
+    try:
+        yield
+    finally:
+        if made:
+            link.unlink()
+
+
+@requires_root
+def test_mount_through_mount_fuse(layers, fuse_unionfs_on_path):
+    populate(layers)
+    r = run(["mount", "-t", "fuse.fuse-unionfs", "fuse-unionfs", str(layers.mnt),
+             "-o", layers.options()])
+    try:
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(layers.mnt)) == ["bin", "etc", "var"]
+    finally:
+        force_unmount(layers.mnt)
+
+
+# -- bad input --------------------------------------------------------------------
+
+def assert_user_error(r, needle):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", [
+    "missing-lower", "lower-is-file", "upper-in-lower", "no-workdir",
+    "unknown-option", "no-lowerdir", "missing-mountpoint", "mnt-in-lower",
+    "work-other-fs", "bad-whiteout"])
+def test_bad_input_is_one_line_and_mounts_nothing(layers, case):
+    lo = ":".join(map(str, layers.lowers))
+    up, wk, mnt = layers.upper, layers.work, layers.mnt
+    (layers.base / "file").write_text("x")
+    opts, target, needle = {
+        "missing-lower": (f"lowerdir={layers.base}/nope,upperdir={up},workdir={wk}", mnt, "no such directory"),
+        "lower-is-file": (f"lowerdir={layers.base}/file", mnt, "not a directory"),
+        "upper-in-lower": (f"lowerdir={layers.base},upperdir={up},workdir={wk}", mnt, "overlaps"),
+        "no-workdir": (f"lowerdir={lo},upperdir={up}", mnt, "workdir"),
+        "unknown-option": (f"lowerdir={lo},frobnicate=1", mnt, "unknown mount option"),
+        "no-lowerdir": (f"upperdir={up},workdir={wk}", mnt, "lowerdir"),
+        "missing-mountpoint": (f"lowerdir={lo}", layers.base / "nomnt", "no such directory"),
+        "mnt-in-lower": (f"lowerdir={lo}", layers.lowers[0], "overlaps"),
+        "work-other-fs": (f"lowerdir={lo},upperdir={up},workdir=/dev/shm", mnt, "same filesystem"),
+        "bad-whiteout": (f"lowerdir={lo},whiteout=aufs", mnt, "whiteout"),
+    }[case]
+    before = sorted(os.listdir(up)), sorted(os.listdir(wk))
+    r = run([UNIONFS, "mount", "-o", opts, str(target)])
+    try:
+        assert_user_error(r, needle)
+        assert not is_mounted(target)
+        assert (sorted(os.listdir(up)), sorted(os.listdir(wk))) == before
+    finally:
+        force_unmount(target)
+
+
+def test_cli_usage_errors_are_one_line(layers):
+    assert_user_error(run([UNIONFS, "umount", str(layers.mnt)]), "not a FUSE mount")
+    assert_user_error(run([UNIONFS, "mount", "--bogus", str(layers.mnt)]), "unrecognized")
+    assert_user_error(run([UNIONFS, "frobnicate"]), "invalid choice")
+
+
+def test_umount_reports_a_dead_daemon(layers, mounted):
+    populate(layers)
+    mnt = mounted()
+    from unionfs.mount import pidfile_for
+    pid = int(Path(pidfile_for(mnt)).read_text())
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                    "zombie" in Path(f"/proc/{pid}/status").read_text())
+    r = run([UNIONFS, "umount", str(mnt)], timeout=30)
+    assert_user_error(r, "daemon had died")
+    assert not is_mounted(mnt)
