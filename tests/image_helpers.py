@@ -205,8 +205,9 @@ def _local_main(argv):
 
 
 def tree(root: str, mtimes=True, owners=True, xattrs=True) -> dict:
-    """A comparable description of a directory tree (not following symlinks),
-    hardlinks as groups: {path: (type, mode, uid, gid, mtime, content, xattrs, link group)}."""
+    """A comparable description of a directory tree (not following symlinks):
+    {path: (type, mode, (uid, gid), mtime, content, xattrs, link group)}, where
+    the link group is the first path of the tree's hardlinks to that inode."""
     out, inodes = {}, {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -232,14 +233,17 @@ def tree(root: str, mtimes=True, owners=True, xattrs=True) -> dict:
                           if not k.startswith(("trusted.overlay.", "user.overlay.", "security.selinux"))}
                 except OSError:
                     xa = {}
-            group = None
-            if not stat.S_ISDIR(kind) and st.st_nlink > 1:
-                group = inodes.setdefault((st.st_dev, st.st_ino), rel)
-            out[rel] = (kind, stat.S_IMODE(st.st_mode) if not stat.S_ISLNK(kind) else None,
+            if not stat.S_ISDIR(kind):
+                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            out[rel] = [kind, stat.S_IMODE(st.st_mode) if not stat.S_ISLNK(kind) else None,
                         (st.st_uid, st.st_gid) if owners else None,
                         int(st.st_mtime) if mtimes and not stat.S_ISDIR(kind) else None,
-                        content, tuple(xa.items()), group)
-    return out
+                        content, tuple(xa.items()), None]
+    for paths in inodes.values():
+        if len(paths) > 1:
+            for rel in paths:
+                out[rel][-1] = min(paths)
+    return {rel: tuple(v) for rel, v in out.items()}
 
 
 def fuse_available() -> bool:
