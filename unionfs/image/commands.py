@@ -287,7 +287,7 @@ def _container_name(store: Store, image) -> str:
 def cmd_image_mount(args) -> int:
     from unionfs.mount import MountSpec, mount
     store = _store(args)
-    mnt = os.path.abspath(args.mountpoint)
+    mnt = os.path.realpath(args.mountpoint)  # as /proc/self/mountinfo will show it
     if not os.path.isdir(mnt):
         raise UserError(f"mount point {args.mountpoint}: not a directory")
     with store.locked():
