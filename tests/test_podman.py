@@ -322,26 +322,11 @@ def _mount_via(how: str, program: str, opts: str, mnt: Path) -> list[str]:
         # Exactly what mount(8) runs for `-t fuse.fuse-unionfs`; mount.fuse
         # then runs `fuse-unionfs SOURCE MNT -o OPTS` found on $PATH.
         return [MOUNT_FUSE, "fuse-unionfs", str(mnt), "-t", "fuse.fuse-unionfs", "-o", opts]
-    if how == "mount -t fuse PROG#SOURCE":
-        return ["mount", "-t", "fuse", f"{program}#fuse-unionfs", str(mnt), "-o", opts]
-    return ["mount", "-t", "fuse.fuse-unionfs", "fuse-unionfs", str(mnt), "-o", opts]
+    return ["mount", "-t", "fuse", f"{program}#fuse-unionfs", str(mnt), "-o", opts]
 
 
-# mount(8) runs its helpers without $PATH; /bin/sh then searches this one.
-HELPER_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-@pytest.mark.parametrize("how", ["mount.fuse", "mount -t fuse PROG#SOURCE",
-                                 "mount -t fuse.fuse-unionfs"])
-def test_mount_through_mount_fuse(tmp_path, how):
-    program = _fuse_unionfs_or_fail()
-    if not os.path.exists(MOUNT_FUSE):
-        pytest.fail("mount.fuse not found: install fuse3")
-    if how == "mount -t fuse.fuse-unionfs":
-        on_path = shutil.which("fuse-unionfs", path=HELPER_DEFAULT_PATH)
-        if on_path is None:
-            pytest.skip("fuse-unionfs is not installed on the PATH mount(8) gives its helpers "
-                        f"({HELPER_DEFAULT_PATH}); the mount.fuse case covers the same call")
+def _layers(tmp_path: Path) -> tuple[str, Path, Path, Path]:
+    """Two lower layers, an upper and a work dir; the mount options; the mount point."""
     top, bottom, upper, work, mnt = (tmp_path / d for d in ("top", "bottom", "upper", "work", "mnt"))
     for d in (top / "d", bottom / "d", upper, work, mnt):
         d.mkdir(parents=True)
@@ -350,7 +335,23 @@ def test_mount_through_mount_fuse(tmp_path, how):
     (bottom / "d" / "low.txt").write_text("low\n")
     (top / "a.txt").write_text("a-top\n")
     (top / "d" / "high.txt").write_text("high\n")
-    opts = f"lowerdir={top}:{bottom},upperdir={upper},workdir={work}"
+    return f"lowerdir={top}:{bottom},upperdir={upper},workdir={work}", mnt, upper, bottom
+
+
+def _cleanup_mount(tmp_path: Path, mnt: Path) -> list[str]:
+    """Unmount what is left below TMP_PATH; stop the daemon this test started for MNT."""
+    leftovers = unmount_all_under(tmp_path)
+    for pid in wait_for_exit(processes_mentioning(str(mnt)), 10):
+        os.kill(pid, signal.SIGTERM)
+    return leftovers
+
+
+@pytest.mark.parametrize("how", ["mount.fuse", "mount -t fuse PROG#SOURCE"])
+def test_mount_through_mount_fuse(tmp_path, how):
+    program = _fuse_unionfs_or_fail()
+    if not os.path.exists(MOUNT_FUSE):
+        pytest.fail("mount.fuse not found: install fuse3")
+    opts, mnt, upper, bottom = _layers(tmp_path)
     env = dict(os.environ, PATH=f"{os.path.dirname(program)}:{os.environ.get('PATH', '')}")
     try:
         done = subprocess.run(_mount_via(how, program, opts, mnt), env=env,
@@ -377,10 +378,55 @@ def test_mount_through_mount_fuse(tmp_path, how):
         assert mounts_under(mnt) == []
         assert wait_for_exit(daemons, 15) == [], "daemon still running after umount"
     finally:
-        leftovers = unmount_all_under(tmp_path)
-        for pid in wait_for_exit(processes_mentioning(str(mnt)), 10):
-            os.kill(pid, signal.SIGTERM)   # a daemon this test started, for its own mount
+        leftovers = _cleanup_mount(tmp_path, mnt)
     assert leftovers == []
+
+
+# mount(8) runs its helpers without $PATH; mount.fuse's /bin/sh then searches
+# its default, so `-t fuse.fuse-unionfs` finds the program only there.
+HELPER_PATH_DIR = "/usr/local/bin"
+
+# Run in a private mount namespace where HELPER_PATH_DIR holds fuse-unionfs.
+MOUNT8_SCRIPT = """
+set -e
+mount --bind "$1" {helper_dir}
+trap 'umount "$2" 2>/dev/null || true' EXIT
+mount -t fuse.fuse-unionfs fuse-unionfs "$2" -o "$3"
+awk -v m="$2" '$2 == m {{ print $3 }}' /proc/mounts
+ls "$2"
+cat "$2/a.txt"
+umount "$2"
+echo unmounted
+"""
+
+
+def test_mount_type_fuse_unionfs_through_mount8(tmp_path):
+    """`mount -t fuse.fuse-unionfs fuse-unionfs MNT -o ...`, as a user types it.
+
+    So as not to install anything on the host, the program is bind-mounted
+    into mount(8)'s helper PATH inside a private mount namespace.
+    """
+    program = _fuse_unionfs_or_fail()
+    if not shutil.which("unshare"):
+        pytest.fail("unshare not found: install util-linux")
+    helper_dir = tmp_path / "helper-bin"
+    helper_dir.mkdir()
+    (helper_dir / "fuse-unionfs").symlink_to(program)
+    opts, mnt, _upper, _bottom = _layers(tmp_path)
+    try:
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             MOUNT8_SCRIPT.format(helper_dir=HELPER_PATH_DIR), "sh",
+             str(helper_dir), str(mnt), opts],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        fstype, *rest = done.stdout.splitlines()
+        assert fstype in fstypes_of(program)
+        assert rest == ["a.txt", "b.txt", "d", "a-top", "unmounted"]
+        # The daemon lived in the namespace; with its mount gone it must exit.
+        assert wait_for_exit(processes_mentioning(str(mnt)), 15) == []
+    finally:
+        _cleanup_mount(tmp_path, mnt)
 
 
 def _fstype(mnt: Path) -> str:
