@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -241,7 +242,9 @@ def docker_archive(workdir: Path, layer_tars: list[Path], tag: str) -> Path:
         names.append(f"layer{i}.tar")
         shutil.copyfile(layer, archive_dir / names[-1])
         diff_ids.append("sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest())
-    config = {"architecture": "amd64", "os": "linux", "config": {},
+    machine = platform.machine()
+    goarch = {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+    config = {"architecture": goarch, "os": "linux", "config": {},
               "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     (archive_dir / "config.json").write_text(json.dumps(config))
     manifest = [{"Config": "config.json", "RepoTags": [tag], "Layers": names}]

@@ -1,7 +1,6 @@
 """Commit, diff and save on a container upper written directly (no FUSE):
 both whiteout formats, deterministic layers, and save/load round trips."""
 
-import gzip
 import io
 import json
 import os
@@ -10,7 +9,7 @@ import tarfile
 
 import pytest
 
-from image_helpers import D, F, H, L, docker_archive, layer_tar, run_cli, sha, tree
+from image_helpers import D, F, L, docker_archive, layer_tar, run_cli, sha, tree
 from unionfs.image.store import Store
 
 IS_ROOT = os.geteuid() == 0

@@ -82,10 +82,6 @@ def test_empty_blob_is_an_empty_layer(tmp_path):
     assert os.listdir(root) == []
 
 
-def _hardlink_to(name, target):
-    return H(name, target)
-
-
 HOSTILE = [
     ("absolute", layer_tar(F("/etc/passwd", b"x")), '"/etc/passwd" is an absolute path'),
     ("dotdot", layer_tar(F("../etc/passwd", b"x")), '"../etc/passwd" escapes the layer'),
