@@ -1,0 +1,953 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: native, kernel overlayfs, fuse-overlayfs, unionfs.
+
+Every workload runs on every system in the same invocation.  Within each
+repetition of a workload the systems run back to back (their order rotates
+from one repetition to the next), each on a fresh mount with a fresh upper.
+The table shows the median per workload and system, and the ratio
+unionfs / fuse-overlayfs; the same numbers, every sample and the unionfs
+daemon's peak RSS and open file descriptors go to a JSON file.
+
+    .venv/bin/python scripts/bench.py                 # full run, several minutes
+    .venv/bin/python scripts/bench.py --quick         # smoke run, under a minute
+    .venv/bin/python scripts/bench.py --only find-cold,untar --systems fuse-overlayfs,unionfs
+    .venv/bin/python scripts/bench.py --only untar --profile prof/   # needs py-spy
+
+Methodology (why it is done this way):
+- A timed run measures one command (dd, find, ls, tar, rm, python) started as
+  a child process; mounting, unmounting and checking the result are untimed.
+  Each result is checked (file counts, sizes), so a filesystem that is fast
+  because it is wrong shows up as an error, not as a win.
+- "cold": caches dropped (sync; echo 3 > /proc/sys/vm/drop_caches, root only)
+  and then a fresh mount.  "warm": the same command once untimed on the same
+  mount first.  Everything else: fresh mount, lower layers read into the page
+  cache beforehand.  `sync` runs before every timed run so no earlier dirty
+  data is written back inside it.
+- Uppers are never deleted between timed runs: on ext4, creating files soon
+  after deleting ~10k others is slow for a while (inode allocation skips
+  recently deleted inodes), which would punish whichever system runs next.
+  Each run gets its own directory; all of them go at the end.  For the same
+  reason the native `rm -rf` runs on a hard-linked copy (only links go away).
+- Lower layers are built once and never written, like the image layers they
+  stand for.  The native system works on a merged copy of them.
+- Every mount made is unmounted, also on errors and Ctrl-C.  The only
+  processes ever signalled are this script's own children (and py-spy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+SYSTEMS = ("native", "overlayfs", "fuse-overlayfs", "unionfs")
+FUSE_SYSTEMS = ("fuse-overlayfs", "unionfs")
+MIB = 1 << 20
+
+# Python-stdlib packages byte-compiled by the "compileall" workload (plus
+# every top-level module in the full run).  Test suites are left out: some of
+# their files are deliberately invalid Python.
+STDLIB_PACKAGES_FULL = (
+    "asyncio", "collections", "concurrent", "ctypes", "email", "html", "http",
+    "importlib", "json", "logging", "multiprocessing", "unittest", "urllib",
+    "wsgiref", "xml", "xmlrpc",
+)
+STDLIB_PACKAGES_QUICK = ("email", "json", "http", "urllib")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is; `--quick` shrinks all of them."""
+
+    big_mib: int          # sequential read and copy-up file
+    write_mib: int        # sequential write
+    tree_dirs: int        # find/ls tree: dirs x files, spread over 3 layers
+    tree_files_per_dir: int
+    untar_files: int
+    rm_files: int
+    stdlib_packages: tuple[str, ...]
+    stdlib_toplevel: bool
+
+
+FULL = Sizes(512, 512, 200, 100, 10_000, 10_000, STDLIB_PACKAGES_FULL, True)
+QUICK = Sizes(64, 64, 50, 100, 2_000, 2_000, STDLIB_PACKAGES_QUICK, False)
+
+
+class BenchError(Exception):
+    """One run failed; the message becomes the table's footnote."""
+
+
+# --------------------------------------------------------------------------
+# small helpers
+
+
+def run(cmd: list[str], timeout: float, capture: bool = False,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run a child; stdout is discarded unless captured, stderr kept for errors."""
+    try:
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{Path(cmd[0]).name} timed out after {timeout:.0f} s")
+    except OSError as e:
+        raise BenchError(f"{cmd[0]}: {e.strerror}")
+    if check and proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()
+        rc = proc.returncode
+        msg = tail[-1] if tail else (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
+        raise BenchError(f"{Path(cmd[0]).name}: {msg}")
+    return proc
+
+
+def mounted_paths() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4].replace("\\040", " ") for line in f}
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def read_all(paths: list[Path]) -> None:
+    """Pull every regular file under `paths` into the page cache."""
+    buf = bytearray(MIB)
+    for top in paths:
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                p = os.path.join(dirpath, name)
+                if not os.path.isfile(p) or os.path.islink(p):
+                    continue
+                with open(p, "rb", buffering=0) as f:
+                    while f.readinto(buf):
+                        pass
+
+
+def count_files(top: Path, suffix: str = "") -> int:
+    return sum(1 for _d, _s, files in os.walk(top)
+               for n in files if n.endswith(suffix))
+
+
+def dd_bytes(proc: subprocess.CompletedProcess) -> int:
+    """Bytes copied, from dd's closing statistics line on stderr."""
+    for line in reversed(proc.stderr.decode(errors="replace").splitlines()):
+        word = line.split(" ", 1)[0]
+        if word.isdigit():
+            return int(word)
+    raise BenchError("dd printed no statistics")
+
+
+# --------------------------------------------------------------------------
+# lower layers (built once per run of the script, never written afterwards)
+
+
+@dataclass
+class Dataset:
+    """A stack of lower layers (top first) and, lazily, a merged native copy."""
+
+    name: str
+    lowers: list[Path]
+    expect: dict = field(default_factory=dict)
+    native_copy: Path | None = None
+
+
+def build_datasets(data: Path, sizes: Sizes, needed: set[str]) -> dict[str, Dataset]:
+    rng = random.Random(4)
+    out: dict[str, Dataset] = {}
+
+    def layer(ds: str, i: int) -> Path:
+        p = data / ds / f"l{i}"
+        p.mkdir(parents=True)
+        return p
+
+    if "big" in needed:
+        l0 = layer("big", 0)
+        block = rng.randbytes(MIB)
+        with open(l0 / "big.bin", "wb") as f:
+            for i in range(sizes.big_mib):
+                # vary every block a little so nothing below can dedupe it
+                f.write(i.to_bytes(8, "little") + block[8:])
+        out["big"] = Dataset("big", [l0], {"size": sizes.big_mib * MIB})
+
+    if "empty" in needed or "untar" in needed:
+        l0 = layer("empty", 0)
+        (l0 / "README").write_text("lower layer of the write and untar workloads\n")
+        out["empty"] = Dataset("empty", [l0], {"size": sizes.write_mib * MIB})
+
+    if "tree" in needed:
+        # Every directory exists in all three layers (so it must be merged);
+        # file j lives in layer j % 3, and every tenth file is also present,
+        # shadowed, in the layer below it.
+        layers = [layer("tree", i) for i in range(3)]
+        payload = b"x" * 64
+        for d in range(sizes.tree_dirs):
+            for lp in layers:
+                (lp / "tree" / f"d{d:03}").mkdir(parents=True)
+            for j in range(sizes.tree_files_per_dir):
+                i = j % 3
+                (layers[i] / "tree" / f"d{d:03}" / f"f{j:03}").write_bytes(payload)
+                if j % 10 == 0 and i < 2:
+                    (layers[i + 1] / "tree" / f"d{d:03}" / f"f{j:03}").write_bytes(b"old")
+        n = sizes.tree_dirs * sizes.tree_files_per_dir
+        out["tree"] = Dataset("tree", layers, {"files": n, "dirs": sizes.tree_dirs + 1})
+
+    if "rmtree" in needed:
+        layers = [layer("rmtree", i) for i in range(2)]
+        ndirs = max(1, sizes.rm_files // 100)
+        for d in range(ndirs):
+            for lp in layers:
+                (lp / "rmtree" / f"d{d:03}").mkdir(parents=True)
+            for j in range(100):
+                lp = layers[j % 2]
+                (lp / "rmtree" / f"d{d:03}" / f"f{j:03}").write_bytes(b"y" * (j * 7))
+        out["rmtree"] = Dataset("rmtree", layers)
+
+    if "stdlib" in needed:
+        l0 = layer("stdlib", 0)
+        src = Path(sysconfig.get_paths()["stdlib"])
+        dst = l0 / "stdlib"
+        dst.mkdir()
+        ignore = shutil.ignore_patterns("__pycache__", "test", "tests", "*.pyc",
+                                        "idle_test")
+        for pkg in sizes.stdlib_packages:
+            shutil.copytree(src / pkg, dst / pkg, ignore=ignore)
+        if sizes.stdlib_toplevel:
+            for p in src.glob("*.py"):
+                shutil.copy2(p, dst / p.name)
+        out["stdlib"] = Dataset("stdlib", [l0], {"py": count_files(dst, ".py")})
+
+    if "untar" in needed:
+        # The tarball is input, not a layer: files of 100..4000 bytes in
+        # directories of 100.
+        src = data / "untar-src"
+        for k in range(sizes.untar_files):
+            d = src / "untar" / f"d{k // 100:03}"
+            if k % 100 == 0:
+                d.mkdir(parents=True)
+            (d / f"f{k % 100:03}.txt").write_bytes(rng.randbytes(rng.randint(100, 4000)))
+        tarball = data / "untar.tar"
+        run(["tar", "-cf", str(tarball), "-C", str(src), "untar"], timeout=600)
+        out["untar"] = Dataset("untar", out["empty"].lowers,
+                               {"tarball": tarball, "files": sizes.untar_files})
+    return out
+
+
+def merged_copy(ds: Dataset, dest: Path, link: bool, timeout: float) -> None:
+    """What the union shows, as a plain directory: layers copied bottom up."""
+    dest.mkdir(parents=True)
+    for lower in reversed(ds.lowers):
+        run(["cp", "-al" if link else "-a", f"{lower}/.", str(dest)], timeout)
+
+
+# --------------------------------------------------------------------------
+# systems
+
+
+class Mounts:
+    """Mounts and unmounts the systems under test; remembers what is live."""
+
+    def __init__(self, timeout: float, unionfs_options: str):
+        self.timeout = timeout
+        self.unionfs_options = unionfs_options
+        self.live: list[tuple[str, Path]] = []
+        self.unionfs_cmd = self._find_unionfs()
+
+    @staticmethod
+    def _find_unionfs() -> list[str]:
+        # Next to the interpreter (the venv's bin/) when installed, else the
+        # package itself.  sys.executable is deliberately not resolved: the
+        # venv's python is a symlink to the system one.
+        exe = Path(sys.executable).parent / "unionfs"
+        if exe.exists():
+            return [str(exe)]
+        return [sys.executable, "-m", "unionfs"]
+
+    def unavailable(self, system: str) -> str | None:
+        """Why `system` cannot run here, or None."""
+        if system == "native":
+            return None
+        if system == "overlayfs":
+            if os.geteuid() != 0:
+                return "kernel overlayfs needs root"
+            with open("/proc/filesystems") as f:
+                if "overlay" not in f.read().split():
+                    return "kernel has no overlay filesystem"
+            return None
+        if not os.path.exists("/dev/fuse"):
+            return "no /dev/fuse"
+        if system == "fuse-overlayfs":
+            return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not installed"
+        if system == "unionfs":
+            probe = subprocess.run(self.unionfs_cmd + ["--help"], capture_output=True)
+            if probe.returncode != 0 or b"mount" not in probe.stdout:
+                tail = probe.stderr.decode(errors="replace").strip().splitlines()
+                return "unionfs command not usable: " + (tail[-1] if tail else "no mount subcommand")
+            return None
+        return f"unknown system {system}"
+
+    def mount(self, system: str, lowers: list[Path], upper: Path, work: Path,
+              mnt: Path) -> None:
+        for p in (upper, work, mnt):
+            p.mkdir(parents=True)
+        opts = (f"lowerdir={':'.join(map(str, lowers))},"
+                f"upperdir={upper},workdir={work}")
+        if system == "overlayfs":
+            cmd = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
+        elif system == "fuse-overlayfs":
+            cmd = ["fuse-overlayfs", "-o", opts, str(mnt)]
+        elif system == "unionfs":
+            if self.unionfs_options:
+                opts += "," + self.unionfs_options
+            cmd = self.unionfs_cmd + ["mount", "-o", opts, str(mnt)]
+        else:
+            raise ValueError(system)
+        # Recorded before mounting: if the command dies half way, cleanup
+        # still looks at this mountpoint.
+        self.live.append((system, mnt))
+        run(cmd, self.timeout)
+        if str(mnt) not in mounted_paths():
+            raise BenchError(f"{system}: mount returned but {mnt} is not mounted")
+
+    def umount(self, system: str, mnt: Path) -> None:
+        try:
+            if str(mnt) not in mounted_paths():
+                return
+            if system == "overlayfs":
+                cmd = ["umount", str(mnt)]
+            elif system == "fuse-overlayfs":
+                cmd = ["fusermount3", "-u", str(mnt)]
+            else:
+                cmd = self.unionfs_cmd + ["umount", str(mnt)]
+            try:
+                run(cmd, self.timeout)
+            except BenchError as e:
+                # Busy or hung: detach it so nothing is left behind; a FUSE
+                # daemon exits once the kernel lets go of the connection.
+                print(f"bench: unmount {mnt} failed ({e}); detaching it",
+                      file=sys.stderr)
+                run(["umount", "-l", str(mnt)], 60, check=False)
+                raise
+            # fusermount -u returns before a daemon has quite exited; the
+            # next run must not compete with it.
+            deadline = time.monotonic() + 10
+            while str(mnt) in mounted_paths() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            if (system, mnt) in self.live:
+                self.live.remove((system, mnt))
+
+    def umount_all(self) -> None:
+        for system, mnt in reversed(list(self.live)):
+            try:
+                self.umount(system, mnt)
+            except BenchError as e:
+                print(f"bench: {e}", file=sys.stderr)
+
+
+def daemon_pid(mnt: Path) -> int | None:
+    """The FUSE daemon serving `mnt`: a process with the mountpoint among its
+    arguments and /dev/fuse open.  (No fuser here; daemons daemonise, so the
+    pid of the command that mounted is not the daemon's.)"""
+    target = str(mnt).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            if not any(a == target or a.endswith(b"=" + target) for a in args):
+                continue
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds):
+                return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+def daemon_stats(pid: int) -> dict:
+    """Peak and current RSS (KiB) and the number of open fds of `pid`."""
+    stats = {"pid": pid}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                stats[key] = int(value.split()[0])
+    stats["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return stats
+
+
+# --------------------------------------------------------------------------
+# workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One timed command.
+
+    cache: "cold", "warm" or "fresh" (see the module docstring).
+    native: how the native system gets its directory: "shared" (one merged
+      copy, read-only use), "copy" (a fresh merged copy per run), "link" (a
+      fresh hard-linked copy per run) or "none" (native does not take part).
+    command(root, ds) -> argv; check(root, ds, proc) raises BenchError when
+    the result is wrong.  goal: the issue's ratio target for unionfs /
+    fuse-overlayfs (None: reported only).
+    """
+
+    name: str
+    about: str
+    dataset: str
+    cache: str
+    native: str
+    command: Callable[[Path, Dataset], list[str]]
+    check: Callable[[Path, Dataset, subprocess.CompletedProcess], None]
+    goal: float | None = 1.5
+    capture: bool = False
+
+
+def _expect(what: str, got, want) -> None:
+    if got != want:
+        raise BenchError(f"wrong result: {what} is {got}, expected {want}")
+
+
+def _check_read(root, ds, proc):
+    _expect("bytes read", dd_bytes(proc), ds.expect["size"])
+
+
+def _check_write(root, ds, proc):
+    _expect("size written", (root / "out.bin").stat().st_size, ds.expect["size"])
+
+
+def _check_append(root, ds, proc):
+    _expect("size after append", (root / "big.bin").stat().st_size,
+            ds.expect["size"] + 4096)
+    _expect("lower size after append", (ds.lowers[0] / "big.bin").stat().st_size,
+            ds.expect["size"])
+
+
+def _check_find(root, ds, proc):
+    _expect("files found", proc.stdout.count(b"\n"), ds.expect["files"])
+
+
+def _check_ls(root, ds, proc):
+    lines = proc.stdout.splitlines()
+    _expect("files listed", sum(1 for ln in lines if ln.startswith(b"-")),
+            ds.expect["files"])
+
+
+def _check_untar(root, ds, proc):
+    _expect("files extracted", count_files(root / "untar"), ds.expect["files"])
+
+
+def _check_rm(root, ds, proc):
+    _expect("tree still there", (root / "rmtree").exists(), False)
+
+
+def _check_compile(root, ds, proc):
+    _expect(".pyc files", count_files(root / "stdlib", ".pyc"), ds.expect["py"])
+
+
+def _check_mount(root, ds, proc):
+    _expect("top-level dirs", sorted(os.listdir(root)), ["tree"])
+
+
+def _dd_read(root, ds):
+    return ["dd", f"if={root}/big.bin", "of=/dev/null", "bs=1M"]
+
+
+def _find(root, ds):
+    return ["find", str(root / "tree"), "-type", "f", "-printf", "%s %m %T@\n"]
+
+
+WORKLOADS: list[Workload] = [
+    Workload("mount", "mount over 3 layers of the find tree, caches dropped "
+             "(native: nothing to mount)", "tree", "cold", "none",
+             lambda root, ds: ["true"], _check_mount, goal=None),
+    Workload("read-cold", "sequential read of a large lower file, caches dropped",
+             "big", "cold", "shared", _dd_read, _check_read, goal=1.0),
+    Workload("read-warm", "the same read again on the same mount",
+             "big", "warm", "shared", _dd_read, _check_read, goal=1.0),
+    Workload("write", "sequential write, 1 MiB blocks, fsync (dd conv=fsync)",
+             "empty", "fresh", "copy",
+             lambda root, ds: ["dd", "if=/dev/zero", f"of={root}/out.bin", "bs=1M",
+                               f"count={ds.expect['size'] // MIB}", "conv=fsync"],
+             _check_write, goal=1.0),
+    Workload("copy-up", "first 4 KiB append to a large lower file (copy-up)",
+             "big", "fresh", "copy",
+             lambda root, ds: ["dd", "if=/dev/zero", f"of={root}/big.bin", "bs=4096",
+                               "count=1", "oflag=append", "conv=notrunc"],
+             _check_append, goal=1.0),
+    Workload("find-cold", "find + stat of every file over 3 layers, caches dropped",
+             "tree", "cold", "shared", _find, _check_find, capture=True),
+    Workload("find-warm", "the same find again on the same mount",
+             "tree", "warm", "shared", _find, _check_find, capture=True),
+    Workload("ls-lR", "ls -lR of the same tree on a fresh mount",
+             "tree", "fresh", "shared",
+             lambda root, ds: ["ls", "-lR", str(root / "tree")], _check_ls, capture=True),
+    Workload("untar", "tar -x of small files (100 B..4 KiB) into the mount",
+             "untar", "fresh", "copy",
+             lambda root, ds: ["tar", "-xf", str(ds.expect["tarball"]), "-C", str(root)],
+             _check_untar),
+    Workload("compileall", "python -m compileall -q on a stdlib copy in a lower layer",
+             "stdlib", "fresh", "copy",
+             lambda root, ds: [sys.executable, "-m", "compileall", "-q",
+                               str(root / "stdlib")],
+             _check_compile),
+    # Last on purpose: the native run deletes (hard links), see the docstring.
+    Workload("rm-rf", "rm -rf of a tree spread over 2 lower layers",
+             "rmtree", "fresh", "link",
+             lambda root, ds: ["rm", "-rf", str(root / "rmtree")], _check_rm),
+]
+
+# --------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Cell:
+    times: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    daemon: list[dict] = field(default_factory=list)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.times) if self.times else None
+
+
+class Bench:
+    def __init__(self, args, work: Path):
+        self.args = args
+        self.work = work
+        self.mounts = Mounts(args.timeout, args.unionfs_options)
+        self.results: dict[str, dict[str, Cell]] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.seq = 0
+        self.can_drop = os.geteuid() == 0
+
+    def ratio(self, workload: str) -> float | None:
+        """Median unionfs time / median fuse-overlayfs time."""
+        u = self.results.get(workload, {}).get("unionfs")
+        f = self.results.get(workload, {}).get("fuse-overlayfs")
+        if u and f and u.median is not None and f.median:
+            return u.median / f.median
+        return None
+
+    def root_for(self, wl: Workload, system: str, ds: Dataset, rundir: Path) -> Path:
+        if system != "native":
+            return rundir / "mnt"
+        if wl.native == "shared":
+            if ds.native_copy is None:
+                ds.native_copy = self.work / "native" / ds.name
+                merged_copy(ds, ds.native_copy, link=False, timeout=self.args.timeout)
+            return ds.native_copy
+        root = rundir / "root"
+        merged_copy(ds, root, link=(wl.native == "link"), timeout=self.args.timeout)
+        return root
+
+    def one_run(self, wl: Workload, system: str, rep: int,
+                profile_to: Path | None = None) -> tuple[float, dict | None]:
+        """Time `wl` once on `system`; returns (seconds, daemon stats)."""
+        ds = self.datasets[wl.dataset]
+        self.seq += 1
+        rundir = self.work / "runs" / f"{self.seq:04}-{wl.name}-{system}-{rep}"
+        rundir.mkdir(parents=True)
+        root = self.root_for(wl, system, ds, rundir)
+        if wl.cache == "cold":
+            if not self.can_drop:
+                raise BenchError("dropping caches needs root")
+        else:
+            read_all(ds.lowers + ([root] if system == "native" else []))
+        mounted = system != "native"
+        t_mount = None
+        try:
+            if wl.cache == "cold":
+                drop_caches()
+            if mounted:
+                t0 = time.perf_counter()
+                self.mounts.mount(system, ds.lowers, rundir / "upper", rundir / "work", root)
+                t_mount = time.perf_counter() - t0
+            pid = daemon_pid(root) if system in FUSE_SYSTEMS else None
+            before = daemon_stats(pid) if pid else None
+            cmd = wl.command(root, ds)
+            if wl.cache == "warm":
+                wl.check(root, ds, run(cmd, self.args.timeout, capture=True))
+            if wl.cache != "cold":
+                os.sync()
+            spy = self.start_profiler(pid, profile_to) if profile_to else None
+            try:
+                t0 = time.perf_counter()
+                proc = run(cmd, self.args.timeout, capture=True)
+                elapsed = time.perf_counter() - t0
+            finally:
+                if spy:
+                    self.stop_profiler(spy)
+            if wl.name == "mount":
+                elapsed = t_mount
+            wl.check(root, ds, proc)
+            stats = None
+            if pid:
+                stats = daemon_stats(pid)
+                stats["fds_after_mount"] = before["fds"] if before else None
+            return elapsed, stats
+        finally:
+            if mounted:
+                self.mounts.umount(system, root)
+
+    # -- profiling -------------------------------------------------------
+
+    def start_profiler(self, pid: int | None, out: Path) -> subprocess.Popen | None:
+        if pid is None:
+            raise BenchError("no daemon pid to profile")
+        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if not spy:
+            raise BenchError("py-spy not installed (pip install py-spy)")
+        proc = subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+             "--function", "--output", str(out), "--nonblocking"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # let it attach before the workload starts
+        return proc
+
+    @staticmethod
+    def stop_profiler(proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    # -- driver ------------------------------------------------------------
+
+    def run_all(self, workloads: list[Workload], systems: list[str]) -> None:
+        why_not = {s: self.mounts.unavailable(s) for s in systems}
+        for s, why in why_not.items():
+            if why:
+                print(f"bench: {s} will be reported as error: {why}", file=sys.stderr)
+        needed = {wl.dataset for wl in workloads}
+        t0 = time.perf_counter()
+        self.datasets = build_datasets(self.work / "data", self.args.sizes, needed)
+        print(f"bench: layers built in {time.perf_counter() - t0:.1f} s under {self.work}",
+              file=sys.stderr)
+        for wl in workloads:
+            row = self.results.setdefault(wl.name, {})
+            for rep in range(self.args.repeat):
+                # rotate the order so no system always runs first
+                order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+                for system in order:
+                    cell = row.setdefault(system, Cell())
+                    if wl.native == "none" and system == "native":
+                        continue
+                    if why_not[system]:
+                        if not cell.errors:
+                            cell.errors.append(why_not[system])
+                        continue
+                    try:
+                        elapsed, stats = self.one_run(wl, system, rep)
+                    except BenchError as e:
+                        cell.errors.append(str(e))
+                        print(f"  {wl.name:<11} {system:<15} error: {e}", file=sys.stderr)
+                        continue
+                    cell.times.append(elapsed)
+                    if stats:
+                        cell.daemon.append(stats)
+                    extra = ""
+                    if stats:
+                        extra = f"  (daemon peak RSS {stats['VmHWM'] / 1024:.0f} MiB, {stats['fds']} fds)"
+                    print(f"  {wl.name:<11} {system:<15} {elapsed:8.3f} s{extra}",
+                          file=sys.stderr)
+
+    def profile_all(self, workloads: list[Workload], outdir: Path) -> dict[str, list]:
+        outdir.mkdir(parents=True, exist_ok=True)
+        summary = {}
+        for wl in workloads:
+            if wl.name == "mount":
+                continue
+            out = outdir / f"{wl.name}.txt"
+            try:
+                self.one_run(wl, "unionfs", 0, profile_to=out)
+            except BenchError as e:
+                print(f"bench: profile {wl.name}: {e}", file=sys.stderr)
+                continue
+            if out.exists():
+                summary[wl.name] = hotspots(out)
+        return summary
+
+
+def hotspots(raw: Path, top: int = 10) -> dict:
+    """Self and inclusive sample shares per frame from py-spy's collapsed stacks."""
+    self_n: dict[str, int] = {}
+    incl_n: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        # a thread sampled while running without Python frames (in libfuse)
+        frames = stack.split(";") if stack else ["(no Python frame: in C)"]
+        total += count
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + count
+        for fr in set(frames):
+            incl_n[fr] = incl_n.get(fr, 0) + count
+
+    def rank(d):
+        return [(fr, round(100 * c / total, 1)) for fr, c in
+                sorted(d.items(), key=lambda kv: -kv[1])[:top]] if total else []
+
+    ours = {fr: c for fr, c in incl_n.items() if "(unionfs/" in fr}
+    return {"samples": total, "self": rank(self_n), "inclusive": rank(incl_n),
+            "inclusive_unionfs": rank(ours)}
+
+
+# --------------------------------------------------------------------------
+# reporting
+
+
+def machine_info() -> dict:
+    def first_line(cmd):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            text = (out.stdout + out.stderr).strip().splitlines()
+            return next((ln for ln in text if "fuse-overlayfs" in ln), text[0] if text else "")
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    mem_kib = None
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    try:
+        from importlib.metadata import version
+        fusepy = version("fusepy")
+    except Exception:  # not installed: reported as unknown
+        fusepy = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "mem_gib": round(mem_kib / (1 << 20), 1) if mem_kib else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fuse_overlayfs": first_line(["fuse-overlayfs", "--version"]),
+        "fusepy": fusepy,
+        "unionfs_commit": commit or None,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                     if ln.startswith("model name")), None),
+    }
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.2f}")
+
+
+def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) -> str:
+    notes: list[str] = []
+
+    def note(text: str) -> int:
+        # one footnote per distinct message, so a missing system is one line
+        if text not in notes:
+            notes.append(text)
+        return notes.index(text) + 1
+
+    head = ["workload"] + systems
+    ratio = "unionfs" in systems and "fuse-overlayfs" in systems
+    if ratio:
+        head += ["unionfs / fuse-overlayfs", "goal"]
+    rows = []
+    missed = []
+    for wl in workloads:
+        row = [wl.name]
+        cells = bench.results.get(wl.name, {})
+        for s in systems:
+            c = cells.get(s)
+            if wl.native == "none" and s == "native":
+                row.append("-")
+            elif c is None or (not c.times and not c.errors):
+                row.append("-")
+            elif not c.times:
+                row.append(f"error[{note(f'{s}: {c.errors[0]}')}]")
+            else:
+                mark = ""
+                if c.errors:
+                    mark = f" [{note(f'{s}: {len(c.errors)} of {len(c.errors) + len(c.times)} runs failed: {c.errors[0]}')}]"
+                row.append(fmt(c.median) + mark)
+        if ratio:
+            r = bench.ratio(wl.name)
+            row.append("-" if r is None else f"{r:.2f}")
+            if wl.goal is None:
+                row.append("(info)")
+            else:
+                met = r is not None and r <= wl.goal
+                row.append(f"≤ {wl.goal:.1f} " + ("met" if met else "MISSED"))
+                if not met:
+                    missed.append(wl.name)
+        rows.append(row)
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if ratio:
+        goals = [wl for wl in workloads if wl.goal is not None]
+        lines.append(f"\nunionfs goals met: {len(goals) - len(missed)} of {len(goals)}"
+                     + (f"; missed: {', '.join(missed)}" if missed else ""))
+    text = "\n".join(lines)
+
+    # what the daemons held after each workload
+    dmn = []
+    for wl in workloads:
+        parts = []
+        for s in FUSE_SYSTEMS:
+            c = bench.results.get(wl.name, {}).get(s)
+            if s in systems and c and c.daemon:
+                hwm = max(d["VmHWM"] for d in c.daemon) / 1024
+                fds = max(d["fds"] for d in c.daemon)
+                fds0 = max(d["fds_after_mount"] or 0 for d in c.daemon)
+                parts.append(f"{hwm:.0f} MiB, fds {fds0} -> {fds}")
+            elif s in systems:
+                parts.append("-")
+        if any(p != "-" for p in parts):
+            dmn.append(f"| {wl.name} | " + " | ".join(parts) + " |")
+    if dmn:
+        cols = [s for s in FUSE_SYSTEMS if s in systems]
+        text += ("\n\nDaemon peak RSS (VmHWM) and open fds (after mount -> after the "
+                 "run), worst over repetitions:\n\n| workload | " + " | ".join(cols) +
+                 " |\n|---|" + "---|" * len(cols) + "\n" + "\n".join(dmn))
+    if notes:
+        text += "\n\n" + "\n".join(f"[{i}] {n}" for i, n in enumerate(notes, 1))
+    return text
+
+
+def to_json(bench: Bench, workloads, systems, info, sizes: Sizes, hot) -> dict:
+    res = {}
+    for wl in workloads:
+        res[wl.name] = {"about": wl.about, "cache": wl.cache, "systems": {}}
+        for s, c in bench.results.get(wl.name, {}).items():
+            res[wl.name]["systems"][s] = {
+                "median_s": c.median, "times_s": c.times, "errors": c.errors,
+                "daemon": c.daemon}
+        res[wl.name]["ratio_unionfs_fuse_overlayfs"] = bench.ratio(wl.name)
+        res[wl.name]["goal"] = wl.goal
+    return {"machine": info, "sizes": sizes.__dict__, "repeat": bench.args.repeat,
+            "systems": systems, "unionfs_options": bench.args.unionfs_options,
+            "results": res, "hotspots": hot}
+
+
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    names = [w.name for w in WORKLOADS]
+    p = argparse.ArgumentParser(
+        description="Run the same workloads on native, overlayfs, fuse-overlayfs and unionfs.")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and one repetition: a smoke run of under a minute")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="repetitions per workload and system (default 3, --quick 1)")
+    p.add_argument("--only", default="",
+                   help="comma-separated workloads: " + ",".join(names))
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help="comma-separated systems (default: all four)")
+    p.add_argument("--json", default="bench-results.json", help="where to write the results")
+    p.add_argument("--workdir", default=None,
+                   help="scratch space (a new directory is made inside; default /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per command")
+    p.add_argument("--unionfs-options", default="",
+                   help="extra -o options for unionfs only (for experiments)")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="after the timed runs, one more unionfs run per workload under "
+                        "py-spy; raw stacks and hotspots go to DIR")
+    args = p.parse_args(argv)
+    only = [n for n in args.only.split(",") if n] or names
+    bad = [n for n in only if n not in names]
+    if bad:
+        p.error(f"unknown workload {bad[0]!r} (choose from {', '.join(names)})")
+    systems = [s for s in args.systems.split(",") if s]
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad or not systems:
+        p.error(f"unknown system {bad[0] if bad else ''!r} (choose from {', '.join(SYSTEMS)})")
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    args.sizes = QUICK if args.quick else FULL
+    args.workloads = [w for w in WORKLOADS if w.name in only]
+    args.system_list = [s for s in SYSTEMS if s in systems]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="unionfs-bench-", dir=args.workdir)).resolve()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    bench = Bench(args, work)
+    info = machine_info()
+    if info["loadavg_at_start"][0] > 0.5:
+        # Other work on two cores shows up as noise, mostly in the FUSE rows.
+        print(f"bench: load average is {info['loadavg_at_start'][0]} before starting; "
+              "numbers will be noisy", file=sys.stderr)
+    hot = {}
+    interrupted = False
+    try:
+        bench.run_all(args.workloads, args.system_list)
+        if args.profile and "unionfs" in args.system_list:
+            hot = bench.profile_all(args.workloads, Path(args.profile))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("bench: interrupted; results so far follow", file=sys.stderr)
+    finally:
+        bench.mounts.umount_all()
+        if args.keep:
+            print(f"bench: scratch kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    sizes = args.sizes
+    print(f"\nunionfs benchmark, {info['date']}: median of {args.repeat} run(s), seconds "
+          f"({'quick' if args.quick else 'full'} sizes: read/copy-up {sizes.big_mib} MiB, "
+          f"write {sizes.write_mib} MiB, find/ls {sizes.tree_dirs * sizes.tree_files_per_dir} "
+          f"files, untar {sizes.untar_files}, rm {sizes.rm_files})\n")
+    print(render_table(bench, args.workloads, args.system_list))
+    for name, h in hot.items():
+        print(f"\nunionfs hotspots, {name} ({h['samples']} samples; % of samples, self):")
+        for fr, pct in h["self"][:8]:
+            print(f"  {pct:5.1f}%  {fr}")
+        print("  inclusive, unionfs frames:")
+        for fr, pct in h["inclusive_unionfs"][:8]:
+            print(f"  {pct:5.1f}%  {fr}")
+    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    with open(args.json, "w") as f:
+        json.dump(to_json(bench, args.workloads, args.system_list, info, sizes, hot),
+                  f, indent=1)
+    print(f"\nresults written to {args.json}", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
