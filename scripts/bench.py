@@ -84,7 +84,7 @@ class Sizes:
 
 
 FULL = Sizes(512, 512, 200, 100, 10_000, 10_000, STDLIB_PACKAGES_FULL, True)
-QUICK = Sizes(64, 64, 50, 100, 2_000, 2_000, STDLIB_PACKAGES_QUICK, False)
+QUICK = Sizes(64, 64, 30, 100, 1_000, 1_000, STDLIB_PACKAGES_QUICK, False)
 
 
 class BenchError(Exception):
@@ -96,11 +96,11 @@ class BenchError(Exception):
 
 
 def run(cmd: list[str], timeout: float, capture: bool = False,
-        check: bool = True) -> subprocess.CompletedProcess:
+        check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a child; stdout is discarded unless captured, stderr kept for errors."""
     try:
         proc = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL,
+            cmd, stdin=subprocess.DEVNULL, env=env,
             stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
             stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -259,15 +259,45 @@ def merged_copy(ds: Dataset, dest: Path, link: bool, timeout: float) -> None:
 # --------------------------------------------------------------------------
 # systems
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def snapshot_code(which: str, dest: Path) -> Path | None:
+    """Copy the unionfs package to `dest` so the whole run measures one
+    version of it, even while the working tree is being edited.
+
+    which: "worktree" (as it is now), "installed" (no copy: whatever the
+    unionfs command imports) or a git revision such as HEAD.
+    """
+    if which == "installed" or not (REPO / "unionfs").is_dir():
+        return None
+    dest.mkdir(parents=True)
+    if which == "worktree":
+        shutil.copytree(REPO / "unionfs", dest / "unionfs",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", which, "unionfs"],
+                                 capture_output=True)
+        if archive.returncode != 0:
+            msg = archive.stderr.decode(errors="replace").strip().splitlines()
+            raise BenchError(f"git archive {which}: {msg[-1] if msg else 'failed'}")
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
 
 class Mounts:
     """Mounts and unmounts the systems under test; remembers what is live."""
 
-    def __init__(self, timeout: float, unionfs_options: str):
+    def __init__(self, timeout: float, unionfs_options: str, code: Path | None):
         self.timeout = timeout
         self.unionfs_options = unionfs_options
         self.live: list[tuple[str, Path]] = []
         self.unionfs_cmd = self._find_unionfs()
+        # With a snapshot of the package, the unionfs command imports it
+        # instead of the (editable, possibly half-edited) installed one.
+        self.unionfs_env = None
+        if code is not None:
+            self.unionfs_env = dict(os.environ, PYTHONPATH=str(code))
 
     @staticmethod
     def _find_unionfs() -> list[str]:
@@ -295,7 +325,8 @@ class Mounts:
         if system == "fuse-overlayfs":
             return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not installed"
         if system == "unionfs":
-            probe = subprocess.run(self.unionfs_cmd + ["--help"], capture_output=True)
+            probe = subprocess.run(self.unionfs_cmd + ["--help"], capture_output=True,
+                                   env=self.unionfs_env)
             if probe.returncode != 0 or b"mount" not in probe.stdout:
                 tail = probe.stderr.decode(errors="replace").strip().splitlines()
                 return "unionfs command not usable: " + (tail[-1] if tail else "no mount subcommand")
@@ -321,7 +352,7 @@ class Mounts:
         # Recorded before mounting: if the command dies half way, cleanup
         # still looks at this mountpoint.
         self.live.append((system, mnt))
-        run(cmd, self.timeout)
+        run(cmd, self.timeout, env=self.unionfs_env if system == "unionfs" else None)
         if str(mnt) not in mounted_paths():
             raise BenchError(f"{system}: mount returned but {mnt} is not mounted")
 
@@ -336,7 +367,7 @@ class Mounts:
             else:
                 cmd = self.unionfs_cmd + ["umount", str(mnt)]
             try:
-                run(cmd, self.timeout)
+                run(cmd, self.timeout, env=self.unionfs_env if system == "unionfs" else None)
             except BenchError as e:
                 # Busy or hung: detach it so nothing is left behind; a FUSE
                 # daemon exits once the kernel lets go of the connection.
@@ -535,7 +566,8 @@ class Bench:
     def __init__(self, args, work: Path):
         self.args = args
         self.work = work
-        self.mounts = Mounts(args.timeout, args.unionfs_options)
+        self.code = snapshot_code(args.unionfs_code, work / "code")
+        self.mounts = Mounts(args.timeout, args.unionfs_options, self.code)
         self.results: dict[str, dict[str, Cell]] = {}
         self.datasets: dict[str, Dataset] = {}
         self.seq = 0
@@ -721,7 +753,21 @@ def hotspots(raw: Path, top: int = 10) -> dict:
 # reporting
 
 
-def machine_info() -> dict:
+def code_version(which: str) -> str | None:
+    """The git revision measured, with '+changes' for an edited work tree."""
+    def git(*a):
+        out = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    if which == "installed":
+        return None
+    rev = git("log", "-1", "--format=%h", "HEAD" if which == "worktree" else which,
+              "--", "unionfs")
+    if rev and which == "worktree" and git("status", "--porcelain", "--", "unionfs"):
+        rev += "+changes"
+    return rev or None
+
+
+def machine_info(code: str) -> dict:
     def first_line(cmd):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -740,8 +786,6 @@ def machine_info() -> dict:
         fusepy = version("fusepy")
     except Exception:  # not installed: reported as unknown
         fusepy = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
     return {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
@@ -750,7 +794,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "fuse_overlayfs": first_line(["fuse-overlayfs", "--version"]),
         "fusepy": fusepy,
-        "unionfs_commit": commit or None,
+        "unionfs_commit": code_version(code),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                      if ln.startswith("model name")), None),
@@ -848,6 +892,7 @@ def to_json(bench: Bench, workloads, systems, info, sizes: Sizes, hot) -> dict:
         res[wl.name]["ratio_unionfs_fuse_overlayfs"] = bench.ratio(wl.name)
         res[wl.name]["goal"] = wl.goal
     return {"machine": info, "sizes": sizes.__dict__, "repeat": bench.args.repeat,
+            "unionfs_code": bench.args.unionfs_code,
             "systems": systems, "unionfs_options": bench.args.unionfs_options,
             "results": res, "hotspots": hot}
 
@@ -872,6 +917,9 @@ def parse_args(argv):
                    help="scratch space (a new directory is made inside; default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--timeout", type=float, default=900, help="seconds per command")
+    p.add_argument("--unionfs-code", default="worktree", metavar="WHICH",
+                   help="the unionfs code to measure: 'worktree' (a copy taken at the "
+                        "start, default), a git revision (e.g. HEAD) or 'installed'")
     p.add_argument("--unionfs-options", default="",
                    help="extra -o options for unionfs only (for experiments)")
     p.add_argument("--profile", metavar="DIR", default=None,
@@ -906,8 +954,13 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
-    bench = Bench(args, work)
-    info = machine_info()
+    try:
+        bench = Bench(args, work)
+    except BenchError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    info = machine_info(args.unionfs_code)
     if info["loadavg_at_start"][0] > 0.5:
         # Other work on two cores shows up as noise, mostly in the FUSE rows.
         print(f"bench: load average is {info['loadavg_at_start'][0]} before starting; "
