@@ -5,6 +5,7 @@ top-level argparse subparsers; each sets `func(args) -> int`."""
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import re
@@ -124,22 +125,23 @@ def _human_size(n: int) -> str:
     return f"{n}"
 
 
+_AGO_UNITS = (("year", 365 * 86400), ("month", 30 * 86400), ("day", 86400), ("hour", 3600),
+              ("minute", 60), ("second", 1))
+
+
 def _ago(created: str | None) -> str:
+    """'3 days ago', as docker shows an RFC 3339 time."""
     if not created:
         return "N/A"
     try:
-        t = time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        t = calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))
     except ValueError:
         return created
-    d = time.time() - t
-    for limit, unit in ((60, "second"), (3600, "minute"), (86400, "hour"), (86400 * 30, "day"),
-                        (86400 * 365, "month")):
-        div = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 86400 * 30}[unit]
-        if d < limit:
-            n = max(int(d // div), 0)
-            return f"{n} {unit}{'s' if n != 1 else ''} ago"
-    n = int(d // (86400 * 365))
-    return f"{n} year{'s' if n != 1 else ''} ago"
+    age = max(int(time.time() - t), 0)
+    for unit, seconds in _AGO_UNITS:
+        if age >= seconds or unit == "second":
+            n = age // seconds
+            return f"{n} {unit}{'' if n == 1 else 's'} ago"
 
 
 def _table(rows: list[list[str]]):
