@@ -175,7 +175,9 @@ def cmd_load(args) -> int:
                 for image in images:
                     layers = []
                     for i, sl in enumerate(image.layers):
-                        what = f"{source.label}: layer {oci.short(sl.digest or sl.diff_id)}"
+                        layer_name = f"layer {oci.short(sl.digest or sl.diff_id)}"
+                        what = f"{source.label}: {layer_name}"
+                        progress.phase(f"load {layer_name} ({i + 1}/{len(image.layers)})", sl.size)
                         layers.append(staging.import_layer(
                             lambda sl=sl: source.open_checked(sl.path, "layer"),
                             sl.digest, sl.size, sl.diff_id, what))

@@ -173,6 +173,8 @@ def commit(store: Store, upper: str, parent: Image, names: list[str], message: s
                     tar_out = _HashingWriter(gz)
                     newest = write_layer(upper, tar_out, warn, progress)
             diff_id = "sha256:" + tar_out.hash.hexdigest()
+            if progress:
+                progress.phase(f"commit: storing layer {oci.short(diff_id)}", os.path.getsize(blob_tmp))
             layer = staging.import_layer(lambda: open(blob_tmp, "rb"), None, None, diff_id,
                                          f"commit: layer {oci.short(diff_id)}")
             parent_config = json.loads(store.config_bytes(parent))

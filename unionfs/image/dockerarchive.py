@@ -16,6 +16,7 @@ import tarfile
 from unionfs.errors import UserError
 from unionfs.image import oci
 from unionfs.image.archive import Source, SourceImage, SourceLayer
+from unionfs.image.progress import CountingReader
 
 MANIFEST_FILE = "manifest.json"
 # Blob paths that name their own digest: Docker 25+ (`blobs/sha256/HEX`) and
@@ -84,7 +85,7 @@ def write_archive(out, images, open_tar, progress=None):
                 if progress:
                     progress.phase(f"save layer {oci.short(layer.diff_id)}", layer.tar_size)
                 with open_tar(layer) as f:
-                    add_file(tf, path, f, layer.tar_size)
+                    add_file(tf, path, CountingReader(f, progress), layer.tar_size)
             if config_name not in written:
                 written.add(config_name)
                 add_bytes(tf, config_name, config_bytes)

@@ -11,6 +11,7 @@ from unionfs.errors import UserError
 from unionfs.image import oci
 from unionfs.image.archive import Source, SourceImage, SourceLayer
 from unionfs.image.dockerarchive import add_bytes, add_file
+from unionfs.image.progress import CountingReader
 
 OCI_LAYOUT_FILE = oci.OCI_LAYOUT_FILE
 # Index nesting deeper than this is refused (a loop, or hostile input).
@@ -144,4 +145,4 @@ def write_archive(out, images, open_blob, progress=None):
                 if progress:
                     progress.phase(f"save layer {oci.short(digest)}", blob.size)
                 with open_blob(blob) as f:
-                    add_file(tf, blob_path(digest), f, blob.size)
+                    add_file(tf, blob_path(digest), CountingReader(f, progress), blob.size)

@@ -72,3 +72,16 @@ def _isatty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+class CountingReader:
+    """Pass reads through, reporting their size to a Progress."""
+
+    def __init__(self, raw, progress: Progress | None):
+        self._raw, self._progress = raw, progress
+
+    def read(self, n=-1):
+        data = self._raw.read(n)
+        if self._progress and data:
+            self._progress.advance(len(data))
+        return data

@@ -216,8 +216,6 @@ class Staging:
             return self.layer_info(digest, diff_id)
         blob_tmp = self._tmp("blob")
         layer_tmp = None if self.has_layer(diff_id) else self._tmp("layer")
-        if self.progress:
-            self.progress.phase(what.split(": ", 1)[-1], size)
         with open(blob_tmp, "wb") as sink, open_blob() as raw:
             stream = oci.LayerStream(_Tee(raw, sink), digest, diff_id, what, size, self.progress)
             if layer_tmp is not None:
