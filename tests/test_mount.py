@@ -154,6 +154,7 @@ def test_unlinked_open_file_keeps_working(layers, mounted):
         f.write("def")
         f.seek(0)
         assert f.read() == "abcdef"
+        assert os.fstat(f.fileno()).st_size == 6
     assert os.listdir(layers.upper) == []                 # no .fuse_hidden files
 
 

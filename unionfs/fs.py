@@ -1,257 +1,481 @@
-"""The FUSE adapter: maps fusepy's high-level calls onto ``Union``.
+"""The FUSE adapter: libfuse2 low-level requests onto ``Union`` operations.
 
-A protocol adapter only: it unpacks FUSE arguments, asks the union, and packs
-the answer. ``OSError`` raised below travels to fusepy, which returns its
-errno to the kernel -- errors are translated in that one place.
+A protocol adapter only. It keeps the inode table the kernel needs (node id
+-> merged path), unpacks request arguments, calls the union with merged
+paths, and replies. Errors are translated in one place, ``_dispatch``: an
+``OSError`` becomes its errno; anything else is a bug, logged, and answered
+with EIO so the daemon keeps serving.
 
-File handles are the backing file descriptors themselves (``fi.fh``).
+Inodes. The kernel asks by node id; a node id names one *file*, not one
+path: every path of a hard link in the upper maps to the same node id (found
+through the backing inode number), so the kernel's attribute and page caches
+stay coherent across names, as with overlayfs. Node ids are never reused, so
+generation numbers are always 0.
+
+Caching. The daemon is the only writer of the upper and lowers never change,
+so whatever the kernel caches changes only through requests that pass here
+and that the kernel itself accounts for. Entries and attributes are therefore
+cached for ``timeout`` seconds (fuse-overlayfs does the same), and file pages
+are kept across opens (``keep_cache``).
 """
 
-import codecs
+import ctypes
+import errno
+import logging
 import os
 import stat
+import threading
 import time
 
-import fuse
+from unionfs import lowlevel as ll
 
-# UTIME_NOW / UTIME_OMIT as libfuse passes them (tv_sec = 0) with use_ns.
-_UTIME_NOW = (1 << 30) - 1
-_UTIME_OMIT = (1 << 30) - 2
+log = logging.getLogger("unionfs")
 
-# Merged paths travel as str; names that are not valid UTF-8 must still
-# round-trip byte for byte, so decode with surrogateescape like os.fsdecode.
-FS_ENCODING = "unionfs-surrogateescape"
+DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
+
+_S_IFDIR = stat.S_IFDIR
 
 
-def _codec_search(name):
-    if name.replace("-", "_") != FS_ENCODING.replace("-", "_"):
-        return None
-    return codecs.CodecInfo(
-        name=FS_ENCODING,
-        encode=lambda s, errors="strict": codecs.utf_8_encode(s, "surrogateescape"),
-        decode=lambda b, errors="strict": codecs.utf_8_decode(b, "surrogateescape", True),
-    )
+class Inode:
+    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd")
+
+    def __init__(self, nodeid, path, is_dir):
+        self.nodeid = nodeid
+        self.path = path            # a current merged path; None once unlinked
+        self.nlookup = 0
+        self.is_dir = is_dir
+        self.ident = None           # (st_dev, st_ino) of an upper hard link
+        self.fd = None              # an open fd, for fstat once unlinked
 
 
-codecs.register(_codec_search)
+def _fill_stat(cst, st, ino):
+    cst.st_ino = ino
+    cst.st_mode = st.st_mode
+    cst.st_nlink = st.st_nlink
+    cst.st_uid = st.st_uid
+    cst.st_gid = st.st_gid
+    cst.st_rdev = st.st_rdev
+    cst.st_size = st.st_size
+    cst.st_blksize = st.st_blksize
+    cst.st_blocks = st.st_blocks
+    cst.st_atimespec.tv_sec, cst.st_atimespec.tv_nsec = divmod(st.st_atime_ns, 1_000_000_000)
+    cst.st_mtimespec.tv_sec, cst.st_mtimespec.tv_nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+    cst.st_ctimespec.tv_sec, cst.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, 1_000_000_000)
 
 
-def _enable_libfuse_flags():
-    """Set the operation-table flags fusepy declares but never sets.
-
-    - ``flag_utime_omit_ok``: without it libfuse2 drops a setattr that changes
-      only mtime or only atime (``touch -m``, ``tar x``).
-    - ``flag_nullpath_ok``: with ``hard_remove``, calls on an open file whose
-      name was unlinked arrive without a path; our handles don't need one.
-    """
-    lib = fuse._libfuse
-    real = getattr(lib, "_unionfs_real_fuse_main", None) or lib.fuse_main_real
-
-    def fuse_main_real(argc, argv, ops_ptr, size, user_data):
-        ops_ptr.contents.flag_utime_omit_ok = 1
-        ops_ptr.contents.flag_nullpath_ok = 1
-        return real(argc, argv, ops_ptr, size, user_data)
-
-    lib._unionfs_real_fuse_main = real
-    lib.fuse_main_real = fuse_main_real
+def _join(parent, name):
+    return "/" + name if parent == "/" else parent + "/" + name
 
 
-_enable_libfuse_flags()
+class UnionFS:
+    """Serves a ``Union`` over FUSE (see the module doc)."""
 
-
-def _attrs(st, ino):
-    return {
-        "st_mode": st.st_mode, "st_ino": ino, "st_nlink": st.st_nlink,
-        "st_uid": st.st_uid, "st_gid": st.st_gid, "st_size": st.st_size,
-        "st_rdev": st.st_rdev, "st_blocks": st.st_blocks,
-        "st_blksize": st.st_blksize,
-        "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns,
-        "st_ctime": st.st_ctime_ns,
-    }
-
-
-class UnionOperations(fuse.Operations):
-    """fusepy operations over a ``Union`` (used with ``raw_fi=True``)."""
-
-    use_ns = True
-
-    def __init__(self, union, on_init=None):
+    def __init__(self, union, timeout=DEFAULT_TIMEOUT, on_init=None):
         self.union = union
+        self.timeout = float(timeout)
         self.on_init = on_init
+        root = Inode(ll.ROOT_ID, "/", True)
+        root.nlookup = 1
+        self._inodes = {ll.ROOT_ID: root}  # node id -> Inode
+        self._by_path = {"/": root}        # merged path -> Inode
+        self._by_ident = {}                # (dev, ino) of upper hard links -> Inode
+        self._next_id = ll.ROOT_ID + 1
+        self._table = threading.Lock()     # guards the three maps above
+        self._dirs = {}                    # dir handle -> listing
+        self._next_dh = 1
 
-    def __call__(self, op, *args):
-        # fusepy's default looks the method up and turns a missing one into
-        # EFAULT; ours are all defined, so call straight through.
-        return getattr(self, op)(*args)
+    # -- the inode table ----------------------------------------------------------
 
-    def init(self, path):
+    def _inode(self, nodeid):
+        inode = self._inodes.get(nodeid)
+        if inode is None:
+            raise OSError(errno.ESTALE, "stale node id")
+        return inode
+
+    def _path(self, nodeid):
+        path = self._inode(nodeid).path
+        if path is None:
+            raise OSError(errno.ENOENT, "unlinked")
+        return path
+
+    def _remember(self, path, st, layer):
+        """The Inode for ``path`` (whose stat is ``st``), counted as looked up."""
+        is_dir = stat.S_ISDIR(st.st_mode)
+        with self._table:
+            inode = self._by_path.get(path)
+            if inode is not None and inode.is_dir != is_dir:
+                inode = None
+            if inode is None and not is_dir and st.st_nlink > 1 and layer.upper:
+                # Another name of an upper hard link we already know.
+                ident = (st.st_dev, st.st_ino)
+                inode = self._by_ident.get(ident)
+                if inode is not None and inode.path is None:
+                    inode = None
+            if inode is None:
+                inode = Inode(self._next_id, path, is_dir)
+                self._next_id += 1
+                self._inodes[inode.nodeid] = inode
+            if not is_dir and st.st_nlink > 1 and layer.upper:
+                inode.ident = (st.st_dev, st.st_ino)
+                self._by_ident[inode.ident] = inode
+            self._by_path[path] = inode
+            if inode.path is None:
+                inode.path = path
+            inode.nlookup += 1
+            return inode
+
+    def _forget_path(self, path, tree=False):
+        """``path`` (and, for a directory, all below it) no longer exists."""
+        with self._table:
+            inode = self._by_path.pop(path, None)
+            if inode is not None and inode.path == path:
+                inode.path = self._other_name(inode, path)
+            if tree:
+                prefix = path + "/"
+                for p in [p for p in self._by_path if p.startswith(prefix)]:
+                    child = self._by_path.pop(p)
+                    if child.path == p:
+                        child.path = self._other_name(child, p)
+
+    def _other_name(self, inode, gone):
+        """Another known path of hard link ``inode`` (None if none). Caller
+        holds the table lock."""
+        if inode.ident is None:
+            return None
+        for p, other in self._by_path.items():
+            if other is inode and p != gone:
+                return p
+        return None
+
+    def _moved(self, old, new):
+        """Rename in the table: ``old`` (and what is below it) is now ``new``."""
+        with self._table:
+            target = self._by_path.pop(new, None)
+            if target is not None and target.path == new:
+                target.path = self._other_name(target, new)
+            inode = self._by_path.pop(old, None)
+            if inode is not None:
+                self._by_path[new] = inode
+                if inode.path == old:
+                    inode.path = new
+                if inode.is_dir:
+                    prefix, cut = old + "/", len(old)
+                    for p in [p for p in self._by_path if p.startswith(prefix)]:
+                        child = self._by_path.pop(p)
+                        np = new + p[cut:]
+                        self._by_path[np] = child
+                        if child.path == p:
+                            child.path = np
+
+    # -- replies --------------------------------------------------------------------
+
+    def _entry(self, path):
+        """Look ``path`` up and build the entry reply for it."""
+        st, ino, layer = self.union.lstat_layer(path)
+        inode = self._remember(path, st, layer)
+        e = ll.fuse_entry_param()
+        e.ino = inode.nodeid
+        _fill_stat(e.attr, st, ino)
+        e.attr_timeout = self.timeout
+        e.entry_timeout = self.timeout
+        return e
+
+    def _reply_attr(self, req, st, ino):
+        cst = ll.c_stat()
+        _fill_stat(cst, st, ino)
+        ll.reply_attr(req, cst, self.timeout)
+
+    @staticmethod
+    def _owner(req):
+        ctx = ll.req_ctx(req).contents
+        return ctx.uid, ctx.gid
+
+    # -- operations (each gets the C arguments; see lowlevel.OPS) -------------------
+
+    def init(self, userdata, conn):
+        c = conn.contents
+        c.want |= c.capable & (ll.CAP_ATOMIC_O_TRUNC | ll.CAP_BIG_WRITES)
         if self.on_init is not None:
             self.on_init()
 
-    @staticmethod
-    def _owner():
-        uid, gid, _ = fuse.fuse_get_context()
-        return uid, gid
+    def lookup(self, req, parent, name):
+        path = _join(self._path(parent), os.fsdecode(name))
+        if self.union.stack.lookup(path) is None:
+            e = ll.fuse_entry_param()       # ino 0: a cacheable "no such entry"
+            e.entry_timeout = self.timeout
+            ll.reply_entry(req, e)
+            return
+        ll.reply_entry(req, self._entry(path))
 
-    # -- attributes -----------------------------------------------------------
+    def forget(self, req, nodeid, nlookup):
+        with self._table:
+            inode = self._inodes.get(nodeid)
+            if inode is not None and nodeid != ll.ROOT_ID:
+                inode.nlookup -= nlookup
+                if inode.nlookup <= 0:
+                    del self._inodes[nodeid]
+                    if inode.path is not None and self._by_path.get(inode.path) is inode:
+                        del self._by_path[inode.path]
+                    if inode.ident is not None and self._by_ident.get(inode.ident) is inode:
+                        del self._by_ident[inode.ident]
+                    if inode.ident is not None:
+                        for p in [p for p, i in self._by_path.items() if i is inode]:
+                            del self._by_path[p]
+        ll.reply_none(req)
 
-    def getattr(self, path, fi=None):
-        if path is None:            # an open file whose name is gone
-            st = os.fstat(fi.fh)
-            return _attrs(st, st.st_ino)
-        st, ino = self.union.lstat(path)
-        return _attrs(st, ino)
+    def getattr(self, req, nodeid, fi):
+        inode = self._inode(nodeid)
+        if inode.path is None:
+            if inode.fd is None:
+                raise OSError(errno.ENOENT, "unlinked")
+            st = os.fstat(inode.fd)
+            self._reply_attr(req, st, st.st_ino)
+            return
+        st, ino = self.union.lstat(inode.path)
+        self._reply_attr(req, st, ino)
 
-    def access(self, path, amode):
-        # Permissions are checked by the kernel (default_permissions); here
-        # only existence matters.
-        self.union.node(path)
-        return 0
-
-    def chmod(self, path, mode):
-        self.union.chmod(path, mode)
-        return 0
-
-    def chown(self, path, uid, gid):
-        self.union.chown(path, uid, gid)
-        return 0
-
-    def utimens(self, path, times=None):
-        if times is None:
+    def setattr(self, req, nodeid, attr, to_set, fi):
+        inode = self._inode(nodeid)
+        a = attr.contents
+        u = self.union
+        path = inode.path
+        if to_set & ll.SET_ATTR_SIZE:
+            if fi:
+                os.ftruncate(fi.contents.fh, a.st_size)
+            else:
+                u.truncate(self._path(nodeid), a.st_size)
+        if path is None:
+            if to_set & ~ll.SET_ATTR_SIZE:
+                raise OSError(errno.ENOENT, "unlinked")
+            st = os.fstat(fi.contents.fh)
+            self._reply_attr(req, st, st.st_ino)
+            return
+        if to_set & ll.SET_ATTR_MODE:
+            u.chmod(path, a.st_mode)
+        if to_set & (ll.SET_ATTR_UID | ll.SET_ATTR_GID):
+            u.chown(path, a.st_uid if to_set & ll.SET_ATTR_UID else -1,
+                    a.st_gid if to_set & ll.SET_ATTR_GID else -1)
+        times = to_set & (ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME
+                          | ll.SET_ATTR_ATIME_NOW | ll.SET_ATTR_MTIME_NOW)
+        if times:
+            now = time.time_ns()
             atime = mtime = None
-            now = True
-        else:
-            atime, mtime = times
-            now = False
-        if now or atime == _UTIME_NOW or mtime == _UTIME_NOW:
-            t = time.time_ns()
-            atime = t if now or atime == _UTIME_NOW else atime
-            mtime = t if now or mtime == _UTIME_NOW else mtime
-        self.union.utimens(path, None if atime == _UTIME_OMIT else atime,
-                           None if mtime == _UTIME_OMIT else mtime)
-        return 0
+            if to_set & ll.SET_ATTR_ATIME_NOW:
+                atime = now
+            elif to_set & ll.SET_ATTR_ATIME:
+                atime = a.st_atimespec.tv_sec * 1_000_000_000 + a.st_atimespec.tv_nsec
+            if to_set & ll.SET_ATTR_MTIME_NOW:
+                mtime = now
+            elif to_set & ll.SET_ATTR_MTIME:
+                mtime = a.st_mtimespec.tv_sec * 1_000_000_000 + a.st_mtimespec.tv_nsec
+            u.utimens(path, atime, mtime)
+        st, ino = u.lstat(path)
+        self._reply_attr(req, st, ino)
 
-    def truncate(self, path, length, fi=None):
-        if fi is not None:
-            os.ftruncate(fi.fh, length)
-        else:
-            self.union.truncate(path, length)
-        return 0
+    def readlink(self, req, nodeid):
+        ll.reply_readlink(req, os.fsencode(self.union.readlink(self._path(nodeid))))
 
-    def readlink(self, path):
-        return self.union.readlink(path)
+    def _make(self, req, parent, name, make):
+        path = _join(self._path(parent), os.fsdecode(name))
+        make(path, self._owner(req))
+        ll.reply_entry(req, self._entry(path))
 
-    def statfs(self, path):
+    def mknod(self, req, parent, name, mode, rdev):
+        self._make(req, parent, name, lambda p, o: self.union.mknod(p, mode, rdev, o))
+
+    def mkdir(self, req, parent, name, mode):
+        self._make(req, parent, name,
+                   lambda p, o: self.union.mkdir(p, mode | _S_IFDIR, o))
+
+    def symlink(self, req, target, parent, name):
+        self._make(req, parent, name,
+                   lambda p, o: self.union.symlink(p, os.fsdecode(target), o))
+
+    def link(self, req, nodeid, newparent, newname):
+        src = self._path(nodeid)
+        path = _join(self._path(newparent), os.fsdecode(newname))
+        self.union.link(src, path)
+        # Both names are now one upper file: make the old one findable by
+        # its backing inode, so the new name joins the same kernel inode.
+        st, _, layer = self.union.lstat_layer(src)
+        with self._table:
+            inode = self._inodes.get(nodeid)
+            if inode is not None:
+                inode.ident = (st.st_dev, st.st_ino)
+                self._by_ident[inode.ident] = inode
+        ll.reply_entry(req, self._entry(path))
+
+    def unlink(self, req, parent, name):
+        path = _join(self._path(parent), os.fsdecode(name))
+        self.union.unlink(path)
+        self._forget_path(path)
+        ll.reply_err(req, 0)
+
+    def rmdir(self, req, parent, name):
+        path = _join(self._path(parent), os.fsdecode(name))
+        self.union.rmdir(path)
+        self._forget_path(path, tree=True)
+        ll.reply_err(req, 0)
+
+    def rename(self, req, parent, name, newparent, newname):
+        old = _join(self._path(parent), os.fsdecode(name))
+        new = _join(self._path(newparent), os.fsdecode(newname))
+        self.union.rename(old, new)
+        self._moved(old, new)
+        ll.reply_err(req, 0)
+
+    # -- files ----------------------------------------------------------------------
+
+    def open(self, req, nodeid, fi):
+        f = fi.contents
+        fd, _ = self.union.open(self._path(nodeid), f.flags)
+        f.fh = fd
+        f.keep_cache = 1            # see "Caching" in the module doc
+        self._inode(nodeid).fd = fd
+        ll.reply_open(req, fi)
+
+    def create(self, req, parent, name, mode, fi):
+        path = _join(self._path(parent), os.fsdecode(name))
+        f = fi.contents
+        fd = self.union.create(path, mode, f.flags, self._owner(req))
+        try:
+            e = self._entry(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        f.fh = fd
+        f.keep_cache = 1
+        self._inodes[e.ino].fd = fd
+        ll.reply_create(req, e, fi)
+
+    def read(self, req, nodeid, size, off, fi):
+        data = os.pread(fi.contents.fh, size, off)
+        ll.reply_buf(req, data, len(data))
+
+    def write(self, req, nodeid, buf, size, off, fi):
+        data = ctypes.string_at(buf, size)
+        ll.reply_write(req, os.pwrite(fi.contents.fh, data, off))
+
+    def flush(self, req, nodeid, fi):
+        ll.reply_err(req, 0)
+
+    def release(self, req, nodeid, fi):
+        fd = fi.contents.fh
+        inode = self._inodes.get(nodeid)
+        if inode is not None and inode.fd == fd:
+            inode.fd = None
+        os.close(fd)
+        ll.reply_err(req, 0)
+
+    def fsync(self, req, nodeid, datasync, fi):
+        (os.fdatasync if datasync else os.fsync)(fi.contents.fh)
+        ll.reply_err(req, 0)
+
+    # -- directories ------------------------------------------------------------------
+
+    def opendir(self, req, nodeid, fi):
+        path = self._path(nodeid)
+        _, ino = self.union.lstat(path)
+        listing = [(b".", _S_IFDIR, ino), (b"..", _S_IFDIR, ino)]
+        listing.extend((os.fsencode(n), t, i) for n, t, i in self.union.listdir(path))
+        with self._table:
+            dh = self._next_dh
+            self._next_dh += 1
+            self._dirs[dh] = listing
+        fi.contents.fh = dh
+        ll.reply_open(req, fi)
+
+    def readdir(self, req, nodeid, size, off, fi):
+        listing = self._dirs[fi.contents.fh]
+        buf = ctypes.create_string_buffer(size)
+        base = ctypes.addressof(buf)
+        cst = ll.c_stat()
+        pos = 0
+        for i in range(off, len(listing)):
+            name, ftype, ino = listing[i]
+            cst.st_ino = ino
+            cst.st_mode = ftype
+            n = ll.add_direntry(req, base + pos, size - pos, name, cst, i + 1)
+            if n > size - pos:
+                break
+            pos += n
+        ll.reply_buf(req, buf, pos)
+
+    def releasedir(self, req, nodeid, fi):
+        with self._table:
+            self._dirs.pop(fi.contents.fh, None)
+        ll.reply_err(req, 0)
+
+    def fsyncdir(self, req, nodeid, datasync, fi):
+        ll.reply_err(req, 0)
+
+    # -- the rest -------------------------------------------------------------------------
+
+    def statfs(self, req, nodeid):
         sv = self.union.statfs()
-        return {
-            "f_bsize": sv.f_bsize, "f_frsize": sv.f_frsize, "f_blocks": sv.f_blocks,
-            "f_bfree": sv.f_bfree, "f_bavail": sv.f_bavail, "f_files": sv.f_files,
-            "f_ffree": sv.f_ffree, "f_favail": sv.f_favail, "f_namemax": sv.f_namemax,
-        }
+        c = ll.c_statvfs()
+        for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                  "f_files", "f_ffree", "f_favail", "f_namemax"):
+            if hasattr(c, k):
+                setattr(c, k, getattr(sv, k))
+        ll.reply_statfs(req, c)
 
-    # -- xattrs ---------------------------------------------------------------
+    def setxattr(self, req, nodeid, name, value, size, flags):
+        self.union.setxattr(self._path(nodeid), os.fsdecode(name),
+                            ctypes.string_at(value, size), flags)
+        ll.reply_err(req, 0)
 
-    def getxattr(self, path, name, position=0):
-        return self.union.getxattr(path, name)
+    def getxattr(self, req, nodeid, name, size):
+        data = self.union.getxattr(self._path(nodeid), os.fsdecode(name))
+        self._reply_sized(req, data, size)
 
-    def listxattr(self, path):
-        return self.union.listxattr(path)
+    def listxattr(self, req, nodeid, size):
+        names = self.union.listxattr(self._path(nodeid))
+        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        self._reply_sized(req, data, size)
 
-    def setxattr(self, path, name, value, options, position=0):
-        self.union.setxattr(path, name, value, options)
-        return 0
+    @staticmethod
+    def _reply_sized(req, data, size):
+        if size == 0:
+            ll.reply_xattr(req, len(data))
+        elif len(data) > size:
+            ll.reply_err(req, errno.ERANGE)
+        else:
+            ll.reply_buf(req, data, len(data))
 
-    def removexattr(self, path, name):
-        self.union.removexattr(path, name)
-        return 0
+    def removexattr(self, req, nodeid, name):
+        self.union.removexattr(self._path(nodeid), os.fsdecode(name))
+        ll.reply_err(req, 0)
 
-    # -- directories ------------------------------------------------------------
+    def access(self, req, nodeid, mask):
+        # The kernel checks permissions itself (default_permissions).
+        self._path(nodeid)
+        ll.reply_err(req, 0)
 
-    def opendir(self, path):
-        return 0
+    # -- dispatch ----------------------------------------------------------------------------
 
-    def readdir(self, path, fh):
-        union = self.union
-        _, ino = union.lstat(path)
-        out = [(".", {"st_mode": stat.S_IFDIR, "st_ino": ino}, 0),
-               ("..", {"st_mode": stat.S_IFDIR, "st_ino": ino}, 0)]
-        out.extend((name, {"st_mode": ftype, "st_ino": eino}, 0)
-                   for name, ftype, eino in union.listdir(path))
+    def handlers(self):
+        """Callables for lowlevel.run: each answers its request exactly once."""
+        # forget has no reply to send, not even an error.
+        out = {"init": self.init, "forget": self.forget}
+        for name in ("lookup", "getattr", "setattr", "readlink", "mknod",
+                     "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "open",
+                     "read", "write", "flush", "release", "fsync", "opendir", "readdir",
+                     "releasedir", "fsyncdir", "statfs", "setxattr", "getxattr",
+                     "listxattr", "removexattr", "access", "create"):
+            out[name] = self._dispatch(name, getattr(self, name))
         return out
 
-    def releasedir(self, path, fh):
-        return 0
+    @staticmethod
+    def _dispatch(name, method):
+        reply_err = ll.reply_err
 
-    def fsyncdir(self, path, datasync, fh):
-        return 0
-
-    def mkdir(self, path, mode):
-        self.union.mkdir(path, mode | stat.S_IFDIR, self._owner())
-        return 0
-
-    def rmdir(self, path):
-        self.union.rmdir(path)
-        return 0
-
-    # -- names ----------------------------------------------------------------
-
-    def mknod(self, path, mode, dev):
-        self.union.mknod(path, mode, dev, self._owner())
-        return 0
-
-    def symlink(self, target, source):
-        # fusepy: create `target` whose content is `source`.
-        self.union.symlink(target, source, self._owner())
-        return 0
-
-    def link(self, target, source):
-        # fusepy: create `target` as a new name of existing `source`.
-        self.union.link(source, target)
-        return 0
-
-    def unlink(self, path):
-        self.union.unlink(path)
-        return 0
-
-    def rename(self, old, new):
-        self.union.rename(old, new)
-        return 0
-
-    # -- files ----------------------------------------------------------------
-
-    def open(self, path, fi):
-        fd, in_lower = self.union.open(path, fi.flags)
-        fi.fh = fd
-        if in_lower:
-            # Lower files never change while mounted: keep their page cache.
-            fi.keep_cache = 1
-        elif os.fstat(fd).st_nlink > 1:
-            # The kernel caches each *name* of a hard link separately (the
-            # high-level API gives every path its own node); bypass its page
-            # cache so a write through one name is read through another.
-            fi.direct_io = 1
-        return 0
-
-    def create(self, path, mode, fi):
-        fi.fh = self.union.create(path, mode, fi.flags, self._owner())
-        return 0
-
-    def read(self, path, size, offset, fi):
-        return os.pread(fi.fh, size, offset)
-
-    def write(self, path, data, offset, fi):
-        return os.pwrite(fi.fh, data, offset)
-
-    def flush(self, path, fi):
-        return 0
-
-    def fsync(self, path, datasync, fi):
-        if datasync:
-            os.fdatasync(fi.fh)
-        else:
-            os.fsync(fi.fh)
-        return 0
-
-    def release(self, path, fi):
-        os.close(fi.fh)
-        return 0
+        def call(req, *args):
+            try:
+                method(req, *args)
+            except OSError as e:
+                reply_err(req, e.errno or errno.EIO)
+            except Exception:
+                log.exception("unionfs: %s failed", name)
+                reply_err(req, errno.EIO)
+        return call

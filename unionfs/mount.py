@@ -19,47 +19,46 @@ from unionfs.errors import UserError
 
 # -- options ----------------------------------------------------------------
 
-# libfuse2 options passed through unchanged (the high-level library and
-# mount(2) flags it understands).
+# libfuse2 options passed through unchanged: those of fuse_mount() (mount
+# flags and the FUSE mount options) and of the low-level session.
 FUSE_FLAGS = {
     "allow_other", "allow_root", "default_permissions", "ro", "rw", "suid",
     "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync", "atime",
-    "noatime", "dirsync", "kernel_cache", "auto_cache", "noauto_cache",
-    "big_writes", "hard_remove", "use_ino", "readdir_ino", "direct_io",
-    "noforget", "nonempty", "blkdev", "intr", "large_read", "auto_unmount",
-    "async_read", "sync_read", "atomic_o_trunc", "no_remote_lock",
-    "splice_read", "splice_write", "splice_move",
+    "noatime", "dirsync", "nonempty", "blkdev", "auto_unmount",
+    "big_writes", "async_read", "sync_read", "atomic_o_trunc", "no_remote_lock",
+    "no_remote_flock", "no_remote_posix_lock", "splice_read", "splice_write",
+    "splice_move", "no_splice_read", "no_splice_write", "no_splice_move",
 }
 FUSE_VALUED = {
-    "fsname", "subtype", "max_read", "attr_timeout", "entry_timeout",
-    "negative_timeout", "ac_attr_timeout", "max_write", "max_readahead",
-    "uid", "gid", "umask", "remember", "blksize", "intr_signal", "modules",
-    "max_background", "congestion_threshold", "context", "fscontext",
-    "defcontext", "rootcontext",
+    "fsname", "subtype", "max_read", "blksize", "context", "fscontext",
+    "defcontext", "rootcontext", "max_write", "max_readahead",
+    "max_background", "congestion_threshold",
 }
-# Options of kernel overlayfs / fuse-overlayfs (or of mount(8)) that change
-# nothing a user of this filesystem sees: accepted, ignored with one warning.
+# Cache lifetimes (seconds) for entries and attributes: all set one value.
+TIMEOUT_OPTIONS = {"timeout", "attr_timeout", "entry_timeout", "negative_timeout"}
+# Options of kernel overlayfs / fuse-overlayfs, of mount(8), or of libfuse's
+# high-level library, that change nothing a user of this filesystem sees
+# (the daemon always behaves as they ask): accepted, ignored with one warning.
 IGNORED = {
     "relatime", "norelatime", "strictatime", "nostrictatime", "diratime",
     "nodiratime", "lazytime", "nolazytime", "redirect_dir", "index", "metacopy",
-    "userxattr", "xino", "noacl", "acl", "static_nlink", "threaded",
+    "userxattr", "xino", "noacl", "acl", "static_nlink",
     "xattr_permissions", "max_idle_threads", "clone_fd", "nfs_export",
     "fsync", "fast_ino", "writeback", "defaults", "_netdev", "nofail",
-    "user", "users", "noauto", "auto", "x-", "timeout",
+    "user", "users", "noauto", "auto", "use_ino", "readdir_ino",
+    "hard_remove", "kernel_cache", "auto_cache", "noauto_cache", "noforget",
+    "remember", "intr", "intr_signal", "modules", "large_read", "direct_io",
 }
 # fuse-overlayfs options whose effect we do not implement and that *would*
 # change what the user sees: refused even by fuse-unionfs.
 REFUSED = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid",
-           "squash_to_gid", "plugins"}
+           "squash_to_gid", "plugins", "uid", "gid", "umask"}
 
 # Defaults, each measured or required (see docs/PERFORMANCE.md, README):
 DEFAULT_FUSE_OPTIONS = {
     "default_permissions": True,    # the kernel checks modes for every user
-    "use_ino": True,                # backing inode numbers: hard links show
-    "hard_remove": True,            # no .fuse_hidden files in the upper
     "big_writes": True,             # 128 KiB writes instead of 4 KiB
     "max_write": "131072",
-    "auto_cache": True,             # page cache kept while a file is unchanged
     "nonempty": True,               # like overlayfs: any directory can be covered
     "fsname": "unionfs",
     "subtype": "unionfs",
@@ -74,6 +73,8 @@ class MountSpec:
     whiteout: str = wh.FORMAT_AUTO
     fuse_options: dict = dataclasses.field(default_factory=dict)
     volatile: bool = False          # skip fsync of copied-up data
+    timeout: float | None = None    # kernel cache lifetime (None: fs.DEFAULT_TIMEOUT)
+    threaded: bool = True
 
 
 def split_options(optstrings):
@@ -107,6 +108,13 @@ def parse_options(optstrings, strict=True, warn=None):
             spec.whiteout = value
         elif key == "volatile":
             spec.volatile = True
+        elif key in TIMEOUT_OPTIONS and eq:
+            try:
+                spec.timeout = float(value)
+            except ValueError:
+                raise UserError(f"{key}={value}: not a number of seconds")
+        elif key == "threaded" and eq:
+            spec.threaded = value not in ("0", "false", "no")
         elif key in REFUSED:
             raise UserError(f"option {key!r} is not supported by unionfs")
         elif (key in FUSE_FLAGS and not eq) or (key in FUSE_VALUED and eq):
@@ -202,8 +210,8 @@ def fuse_options_for(spec):
 
 def serve(spec, mountpoint, debug=False, on_ready=None):
     """Run the filesystem in this process until it is unmounted."""
-    import fuse
-    from unionfs.fs import FS_ENCODING, UnionOperations
+    from unionfs import lowlevel
+    from unionfs.fs import DEFAULT_TIMEOUT, UnionFS
     from unionfs.union import Union
 
     try:
@@ -212,9 +220,15 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     except OSError as e:
         raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
     os.umask(0)     # modes arrive from the kernel with the caller's umask applied
-    ops = UnionOperations(union, on_init=on_ready)
-    fuse.FUSE(ops, mountpoint, raw_fi=True, encoding=FS_ENCODING,
-              foreground=True, debug=debug, **fuse_options_for(spec))
+    fs = UnionFS(union, timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
+                 on_init=on_ready)
+    options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec).items()]
+    if debug:
+        options.append("debug")
+    try:
+        lowlevel.run(fs.handlers(), mountpoint, options, threaded=spec.threaded)
+    except lowlevel.MountError as e:
+        raise RuntimeError(str(e))
 
 
 def mount(spec, mountpoint, foreground=False, debug=False):

@@ -86,10 +86,15 @@ class Union:
 
     def lstat(self, path):
         """(stat_result, inode number) of merged ``path``."""
+        st, ino, _ = self.lstat_layer(path)
+        return st, ino
+
+    def lstat_layer(self, path):
+        """(stat_result, inode number, layer it comes from) of ``path``."""
         node = self.node(path)
         layer = node.layers[0]
         st = os.lstat(layer.real(path))
-        return st, st.st_ino | layer.ino_tag
+        return st, st.st_ino | layer.ino_tag, layer
 
     def listdir(self, path):
         node = self.node(path)
