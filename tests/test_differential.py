@@ -1,0 +1,91 @@
+"""Differential test: the filesystem under test against kernel overlayfs.
+
+Random layer stacks (both whiteout formats, opaque directories, symlinks,
+fifos, device nodes, xattrs) and random operation sequences are applied to a
+kernel overlayfs mount and to the target mount; every result (value or errno)
+and the final merged trees must agree, also after remounting the target and,
+in overlay whiteout mode, when kernel overlayfs mounts the target's own
+lower+upper. See tests/difftree.py for the machinery and for the (few,
+commented) differences that are deliberately not compared.
+
+Environment:
+  DIFFTEST_TARGET  unionfs (default) | fuse-overlayfs (to check the harness)
+  DIFFTEST_SEED    first seed (default 1 for the CI run, 100000 for the slow one)
+  DIFFTEST_COUNT   number of sequences (default 210, slow run 2000)
+  DIFFTEST_SHRINK  seconds to spend shrinking a divergence (default 120; 0: off)
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import difftree  # noqa: E402
+
+
+def _kernel_overlay_available() -> bool:
+    def listed():
+        with open("/proc/filesystems") as f:
+            return any(line.split()[-1] == "overlay" for line in f if line.strip())
+    if listed():
+        return True
+    subprocess.run(["modprobe", "overlay"], capture_output=True, timeout=30)
+    return listed()
+
+
+def _skip_reason():
+    if os.geteuid() != 0:
+        return "needs root (kernel overlayfs mounts, trusted.* xattrs, whiteout devices)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if not _kernel_overlay_available():
+        return "kernel overlayfs not available"
+    return None
+
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+]
+
+
+def _run_many(tmp_path, record_property, default_seed, default_count):
+    first = int(os.environ.get("DIFFTEST_SEED", default_seed))
+    count = int(os.environ.get("DIFFTEST_COUNT", default_count))
+    shrink_s = float(os.environ.get("DIFFTEST_SHRINK", 120))
+    target = difftree.FuseTarget()
+    stats = difftree.Stats()
+    failure = None
+    try:
+        for seed in range(first, first + count):
+            try:
+                difftree.run_sequence(seed, str(tmp_path), target, stats=stats)
+            except difftree.Divergence as d:
+                shrunk = None
+                if shrink_s > 0:
+                    ops = [op for op, _, _ in d.executed]
+                    shrunk = difftree.shrink(seed, str(tmp_path), target, ops, shrink_s)
+                failure = difftree.report(seed, target, d, shrunk)
+                break
+    finally:
+        summary = stats.line(target.name) + f" seeds={first}..{first + count - 1}"
+        print("\n" + summary)
+        record_property("differential", summary)
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    assert stats.sequences == count
+    # A run where nearly every operation failed would compare little.
+    assert stats.errno_results < stats.operations * 0.6
+
+
+@pytest.mark.timeout(1200)
+def test_differential_against_kernel_overlayfs(tmp_path, record_property):
+    _run_many(tmp_path, record_property, default_seed=1, default_count=210)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)
+def test_differential_against_kernel_overlayfs_long(tmp_path, record_property):
+    _run_many(tmp_path, record_property, default_seed=100000, default_count=2000)
