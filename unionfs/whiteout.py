@@ -117,6 +117,10 @@ class Writer:
             os.setxattr(real_dir, self.opaque_xattr, OVL_OPAQUE_VALUE,
                         follow_symlinks=False)
         else:
+            # A marker file is an entry: keep the directory's times as they
+            # were, since marking it opaque is not a change the user made.
+            st = os.lstat(real_dir)
             fd = os.open(os.path.join(real_dir, WH_OPAQUE),
                          os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o000)
             os.close(fd)
+            os.utime(real_dir, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
