@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""`make demo`: unionfs on the sample shipped in demo/, end to end.
+
+Part 1 mounts two plain directories under a fresh upper and shows a copy-up,
+a whiteout and an opaque directory. Part 2 builds the demo image, loads it
+into a temporary store, mounts it as a container rootfs, changes it, and
+shows diff, commit and save. Everything lives in a temporary directory that
+is unmounted and removed at the end, whatever happens.
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+UNIONFS = str(BIN / "unionfs")
+
+
+def say(text):
+    print(f"\n\033[1m# {text}\033[0m" if sys.stdout.isatty() else f"\n# {text}", flush=True)
+
+
+def sh(*cmd, check=True, show=True):
+    shown = " ".join(shlex.quote(str(c)) for c in cmd).replace(UNIONFS, "unionfs")
+    if show:
+        print(f"$ {shown}", flush=True)
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+    out = (r.stdout + r.stderr).rstrip()
+    if out and show:
+        print(out, flush=True)
+    if check and r.returncode != 0:
+        raise SystemExit(f"demo: step failed: {shown}")
+    return r
+
+
+def mounted(path):
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def part1(tmp):
+    say("Part 1: a union of two directories (demo/base under demo/change)")
+    upper, work, mnt = tmp / "upper", tmp / "work", tmp / "merged"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    lower = f"{REPO}/demo/change:{REPO}/demo/base"
+    sh(UNIONFS, "mount", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", mnt)
+    try:
+        sh("ls", "-l", mnt / "app", mnt / "etc")
+        say("copy-up: appending to a lower file copies it into the upper first")
+        sh("sh", "-c", f"echo 'edited in the container' >> {mnt}/etc/motd")
+        sh("cat", mnt / "etc/motd")
+        sh("diff", "-u", REPO / "demo/change/etc/motd", upper / "etc/motd", check=False)
+        say("whiteout: deleting a lower file records a whiteout in the upper")
+        sh("rm", mnt / "app/config.ini")
+        sh("ls", "-la", mnt / "app", upper / "app")
+        say("opaque: a directory removed and made again hides what was below")
+        sh("rm", "-r", mnt / "app/data")
+        sh("mkdir", mnt / "app/data")
+        sh("ls", "-la", mnt / "app/data")
+        sh("getfattr", "-d", "-m", "overlay", upper / "app/data", check=False)
+        say("the lower layers did not change")
+        sh("ls", REPO / "demo/base/app", REPO / "demo/base/app/data")
+    finally:
+        if mounted(mnt):
+            sh(UNIONFS, "umount", mnt)
+
+
+def part2(tmp):
+    say("Part 2: an image as a container rootfs (load, mount, diff, commit, save)")
+    store, mnt = tmp / "store", tmp / "rootfs"
+    mnt.mkdir()
+    archive = tmp / "demo.tar"
+    st = ["--store", store]
+    sh(sys.executable, REPO / "scripts/make_demo_image.py", "-o", archive)
+    sh(UNIONFS, "image", "load", *st, "-q", archive)
+    sh(UNIONFS, "image", "ls", *st)
+    sh(UNIONFS, "image", "history", *st, "unionfs-demo")
+    sh(UNIONFS, "image", "mount", *st, "unionfs-demo", mnt, "--name", "demo")
+    try:
+        sh("ls", "-l", mnt, mnt / "app")
+        sh("cat", mnt / "etc/motd")
+        if os.geteuid() == 0:
+            say("the rootfs runs its own busybox (chroot)")
+            sh("chroot", mnt, "/bin/sh", "-c", "echo hello from $(cat /etc/hostname); ls /app")
+        say("a change in the container")
+        sh("sh", "-c", f"echo 2.0 > {mnt}/app/VERSION; rm {mnt}/app/README; "
+                       f"mkdir -p {mnt}/srv && echo served > {mnt}/srv/index.html")
+        sh(UNIONFS, "diff", *st, "demo")
+        sh(UNIONFS, "commit", *st, "demo", "unionfs-demo:changed", "-m", "make demo: edit")
+        sh(UNIONFS, "image", "history", *st, "unionfs-demo:changed")
+        sh(UNIONFS, "image", "save", *st, "-q", "unionfs-demo:changed", "-o", tmp / "changed.tar")
+        sh("tar", "-tf", tmp / "changed.tar")
+    finally:
+        if mounted(mnt):
+            sh(UNIONFS, "umount", mnt)
+    sh(UNIONFS, "ps", *st)
+    sh(UNIONFS, "rm", *st, "demo")
+
+
+def main():
+    tmp = Path(tempfile.mkdtemp(prefix="unionfs-demo-"))
+    try:
+        part1(tmp)
+        part2(tmp)
+        say("done: everything was unmounted; the temporary files go now")
+        return 0
+    finally:
+        for m in (tmp / "merged", tmp / "rootfs"):
+            if mounted(m):
+                subprocess.run([UNIONFS, "umount", str(m)], timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
