@@ -16,6 +16,7 @@ Environment:
 """
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -49,6 +50,46 @@ pytestmark = [
     pytest.mark.fuse,
     pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
 ]
+
+
+def test_both_physical_copies_hold_the_same_logical_tree(tmp_path):
+    """The harness itself: one seed gives one stack; the kernel copy is pure
+    overlay format, the mixed copy writes OCI markers exactly where chosen."""
+    import random
+    stacks = [difftree.gen_stack(random.Random(7)) for _ in range(2)]
+    assert stacks[0].describe() == stacks[1].describe()
+    # Find a seed whose stack has both kinds of marker in both formats.
+    for seed in range(1000):
+        stack = difftree.gen_stack(random.Random(seed))
+        entries = [(p, e) for layer in stack.lowers + [stack.upper] for p, e in layer.items()]
+        kinds = {(e.kind == "whiteout", e.opaque, e.oci_marker) for _, e in entries}
+        if {(True, False, True), (True, False, False),
+                (False, True, True), (False, True, False)} <= kinds:
+            break
+    else:
+        pytest.fail("no seed below 1000 generates every kind of marker")
+    for fmt in ("overlay", "mixed"):
+        for i, layer in enumerate(stack.lowers):
+            root = str(tmp_path / f"{fmt}{i}")
+            difftree.build_layer(layer, root, fmt, 0)
+            for path, e in layer.items():
+                p = os.path.join(root, path)
+                d, name = os.path.split(p)
+                oci = fmt == "mixed" and e.oci_marker
+                if e.kind == "whiteout":
+                    assert os.path.exists(os.path.join(d, ".wh." + name)) == oci
+                    assert os.path.lexists(p) != oci
+                    if not oci:
+                        st = os.lstat(p)
+                        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                elif e.kind == "dir":
+                    assert os.path.exists(os.path.join(p, ".wh..wh..opq")) == (e.opaque and oci)
+                    has_xattr = "trusted.overlay.opaque" in os.listxattr(p)
+                    assert has_xattr == (e.opaque and not oci)
+                else:
+                    st = os.lstat(p)
+                    assert difftree.norm_stat(st)["type"] == e.kind
+                    assert st.st_mtime_ns == e.mtime_ns
 
 
 def _run_many(tmp_path, record_property, default_seed, default_count):
