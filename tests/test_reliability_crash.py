@@ -31,6 +31,7 @@ import random
 import shutil
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -324,7 +325,6 @@ KILLED, DONE, FAILED = 41, 42, 43
 def _install_crash_point(n):
     """From now on, die (no cleanup, like SIGKILL) before the ``n``-th
     mutating syscall of this process."""
-    import unionfs.namespace
     import unionfs.osutil
     count = [0]
 
@@ -349,9 +349,15 @@ def _install_crash_point(n):
             point()
         return real_open(path, flags, *a, **kw)
     os.open = open_
-    for mod in (unionfs.osutil, unionfs.namespace):
-        if hasattr(mod, "rename_exchange"):
-            mod.rename_exchange = wrap(mod.rename_exchange)
+    # The project's own syscall wrappers (renameat2 and the like), wherever
+    # they were imported by name.
+    originals = {id(fn): fn for name, fn in vars(unionfs.osutil).items()
+                 if callable(fn) and not name.startswith("_")
+                 and getattr(fn, "__module__", None) == unionfs.osutil.__name__}
+    for mod in [m for n, m in sys.modules.items() if n.startswith("unionfs")]:
+        for name, fn in list(vars(mod).items()):
+            if id(fn) in originals:
+                setattr(mod, name, wrap(fn))
 
 
 def run_until_crash(layers, whiteout, steps, n):
