@@ -5,8 +5,8 @@
 - removing a mount whose daemon was killed, through ``unionfs umount``;
 - snapshots of a tree (bytes names, content hashes) to compare states;
 - a small tmpfs to put an upper on (root only);
-- running code as another user (uid 65534) under a 0755 base directory;
-- kernel overlayfs on a copy of the same layers, for side-by-side runs.
+- a 0755 base directory other users can reach (tmp_path is 0700);
+- kernel overlayfs on a layer tree, for side-by-side runs.
 """
 
 import contextlib
@@ -18,14 +18,12 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT, UNIONFS, Layers, force_unmount, is_mounted, run, wait_for
+from conftest import IS_ROOT, UNIONFS, force_unmount, is_mounted, run, wait_for
 
-NOBODY = 65534
 PY = sys.executable
 
 
@@ -189,16 +187,6 @@ def small_tmpfs(path, size="8m"):
 
 # -- another user ---------------------------------------------------------------
 
-def as_user(code, uid=NOBODY, gid=NOBODY, timeout=60, cwd=None):
-    """Run Python ``code`` as ``uid``:``gid``; returns CompletedProcess."""
-    def drop():
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    return subprocess.run([PY, "-c", code], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=drop, cwd=cwd)
-
-
 @contextlib.contextmanager
 def shared_base(prefix="unionfs-rel-"):
     """A 0755 directory under /tmp (pytest's tmp_path is 0700: other users
@@ -254,21 +242,3 @@ def unmount_any(mnt):
         r = run(["umount", str(mnt)], timeout=30)
         if r.returncode != 0:
             run(["umount", "-l", str(mnt)], timeout=30)
-
-
-def copy_layers(src, dst_base):
-    """A copy of Layers ``src`` (lowers + upper, xattrs and devices kept)."""
-    dst = Layers(dst_base, nlower=len(src.lowers))
-    for a, b in zip(src.lowers + [src.upper], dst.lowers + [dst.upper]):
-        r = run(["cp", "-a", "--preserve=all", str(a) + "/.", str(b)])
-        assert r.returncode == 0, r.stderr
-    return dst
-
-
-def wait_until(pred, timeout=10.0):
-    return wait_for(pred, timeout=timeout)
-
-
-def monotonic_deadline(seconds):
-    end = time.monotonic() + seconds
-    return lambda: time.monotonic() >= end

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT, Layers, requires_fuse, requires_root
+from conftest import IS_ROOT, Layers, requires_fuse
 from reliability_helpers import (alive, daemon_pid, mount_cli, quick_unmount, small_tmpfs,
-                                 snapshot, unmount_any, unmount_layers_after,  # noqa: F401
+                                 unmount_any, unmount_layers_after,  # noqa: F401
                                  work_leftovers, xattrs_of)
 
 pytestmark = [requires_fuse, pytest.mark.fuse]

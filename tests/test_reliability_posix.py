@@ -15,7 +15,6 @@ truncate growing and shrinking.
 """
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -28,8 +27,7 @@ pytestmark = [requires_fuse, requires_root, pytest.mark.fuse,
               pytest.mark.skipif(not kernel_overlay_available(),
                                  reason="kernel overlayfs not available")]
 
-NOBODY = 65534
-OTHER = 4242        # a third user, owner of files nobody must not touch
+# Users: 65534 (nobody) acts on files of root and of 4242, a third user.
 
 # The lower tree every check works on: one prefix per check.
 BUILD = r"""

@@ -16,9 +16,9 @@ import os
 
 import pytest
 
-from conftest import Layers, requires_fuse, requires_root
-from reliability_helpers import (daemon_pid, alive, file_digest, mount_cli, quick_unmount,
-                                 run, small_tmpfs, unmount_any, work_leftovers)
+from conftest import Layers, requires_fuse, requires_root, run
+from reliability_helpers import (alive, daemon_pid, file_digest, mount_cli, quick_unmount,
+                                 small_tmpfs, unmount_any, work_leftovers)
 
 pytestmark = [requires_fuse, requires_root, pytest.mark.fuse]
 
