@@ -295,9 +295,11 @@ class Mounts:
         self.unionfs_cmd = self._find_unionfs()
         # With a snapshot of the package, the unionfs command imports it
         # instead of the (editable, possibly half-edited) installed one.
+        # PYTHONSAFEPATH: `python -m` would otherwise put the current
+        # directory (often the work tree) ahead of PYTHONPATH.
         self.unionfs_env = None
         if code is not None:
-            self.unionfs_env = dict(os.environ, PYTHONPATH=str(code))
+            self.unionfs_env = dict(os.environ, PYTHONPATH=str(code), PYTHONSAFEPATH="1")
 
     @staticmethod
     def _find_unionfs() -> list[str]:
