@@ -37,6 +37,7 @@ Methodology (why it is done this way):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -963,6 +964,9 @@ def parse_args(argv):
                    help="comma-separated workloads: " + ",".join(names))
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated systems (default: all four)")
+    p.add_argument("--tree-files", type=int, metavar="N", default=None,
+                   help="files in the find/ls tree (rounded to hundreds; default 20000, "
+                        "--quick 3000), e.g. 100000 to check the daemon's memory")
     p.add_argument("--json", default="bench-results.json", help="where to write the results")
     p.add_argument("--workdir", default=None,
                    help="scratch space (a new directory is made inside; default /tmp)")
@@ -994,6 +998,10 @@ def parse_args(argv):
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     args.sizes = QUICK if args.quick else FULL
+    if args.tree_files is not None:
+        if args.tree_files < 100:
+            p.error("--tree-files must be at least 100")
+        args.sizes = dataclasses.replace(args.sizes, tree_dirs=args.tree_files // 100)
     args.workloads = [w for w in WORKLOADS if w.name in only]
     args.system_list = [s for s in SYSTEMS if s in systems]
     return args
