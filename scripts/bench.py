@@ -446,6 +446,11 @@ class LoopFs:
         self.dev: str | None = None
         self.mounted = False
 
+    @staticmethod
+    def possible() -> bool:
+        return (os.geteuid() == 0 and os.path.exists("/dev/loop-control")
+                and all(shutil.which(t) for t in ("losetup", "mkfs.ext4")))
+
     def create(self, gib: int) -> Path:
         if os.geteuid() != 0:
             raise BenchError("--loop-ext4 needs root")
@@ -952,6 +957,15 @@ def to_json(bench: Bench, workloads, systems, info, sizes: Sizes, hot) -> dict:
 # --------------------------------------------------------------------------
 
 
+def default_loop_gib(args) -> int:
+    """Room for every file a run keeps until the end (uppers are not deleted
+    between runs): the big file's copies and the writes dominate."""
+    sz = args.sizes
+    runs = args.repeat * len(args.system_list) + 1      # + the profiling run
+    mib = sz.big_mib * (2 + 2 * runs) + sz.write_mib * runs
+    return max(2, -(-mib // 1024) + 2)
+
+
 def parse_args(argv):
     names = [w.name for w in WORKLOADS]
     p = argparse.ArgumentParser(
@@ -971,10 +985,11 @@ def parse_args(argv):
     p.add_argument("--workdir", default=None,
                    help="scratch space (a new directory is made inside; default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    p.add_argument("--loop-ext4", type=int, metavar="GIB", default=0,
-                   help="work on a private journaled ext4 of GIB GiB on a loop device "
-                        "(root; isolates the run from other disk activity; a full run "
-                        "needs about 16)")
+    p.add_argument("--loop-ext4", type=int, metavar="GIB", default=None,
+                   help="work on a private journaled ext4 of GIB GiB on a loop device, "
+                        "isolated from other disk activity; 0: work in the workdir itself "
+                        "(default: a loop fs sized for the run when root with losetup and "
+                        "mkfs.ext4, else 0)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per command")
     p.add_argument("--unionfs-code", default="worktree", metavar="WHICH",
                    help="the unionfs code to measure: 'worktree' (a copy taken at the "
@@ -1004,6 +1019,8 @@ def parse_args(argv):
         args.sizes = dataclasses.replace(args.sizes, tree_dirs=args.tree_files // 100)
     args.workloads = [w for w in WORKLOADS if w.name in only]
     args.system_list = [s for s in SYSTEMS if s in systems]
+    if args.loop_ext4 is None:
+        args.loop_ext4 = default_loop_gib(args) if LoopFs.possible() else 0
     return args
 
 
@@ -1028,6 +1045,10 @@ def main(argv=None) -> int:
     try:
         base = work
         if args.loop_ext4:
+            free_gib = shutil.disk_usage(work).free >> 30
+            if free_gib < args.loop_ext4:
+                raise BenchError(f"{work}: {free_gib} GiB free, the run needs about "
+                                 f"{args.loop_ext4} (see --loop-ext4, --quick, --workdir)")
             loop = LoopFs(work, args.timeout)
             base = loop.create(args.loop_ext4)
         bench = Bench(args, base)
