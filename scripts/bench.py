@@ -28,8 +28,15 @@ Methodology (why it is done this way):
   recently deleted inodes), which would punish whichever system runs next.
   Each run gets its own directory; all of them go at the end.  For the same
   reason the native `rm -rf` runs on a hard-linked copy (only links go away).
+- Scratch space is, by default (as root), a private journaled ext4 on a loop
+  device: an ext4 without a journal (like this VM's root) makes inode
+  allocation slow for ~30 s after anyone deletes files, so the disk activity
+  of whatever else runs on the machine would show up in our numbers.
 - Lower layers are built once and never written, like the image layers they
   stand for.  The native system works on a merged copy of them.
+- unionfs runs from a copy of its package taken at the start (or from a git
+  revision, --unionfs-code), so edits to the work tree during a run do not
+  mix versions.
 - Every mount made is unmounted, also on errors and Ctrl-C.  The only
   processes ever signalled are this script's own children (and py-spy).
 """
