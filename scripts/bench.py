@@ -808,7 +808,10 @@ def hotspots(raw: Path, top: int = 10) -> dict:
         return [(fr, round(100 * c / total, 1)) for fr, c in
                 sorted(d.items(), key=lambda kv: -kv[1])[:top]] if total else []
 
-    ours = {fr: c for fr, c in incl_n.items() if "(unionfs/" in fr}
+    # unionfs frames, less the start-up path every daemon stack begins with
+    entry = ("(unionfs/cli.py:", "(unionfs/mount.py:", "(unionfs/__main__.py:")
+    ours = {fr: c for fr, c in incl_n.items()
+            if "(unionfs/" in fr and not any(e in fr for e in entry)}
     return {"samples": total, "self": rank(self_n), "inclusive": rank(incl_n),
             "inclusive_unionfs": rank(ours)}
 
