@@ -757,7 +757,9 @@ class Bench:
                         continue
                     try:
                         elapsed, stats = self.one_run(wl, system, rep)
-                    except BenchError as e:
+                    except (BenchError, OSError) as e:
+                        # OSError: a check or /proc read failed, e.g. a file
+                        # missing from the mount or the daemon gone
                         cell.errors.append(str(e))
                         print(f"  {wl.name:<11} {system:<15} error: {e}", file=sys.stderr)
                         continue
@@ -779,7 +781,7 @@ class Bench:
             out = outdir / f"{wl.name}.txt"
             try:
                 self.one_run(wl, "unionfs", 0, profile_to=out)
-            except BenchError as e:
+            except (BenchError, OSError) as e:
                 print(f"bench: profile {wl.name}: {e}", file=sys.stderr)
                 continue
             if out.exists():
