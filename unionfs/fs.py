@@ -23,6 +23,7 @@ import ctypes
 import errno
 import logging
 import os
+import queue
 import stat
 import threading
 import time
@@ -234,40 +235,40 @@ class UnionFS:
         st, ino = self.union.lstat(inode.path)
         self._reply_attr(req, st, ino)
 
-    def setattr(self, req, nodeid, attr, to_set, fi):
+    def setattr(self, req, nodeid, a, to_set, fh):
+        """``a``: the requested attributes as a SetAttr (copied from the
+        request, which may be gone by the time a worker runs this)."""
         inode = self._inode(nodeid)
-        a = attr.contents
         u = self.union
         path = inode.path
         if to_set & ll.SET_ATTR_SIZE:
-            if fi:
-                os.ftruncate(fi.contents.fh, a.st_size)
+            if fh is not None:
+                os.ftruncate(fh, a.size)
             else:
-                u.truncate(self._path(nodeid), a.st_size)
+                u.truncate(self._path(nodeid), a.size)
         if path is None:
-            if to_set & ~ll.SET_ATTR_SIZE:
+            if to_set & ~ll.SET_ATTR_SIZE or fh is None:
                 raise OSError(errno.ENOENT, "unlinked")
-            st = os.fstat(fi.contents.fh)
+            st = os.fstat(fh)
             self._reply_attr(req, st, st.st_ino)
             return
         if to_set & ll.SET_ATTR_MODE:
-            u.chmod(path, a.st_mode)
+            u.chmod(path, a.mode)
         if to_set & (ll.SET_ATTR_UID | ll.SET_ATTR_GID):
-            u.chown(path, a.st_uid if to_set & ll.SET_ATTR_UID else -1,
-                    a.st_gid if to_set & ll.SET_ATTR_GID else -1)
-        times = to_set & (ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME
-                          | ll.SET_ATTR_ATIME_NOW | ll.SET_ATTR_MTIME_NOW)
-        if times:
+            u.chown(path, a.uid if to_set & ll.SET_ATTR_UID else -1,
+                    a.gid if to_set & ll.SET_ATTR_GID else -1)
+        if to_set & (ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME
+                     | ll.SET_ATTR_ATIME_NOW | ll.SET_ATTR_MTIME_NOW):
             now = time.time_ns()
-            atime = mtime = None
+            atime = mtime = None        # None: leave as is (UTIME_OMIT)
             if to_set & ll.SET_ATTR_ATIME_NOW:
                 atime = now
             elif to_set & ll.SET_ATTR_ATIME:
-                atime = a.st_atimespec.tv_sec * 1_000_000_000 + a.st_atimespec.tv_nsec
+                atime = a.atime_ns
             if to_set & ll.SET_ATTR_MTIME_NOW:
                 mtime = now
             elif to_set & ll.SET_ATTR_MTIME:
-                mtime = a.st_mtimespec.tv_sec * 1_000_000_000 + a.st_mtimespec.tv_nsec
+                mtime = a.mtime_ns
             u.utimens(path, atime, mtime)
         st, ino = u.lstat(path)
         self._reply_attr(req, st, ino)
@@ -326,11 +327,12 @@ class UnionFS:
 
     # -- files ----------------------------------------------------------------------
 
-    def open(self, req, nodeid, fi):
-        f = fi.contents
-        fd, _ = self.union.open(self._path(nodeid), f.flags)
-        f.fh = fd
-        f.keep_cache = 1            # see "Caching" in the module doc
+    def open(self, req, nodeid, flags):
+        fd, _ = self.union.open(self._path(nodeid), flags)
+        fi = ll.fuse_file_info()
+        fi.flags = flags
+        fi.fh = fd
+        fi.keep_cache = 1           # see "Caching" in the module doc
         self._inode(nodeid).fd = fd
         ll.reply_open(req, fi)
 
@@ -348,13 +350,12 @@ class UnionFS:
         self._inodes[e.ino].fd = fd
         ll.reply_create(req, e, fi)
 
-    def read(self, req, nodeid, size, off, fi):
-        data = os.pread(fi.contents.fh, size, off)
+    def read(self, req, nodeid, size, off, fh):
+        data = os.pread(fh, size, off)
         ll.reply_buf(req, data, len(data))
 
-    def write(self, req, nodeid, buf, size, off, fi):
-        data = ctypes.string_at(buf, size)
-        ll.reply_write(req, os.pwrite(fi.contents.fh, data, off))
+    def write(self, req, nodeid, data, off, fh):
+        ll.reply_write(req, os.pwrite(fh, data, off))
 
     def flush(self, req, nodeid, fi):
         ll.reply_err(req, 0)
@@ -367,8 +368,8 @@ class UnionFS:
         os.close(fd)
         ll.reply_err(req, 0)
 
-    def fsync(self, req, nodeid, datasync, fi):
-        (os.fdatasync if datasync else os.fsync)(fi.contents.fh)
+    def fsync(self, req, nodeid, datasync, fh):
+        (os.fdatasync if datasync else os.fsync)(fh)
         ll.reply_err(req, 0)
 
     # -- directories ------------------------------------------------------------------
@@ -420,9 +421,8 @@ class UnionFS:
                 setattr(c, k, getattr(sv, k))
         ll.reply_statfs(req, c)
 
-    def setxattr(self, req, nodeid, name, value, size, flags):
-        self.union.setxattr(self._path(nodeid), os.fsdecode(name),
-                            ctypes.string_at(value, size), flags)
+    def setxattr(self, req, nodeid, name, value, flags):
+        self.union.setxattr(self._path(nodeid), os.fsdecode(name), value, flags)
         ll.reply_err(req, 0)
 
     def getxattr(self, req, nodeid, name, size):
@@ -454,16 +454,45 @@ class UnionFS:
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    def handlers(self):
-        """Callables for lowlevel.run: each answers its request exactly once."""
+    # Requests that may take long (copy-up of a big file, disk I/O, fsync):
+    # with a single-threaded session loop they run on worker threads, so
+    # lookups and stats never wait behind them. Each is given plain values:
+    # the request's own buffers and structures are gone once the loop moves
+    # on, so the C-side arguments are copied before handing off.
+    SLOW = {
+        "open": lambda req, ino, fi: (req, ino, fi.contents.flags),
+        "read": lambda req, ino, size, off, fi: (req, ino, size, off, fi.contents.fh),
+        "write": lambda req, ino, buf, size, off, fi:
+            (req, ino, ctypes.string_at(buf, size), off, fi.contents.fh),
+        "fsync": lambda req, ino, datasync, fi: (req, ino, datasync, fi.contents.fh),
+        "setattr": lambda req, ino, attr, to_set, fi:
+            (req, ino, SetAttr(attr.contents), to_set, fi.contents.fh if fi else None),
+        "setxattr": lambda req, ino, name, value, size, flags:
+            (req, ino, name, ctypes.string_at(value, size), flags),
+        "rename": lambda *args: args,
+        "link": lambda *args: args,
+        "removexattr": lambda *args: args,
+    }
+    FAST = ("lookup", "getattr", "readlink", "mknod", "mkdir", "unlink", "rmdir",
+            "symlink", "create", "flush", "release", "opendir", "readdir",
+            "releasedir", "fsyncdir", "statfs", "getxattr", "listxattr", "access")
+
+    def handlers(self, workers=None):
+        """Callables for lowlevel.run; each answers its request exactly once.
+
+        ``workers``: a Workers pool for the slow requests, or None to run
+        everything on the calling thread (a multi-threaded session loop).
+        """
         # forget has no reply to send, not even an error.
         out = {"init": self.init, "forget": self.forget}
-        for name in ("lookup", "getattr", "setattr", "readlink", "mknod",
-                     "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "open",
-                     "read", "write", "flush", "release", "fsync", "opendir", "readdir",
-                     "releasedir", "fsyncdir", "statfs", "setxattr", "getxattr",
-                     "listxattr", "removexattr", "access", "create"):
+        for name in self.FAST:
             out[name] = self._dispatch(name, getattr(self, name))
+        for name, copy in self.SLOW.items():
+            call = self._dispatch(name, getattr(self, name))
+            if workers is None:
+                out[name] = (lambda call, copy: lambda *a: call(*copy(*a)))(call, copy)
+            else:
+                out[name] = (lambda call, copy: lambda *a: workers.submit(call, copy(*a)))(call, copy)
         return out
 
     @staticmethod
@@ -479,3 +508,46 @@ class UnionFS:
                 log.exception("unionfs: %s failed", name)
                 reply_err(req, errno.EIO)
         return call
+
+
+class SetAttr:
+    """The fields of a setattr request, copied out of libfuse's struct stat."""
+
+    __slots__ = ("size", "mode", "uid", "gid", "atime_ns", "mtime_ns")
+
+    def __init__(self, st):
+        self.size = st.st_size
+        self.mode = st.st_mode
+        self.uid = st.st_uid
+        self.gid = st.st_gid
+        self.atime_ns = st.st_atimespec.tv_sec * 1_000_000_000 + st.st_atimespec.tv_nsec
+        self.mtime_ns = st.st_mtimespec.tv_sec * 1_000_000_000 + st.st_mtimespec.tv_nsec
+
+
+class Workers:
+    """A few threads that run slow requests handed off by the session loop."""
+
+    def __init__(self, count=4):
+        self._queue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"unionfs-worker-{i}",
+                                          daemon=True) for i in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, args):
+        self._queue.put((fn, args))
+
+    def _run(self):
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            fn, args = item
+            fn(*args)
+
+    def stop(self):
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=30)

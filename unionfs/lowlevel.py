@@ -13,6 +13,7 @@ The library is the one fusepy loads (libfuse.so.2); fusepy's per-architecture
 """
 
 import ctypes
+import os
 from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_int, c_size_t,
                     c_uint, c_uint64, c_ulong, c_void_p)
 
@@ -53,8 +54,17 @@ class fuse_args(ctypes.Structure):
     _fields_ = [("argc", c_int), ("argv", POINTER(c_char_p)), ("allocated", c_int)]
 
 
+# glibc's struct stat ends in reserved words that fusepy's c_stat leaves out.
+# That is harmless where libfuse hands us a pointer, but fuse_entry_param
+# embeds a struct stat by value: without the tail, libfuse would read the
+# timeouts from the reserved words (as 0, disabling all kernel caching).
+_STAT_SIZE = {"x86_64": 144, "aarch64": 128, "ppc64le": 144, "ppc64": 144}.get(
+    os.uname().machine, ctypes.sizeof(c_stat))
+
+
 class fuse_entry_param(ctypes.Structure):
     _fields_ = [("ino", fuse_ino_t), ("generation", c_ulong), ("attr", c_stat),
+                ("_stat_tail", ctypes.c_char * (_STAT_SIZE - ctypes.sizeof(c_stat))),
                 ("attr_timeout", c_double), ("entry_timeout", c_double)]
 
 

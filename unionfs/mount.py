@@ -74,7 +74,7 @@ class MountSpec:
     fuse_options: dict = dataclasses.field(default_factory=dict)
     volatile: bool = False          # skip fsync of copied-up data
     timeout: float | None = None    # kernel cache lifetime (None: fs.DEFAULT_TIMEOUT)
-    threaded: bool = True
+    threaded: bool = False          # libfuse's multi-threaded loop (see serve())
 
 
 def split_options(optstrings):
@@ -211,7 +211,7 @@ def fuse_options_for(spec):
 def serve(spec, mountpoint, debug=False, on_ready=None):
     """Run the filesystem in this process until it is unmounted."""
     from unionfs import lowlevel
-    from unionfs.fs import DEFAULT_TIMEOUT, UnionFS
+    from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers
     from unionfs.union import Union
 
     try:
@@ -225,10 +225,17 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec).items()]
     if debug:
         options.append("debug")
+    # Default: one thread reads requests and answers the quick ones; slow
+    # ones go to workers (measured faster than libfuse's thread-per-request
+    # loop, whose threads fight over the GIL). threaded=1 selects the latter.
+    workers = None if spec.threaded else Workers()
     try:
-        lowlevel.run(fs.handlers(), mountpoint, options, threaded=spec.threaded)
+        lowlevel.run(fs.handlers(workers), mountpoint, options, threaded=spec.threaded)
     except lowlevel.MountError as e:
         raise RuntimeError(str(e))
+    finally:
+        if workers is not None:
+            workers.stop()
 
 
 def mount(spec, mountpoint, foreground=False, debug=False):
