@@ -119,7 +119,8 @@ def run(cmd: list[str], timeout: float, capture: bool = False,
         tail = proc.stderr.decode(errors="replace").strip().splitlines()
         rc = proc.returncode
         msg = tail[-1] if tail else (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
-        raise BenchError(f"{Path(cmd[0]).name}: {msg}")
+        name = Path(cmd[0]).name
+        raise BenchError(msg if msg.startswith(name + ":") else f"{name}: {msg}")
     return proc
 
 
