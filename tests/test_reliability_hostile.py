@@ -220,10 +220,6 @@ def test_whiteout_prefixed_names_are_reserved(layers, whiteout):
     quick_unmount(mnt)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug reported to the lead: markers in the upper (.wh.NAME, .wh..wh..opq) are found "
-    "by lookup: stat/open show them and unlink(.wh.NAME) removes the marker, so a "
-    "deleted lower file comes back"))
 def test_upper_markers_are_not_reachable_by_name(layers):
     lower = layers.lowers[0]
     (lower / "gone").write_text("deleted\n")
@@ -474,10 +470,6 @@ def test_hostile_symlinks_never_lead_outside(hostile, whiteout):
     assert (layers.lowers[1] / "over" / "secret").read_text() == "lower, not the canary\n"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug reported to the lead: a symlink at WORKDIR/unionfs-work is followed at mount "
-    "(makedirs exist_ok + scandir): everything in its target is deleted, and copy-up "
-    "temporaries are created there"))
 def test_symlinked_work_directory_is_not_followed(hostile):
     layers = hostile
     (layers.lowers[0] / "f").write_text("f\n")

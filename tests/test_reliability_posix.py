@@ -485,11 +485,6 @@ KNOWN = {
         "S_ISGID on a 02766 file (the kernel clears it: overlayfs and ext4 give 0766); "
         "the daemon writes as root (CAP_FSETID), and FUSE's own kill-suid logic only "
         "covers S_ISGID with group-exec"),
-    ("misc", "nlink merged dir"): (
-        "bug reported to the lead: a merged directory reports the upper directory's "
-        "st_nlink, which does not count subdirectories that only lower layers have; "
-        "overlayfs reports 1 for merged directories (\"unknown\", so find/fts do not "
-        "use the nlink-2 leaf optimisation)"),
 }
 
 

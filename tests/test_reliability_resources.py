@@ -165,11 +165,6 @@ def test_killed_daemon_is_reported_by_umount(layers):
     assert_reports_dead_daemon(umount_dead(mnt), mnt)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug reported to the lead: once the kernel no longer has the mount point's "
-    "attributes cached, `unionfs umount` of a mount whose daemon died says "
-    "'MNT: no such directory' (os.path.isdir/lexists get ENOTCONN) and leaves the "
-    "dead mount in place"))
 def test_killed_daemon_is_reported_by_umount_uncached(layers):
     (layers.lowers[0] / "f").write_text("f\n")
     mnt = mount_cli(layers, "attr_timeout=0,entry_timeout=0")

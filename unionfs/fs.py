@@ -49,10 +49,10 @@ class Inode:
         self.fd = None              # an open fd, for fstat once unlinked
 
 
-def _fill_stat(cst, st, ino):
+def _fill_stat(cst, st, ino, merged=False):
     cst.st_ino = ino
     cst.st_mode = st.st_mode
-    cst.st_nlink = st.st_nlink
+    cst.st_nlink = 1 if merged else st.st_nlink
     cst.st_uid = st.st_uid
     cst.st_gid = st.st_gid
     cst.st_rdev = st.st_rdev
@@ -172,18 +172,18 @@ class UnionFS:
 
     def _entry(self, path):
         """Look ``path`` up and build the entry reply for it."""
-        st, ino, layer = self.union.lstat_layer(path)
+        st, ino, layer, merged = self.union.lstat_layer(path)
         inode = self._remember(path, st, layer)
         e = ll.fuse_entry_param()
         e.ino = inode.nodeid
-        _fill_stat(e.attr, st, ino)
+        _fill_stat(e.attr, st, ino, merged)
         e.attr_timeout = self.timeout
         e.entry_timeout = self.timeout
         return e
 
-    def _reply_attr(self, req, st, ino):
+    def _reply_attr(self, req, st, ino, merged=False):
         cst = ll.c_stat()
-        _fill_stat(cst, st, ino)
+        _fill_stat(cst, st, ino, merged)
         ll.reply_attr(req, cst, self.timeout)
 
     @staticmethod
@@ -232,8 +232,7 @@ class UnionFS:
             st = os.fstat(inode.fd)
             self._reply_attr(req, st, st.st_ino)
             return
-        st, ino = self.union.lstat(inode.path)
-        self._reply_attr(req, st, ino)
+        self._reply_attr(req, *self.union.lstat(inode.path))
 
     def setattr(self, req, nodeid, a, to_set, fh):
         """``a``: the requested attributes as a SetAttr (copied from the
@@ -270,8 +269,7 @@ class UnionFS:
             elif to_set & ll.SET_ATTR_MTIME:
                 mtime = a.mtime_ns
             u.utimens(path, atime, mtime)
-        st, ino = u.lstat(path)
-        self._reply_attr(req, st, ino)
+        self._reply_attr(req, *u.lstat(path))
 
     def readlink(self, req, nodeid):
         ll.reply_readlink(req, os.fsencode(self.union.readlink(self._path(nodeid))))
@@ -298,7 +296,7 @@ class UnionFS:
         self.union.link(src, path)
         # Both names are now one upper file: make the old one findable by
         # its backing inode, so the new name joins the same kernel inode.
-        st, _, layer = self.union.lstat_layer(src)
+        st = self.union.lstat(src)[0]
         with self._table:
             inode = self._inodes.get(nodeid)
             if inode is not None:
@@ -376,7 +374,7 @@ class UnionFS:
 
     def opendir(self, req, nodeid, fi):
         path = self._path(nodeid)
-        _, ino = self.union.lstat(path)
+        _, ino, _ = self.union.lstat(path)
         listing = [(b".", _S_IFDIR, ino), (b"..", _S_IFDIR, ino)]
         listing.extend((os.fsencode(n), t, i) for n, t, i in self.union.listdir(path))
         with self._table:

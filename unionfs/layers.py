@@ -234,6 +234,8 @@ class LayerStack:
         return node
 
     def _lookup_in(self, parent, name, layers, root=False):
+        if not root and name.startswith(wh.WH_PREFIX):
+            return None     # markers are never entries (see whiteout.py)
         path = "/" if root else child_path(parent, name)
         dirs = []
         for layer in layers:

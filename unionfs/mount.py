@@ -348,21 +348,23 @@ def _daemon_pid(mountpoint):
 
 
 def _alive(pid):
+    """True while ``pid`` runs (a zombie has exited: it only waits to be reaped)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in ("Z", "X")
 
 
 def umount(mountpoint, timeout=30):
     """Unmount a unionfs mount and wait for its daemon to finish."""
-    if not os.path.isdir(mountpoint) and not os.path.lexists(mountpoint):
-        raise UserError(f"{mountpoint}: no such directory")
+    # The mount table first: stat of a mount whose daemon died fails
+    # (ENOTCONN), so existence is only checked for what is not mounted.
     entry = _mount_entry(mountpoint)
     if entry is None or not entry[0].startswith("fuse"):
+        if not os.path.lexists(mountpoint):
+            raise UserError(f"{mountpoint}: no such directory")
         raise UserError(f"{mountpoint} is not a FUSE mount")
     pid = _daemon_pid(mountpoint)
     stale = False

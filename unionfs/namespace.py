@@ -18,9 +18,9 @@ import os
 import stat
 
 from unionfs import whiteout as wh
-from unionfs.copyup import remove_tree
+from unionfs.copyup import remove_tree, set_metadata
 from unionfs.layers import DIR, WHITEOUT, split_path
-from unionfs.osutil import rename_exchange
+from unionfs.osutil import rename_exchange, rename_whiteout
 from unionfs.readdir import merged_entries
 
 _IS_ROOT = os.geteuid() == 0
@@ -259,12 +259,23 @@ def rename(u, old, new):
 
 
 def _rename_locked(u, old, new, src):
+    """The move itself, as close to one atomic step as the format allows:
+
+    - ``overlay``: renameat2(RENAME_WHITEOUT) moves the entry and leaves the
+      whiteout at the old name in one step; a directory target is first
+      replaced by an empty opaque copy (its view does not change), so that
+      rename(2) may replace it.
+    - ``oci``: the marker for the old name is written before the move: until
+      the move, the old entry still shows (an entry beats a marker of its own
+      layer), after it the marker hides what lower layers have there.
+    """
     upper = u.upper
     is_dir = src.kind == DIR
     if is_dir:
         u.copyup.copy_up_tree(old, _listing(u))
     else:
         u.copyup.copy_up(old, src)
+    old_parent, old_name = split_path(old)
     new_parent, new_name = split_path(new)
     u.copyup.ensure_dir(new_parent)
     old_needs_whiteout = _remove_whiteout_needed(u, old)
@@ -276,26 +287,54 @@ def _rename_locked(u, old, new, src):
         # must hide it, or its entries would merge into ours.
         u.writer.set_opaque(upper_old)
 
+    overlay = u.writer.format == wh.FORMAT_OVERLAY
     kind_new = upper.child_kind(new_parent, new_name)
-    marker = None
-    displaced = False           # did an exchange leave the old target at `old`?
+    marker_new = None
     if kind_new == WHITEOUT and not os.path.lexists(upper_new):
-        marker = u.writer.marker_path(upper.real(new_parent), new_name)
+        marker_new = u.writer.marker_path(upper.real(new_parent), new_name)
         kind_new = None
-    if kind_new is None or not is_dir:
-        os.rename(upper_old, upper_new)
-    else:
-        # A directory onto a whiteout device or an (empty) upper directory:
-        # rename(2) cannot replace those, an exchange does it in one step.
-        rename_exchange(upper_old, upper_new)
-        displaced = True
-    if marker is not None:
-        os.unlink(marker)
+    if kind_new == DIR and overlay:
+        _replace_with_empty_opaque(u, new)
+        kind_new = None     # now truly empty: rename(2) can replace it
+    if old_needs_whiteout and not overlay:
+        u.writer.make_marker(upper.real(old_parent), old_name)
 
-    if displaced:
+    if is_dir and kind_new in (WHITEOUT, DIR):
+        # A directory onto a whiteout device, or onto an upper directory
+        # rename(2) cannot replace: swap them, then deal with what is left.
+        rename_exchange(upper_old, upper_new)
         st = os.lstat(upper_old)
-        if old_needs_whiteout and wh.is_whiteout_stat(st):
-            return              # the displaced whiteout is just what old needs
-        _remove_upper(u, upper_old, stat.S_ISDIR(st.st_mode))
-    if old_needs_whiteout:
-        _whiteout(u, old, False)
+        if not (overlay and old_needs_whiteout and wh.is_whiteout_stat(st)):
+            _remove_upper(u, upper_old, stat.S_ISDIR(st.st_mode))
+            if overlay and old_needs_whiteout:
+                _whiteout(u, old, False)
+    elif overlay and old_needs_whiteout:
+        try:
+            rename_whiteout(upper_old, upper_new)
+        except OSError as e:
+            # The upper's filesystem cannot: two steps (a crash between
+            # them shows the entry under both names).
+            if e.errno not in (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            os.rename(upper_old, upper_new)
+            _whiteout(u, old, False)
+    else:
+        os.rename(upper_old, upper_new)
+    if marker_new is not None:
+        os.unlink(marker_new)
+
+
+def _replace_with_empty_opaque(u, path):
+    """Swap the upper directory at ``path`` (empty in the merged view, but
+    holding whiteouts) for an empty opaque copy of it: the merged view does
+    not change, and rename(2) can then replace it."""
+    real = u.upper.real(path)
+    st = os.lstat(real)
+    tmp = u.copyup.temp_name()
+    os.mkdir(tmp, 0o700)
+    try:
+        set_metadata(real, tmp, st)
+        u.writer.set_opaque(tmp)
+        rename_exchange(tmp, real)
+    finally:
+        remove_tree(tmp)

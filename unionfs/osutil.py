@@ -6,16 +6,27 @@ import os
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 1 << 1
+_RENAME_WHITEOUT = 1 << 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
 
-def rename_exchange(a, b):
-    """Atomically swap the entries at paths ``a`` and ``b`` (renameat2)."""
+def _rename2(a, b, flags):
     if _renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
-                  _RENAME_EXCHANGE) != 0:
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), a)
+
+
+def rename_exchange(a, b):
+    """Atomically swap the entries at paths ``a`` and ``b``."""
+    _rename2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_whiteout(a, b):
+    """rename(a, b) that atomically leaves an overlay whiteout (0/0 character
+    device) at ``a``. Needs CAP_MKNOD and a filesystem that supports it:
+    EINVAL, EPERM or ENOSYS otherwise."""
+    _rename2(a, b, _RENAME_WHITEOUT)

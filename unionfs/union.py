@@ -68,7 +68,12 @@ class Union:
     def _prepare_work(self):
         """Create the work dir, removing what an earlier daemon left behind
         (temporaries of interrupted copy-ups and renames: never published)."""
-        os.makedirs(self.work, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(self.work, 0o700)
+        except FileExistsError:
+            # Never follow a symlink here: everything inside is deleted.
+            if not stat.S_ISDIR(os.lstat(self.work).st_mode):
+                raise OSError(errno.ENOTDIR, "not a directory (a symlink?)", self.work)
         for entry in os.scandir(self.work):
             remove_tree(entry.path)
 
@@ -85,16 +90,18 @@ class Union:
             raise _err(errno.EROFS)
 
     def lstat(self, path):
-        """(stat_result, inode number) of merged ``path``."""
-        st, ino, _ = self.lstat_layer(path)
-        return st, ino
+        """(stat_result, inode number, merged) of merged ``path``."""
+        st, ino, _, merged = self.lstat_layer(path)
+        return st, ino, merged
 
     def lstat_layer(self, path):
-        """(stat_result, inode number, layer it comes from) of ``path``."""
+        """(stat_result, inode number, layer it comes from, merged) of ``path``;
+        ``merged`` is True for a directory that several layers contribute to,
+        whose link count is unknown (reported as 1, as overlayfs does)."""
         node = self.node(path)
         layer = node.layers[0]
         st = os.lstat(layer.real(path))
-        return st, st.st_ino | layer.ino_tag, layer
+        return st, st.st_ino | layer.ino_tag, layer, len(node.layers) > 1
 
     def listdir(self, path):
         node = self.node(path)
