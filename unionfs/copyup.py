@@ -222,7 +222,18 @@ class CopyUp:
                 self.copy_up_tree(child, listing)
             elif not cnode.in_upper:
                 self.copy_up(child, cnode)
-        self.writer.set_opaque(self.upper.real(path))
+        real = self.upper.real(path)
+        self.writer.set_opaque(real)
+        # Opaque and complete, the directory needs no whiteouts any more; and
+        # it must not keep them: kernel overlayfs lists a directory nothing
+        # merges with straight from disk, whiteouts included.
+        for entry in os.scandir(real):
+            if entry.name.startswith(wh.WH_PREFIX):
+                if entry.name != wh.WH_OPAQUE:
+                    os.unlink(entry.path)
+            elif not entry.is_dir(follow_symlinks=False) and \
+                    wh.is_whiteout_stat(entry.stat(follow_symlinks=False)):
+                os.unlink(entry.path)
         self.stack.invalidate(path, tree=True)
         return self.stack.lookup(path)
 
