@@ -34,6 +34,10 @@ log = logging.getLogger("unionfs")
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
 
+# Reads and writes up to this size are served inline by the session loop.
+_INLINE_IO = 32 * 1024
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
 _S_IFDIR = stat.S_IFDIR
 
 
@@ -355,9 +359,6 @@ class UnionFS:
     def write(self, req, nodeid, data, off, fh):
         ll.reply_write(req, os.pwrite(fh, data, off))
 
-    def flush(self, req, nodeid, fi):
-        ll.reply_err(req, 0)
-
     def release(self, req, nodeid, fi):
         fd = fi.contents.fh
         inode = self._inodes.get(nodeid)
@@ -452,46 +453,86 @@ class UnionFS:
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    # Requests that may take long (copy-up of a big file, disk I/O, fsync):
-    # with a single-threaded session loop they run on worker threads, so
-    # lookups and stats never wait behind them. Each is given plain values:
-    # the request's own buffers and structures are gone once the loop moves
-    # on, so the C-side arguments are copied before handing off.
-    SLOW = {
-        "open": lambda req, ino, fi: (req, ino, fi.contents.flags),
-        "read": lambda req, ino, size, off, fi: (req, ino, size, off, fi.contents.fh),
-        "write": lambda req, ino, buf, size, off, fi:
-            (req, ino, ctypes.string_at(buf, size), off, fi.contents.fh),
-        "fsync": lambda req, ino, datasync, fi: (req, ino, datasync, fi.contents.fh),
-        "setattr": lambda req, ino, attr, to_set, fi:
-            (req, ino, SetAttr(attr.contents), to_set, fi.contents.fh if fi else None),
-        "setxattr": lambda req, ino, name, value, size, flags:
-            (req, ino, name, ctypes.string_at(value, size), flags),
-        "rename": lambda *args: args,
-        "link": lambda *args: args,
-        "removexattr": lambda *args: args,
+    # Requests that may take long -- a copy-up, large disk I/O, fsync -- run
+    # on worker threads when the session loop is single-threaded, so lookups
+    # and stats never wait behind them; the common quick case of each runs
+    # inline (a thread hand-off costs more than it does). Each handler is
+    # given plain values: the request's buffers and structures are gone once
+    # the loop moves on, so the C-side arguments are copied first.
+    MAY_BLOCK = {
+        # name: (copy the C arguments, "does this call need a worker?")
+        "open": (lambda req, ino, fi: (req, ino, fi.contents.flags),
+                 lambda self, req, ino, flags: bool(flags & _WRITE_FLAGS)
+                 and not self._settled(ino)),
+        "read": (lambda req, ino, size, off, fi: (req, ino, size, off, fi.contents.fh),
+                 lambda self, req, ino, size, off, fh: size > _INLINE_IO),
+        "write": (lambda req, ino, buf, size, off, fi:
+                  (req, ino, ctypes.string_at(buf, size), off, fi.contents.fh),
+                  lambda self, req, ino, data, off, fh: len(data) > _INLINE_IO),
+        "fsync": (lambda req, ino, datasync, fi: (req, ino, datasync, fi.contents.fh),
+                  lambda self, *args: True),
+        "setattr": (lambda req, ino, attr, to_set, fi:
+                    (req, ino, SetAttr(attr.contents), to_set, fi.contents.fh if fi else None),
+                    lambda self, req, ino, a, to_set, fh: not self._settled(ino)),
+        "setxattr": (lambda req, ino, name, value, size, flags:
+                     (req, ino, name, ctypes.string_at(value, size), flags),
+                     lambda self, req, ino, *rest: not self._settled(ino)),
+        "removexattr": (lambda *args: args,
+                        lambda self, req, ino, name: not self._settled(ino)),
+        "rename": (lambda *args: args,
+                   lambda self, req, parent, name, *rest: not self._settled_name(parent, name)),
+        "link": (lambda *args: args,
+                 lambda self, req, ino, *rest: not self._settled(ino)),
     }
-    FAST = ("lookup", "getattr", "readlink", "mknod", "mkdir", "unlink", "rmdir",
-            "symlink", "create", "flush", "release", "opendir", "readdir",
-            "releasedir", "fsyncdir", "statfs", "getxattr", "listxattr", "access")
+    # flush is left out on purpose: libfuse then answers ENOSYS once and the
+    # kernel stops sending it (there is nothing to flush: writes are not
+    # buffered here), which saves a request per close().
+    QUICK = ("lookup", "getattr", "readlink", "mknod", "mkdir", "unlink", "rmdir",
+             "symlink", "create", "release", "opendir", "readdir",
+             "releasedir", "fsyncdir", "statfs", "getxattr", "listxattr", "access")
+
+    def _settled(self, nodeid):
+        """True if changing ``nodeid`` needs no copy-up (quick to change)."""
+        inode = self._inodes.get(nodeid)
+        if inode is None or inode.path is None:
+            return True             # fails fast with an error
+        node = self.union.stack.lookup(inode.path)
+        return node is None or (node.in_upper and len(node.layers) == 1)
+
+    def _settled_name(self, parent, name):
+        inode = self._inodes.get(parent)
+        if inode is None or inode.path is None:
+            return True
+        node = self.union.stack.lookup(_join(inode.path, os.fsdecode(name)))
+        return node is None or (node.in_upper and len(node.layers) == 1)
 
     def handlers(self, workers=None):
         """Callables for lowlevel.run; each answers its request exactly once.
 
-        ``workers``: a Workers pool for the slow requests, or None to run
-        everything on the calling thread (a multi-threaded session loop).
+        ``workers``: a Workers pool for requests that may block, or None to
+        run everything on the calling thread (a multi-threaded session loop).
         """
         # forget has no reply to send, not even an error.
         out = {"init": self.init, "forget": self.forget}
-        for name in self.FAST:
+        for name in self.QUICK:
             out[name] = self._dispatch(name, getattr(self, name))
-        for name, copy in self.SLOW.items():
+        for name, (copy, blocks) in self.MAY_BLOCK.items():
             call = self._dispatch(name, getattr(self, name))
-            if workers is None:
-                out[name] = (lambda call, copy: lambda *a: call(*copy(*a)))(call, copy)
-            else:
-                out[name] = (lambda call, copy: lambda *a: workers.submit(call, copy(*a)))(call, copy)
+            out[name] = self._deferring(call, copy, blocks, workers)
         return out
+
+    def _deferring(self, call, copy, blocks, workers):
+        if workers is None:
+            return lambda *a: call(*copy(*a))
+        submit = workers.submit
+
+        def handler(*a):
+            args = copy(*a)
+            if blocks(self, *args):
+                submit(call, args)
+            else:
+                call(*args)
+        return handler
 
     @staticmethod
     def _dispatch(name, method):

@@ -26,8 +26,9 @@ DIR = "d"        # a directory (merges with directories below)
 NONDIR = "n"     # anything else that is visible: hides every layer below
 WHITEOUT = "w"   # a whiteout: hides the name in every layer below
 
-# Bound on cached lookups; past it the cache starts over (lookups stay correct).
+# Bounds on cached lookups and listings; past them a cache starts over.
 MAX_CACHED_NODES = 400_000
+MAX_CACHED_LISTINGS = 20_000
 
 
 def child_path(parent, name):
@@ -187,6 +188,7 @@ class LayerStack:
         self.lowers = list(lowers)
         self.layers = ([upper] if upper is not None else []) + self.lowers
         self._cache = {}
+        self._listings = {}         # merged dir path -> its merged entries
         self._gen = 0
         self._cache_lock = threading.Lock()
 
@@ -278,21 +280,45 @@ class LayerStack:
                     self._cache.clear()
                 self._cache[path] = node
 
+    def listing(self, path, node, compute):
+        """The merged entries of directory ``path``: ``compute(path, node)``
+        once, then from the cache until something in it changes."""
+        entries = self._listings.get(path)
+        if entries is None:
+            gen = self._gen
+            entries = compute(path, node)
+            with self._cache_lock:
+                if gen == self._gen:
+                    if len(self._listings) >= MAX_CACHED_LISTINGS:
+                        self._listings.clear()
+                    self._listings[path] = entries
+        return entries
+
+    def prime(self, path, node):
+        """Record the node of an entry just created (after invalidate())."""
+        with self._cache_lock:
+            self._cache[path] = node
+
     def invalidate(self, path, tree=False):
-        """Forget ``path`` (and with ``tree`` everything below it).
+        """Forget ``path`` (and with ``tree`` everything below it), and the
+        listing of its parent.
 
         Called by every operation that changed the upper, after the change.
         """
         with self._cache_lock:
             self._gen += 1
             self._cache.pop(path, None)
+            self._listings.pop(path, None)
+            self._listings.pop(split_path(path)[0], None)
             if tree:
                 if path == "/":
                     self._cache.clear()
+                    self._listings.clear()
                     return
                 prefix = path + "/"
-                for key in [k for k in self._cache if k.startswith(prefix)]:
-                    del self._cache[key]
+                for cache in (self._cache, self._listings):
+                    for key in [k for k in cache if k.startswith(prefix)]:
+                        del cache[key]
 
     def inode(self, layer, st):
         """Inode number of ``st`` (from ``layer``) in the merged view."""

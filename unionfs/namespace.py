@@ -19,11 +19,12 @@ import stat
 
 from unionfs import whiteout as wh
 from unionfs.copyup import remove_tree, set_metadata
-from unionfs.layers import DIR, WHITEOUT, split_path
+from unionfs.layers import DIR, NONDIR, WHITEOUT, Node, split_path
 from unionfs.osutil import rename_exchange, rename_whiteout
 from unionfs.readdir import merged_entries
 
 _IS_ROOT = os.geteuid() == 0
+_DAEMON_OWNER = (os.geteuid(), os.getegid())
 
 
 def _err(code, path=None):
@@ -46,8 +47,8 @@ def _set_owner(real, owner, parent_real, is_dir):
     Only a privileged daemon can; otherwise entries belong to the daemon's
     user, who is the only user of such a mount.
     """
-    if owner is None or not _IS_ROOT:
-        return
+    if owner is None or not _IS_ROOT or owner == _DAEMON_OWNER:
+        return      # (the daemon's own: the filesystem already did it right)
     uid, gid = owner
     pst = os.lstat(parent_real)
     if pst.st_mode & stat.S_ISGID:
@@ -75,37 +76,58 @@ def _new_entry(u, path, build, is_dir, owner):
         if pnode.kind != DIR:
             raise _err(errno.ENOTDIR, path)
         upper = u.upper
-        parent_real = upper.real(parent)
-        dst = upper.real(path)
         over_whiteout = upper.child_kind(parent, name) == WHITEOUT
         try:
-            if not over_whiteout:
-                result = build(dst)
-                _set_owner(dst, owner, parent_real, is_dir)
-                return result
-            tmp = u.copyup.temp_name()
-            result = build(tmp)
-            try:
-                _set_owner(tmp, owner, parent_real, is_dir)
-                if is_dir:
-                    u.writer.set_opaque(tmp)
-                if os.path.lexists(dst):
-                    # An overlay whiteout (0/0 device) holds the name.
-                    if is_dir:
-                        rename_exchange(tmp, dst)
-                        os.unlink(tmp)
-                    else:
-                        os.rename(tmp, dst)
-                else:
-                    # An OCI marker hides the name: publish, then drop it.
-                    os.rename(tmp, dst)
-                    os.unlink(u.writer.marker_path(parent_real, name))
-            except BaseException:
-                remove_tree(tmp)
-                raise
-            return result
-        finally:
+            result = (_publish_over_whiteout if over_whiteout else _make_in_place)(
+                u, path, build, is_dir, owner)
+        except BaseException:
             u.stack.invalidate(path)
+            raise
+        # What lookup would find now is known: a new name stands in the upper
+        # alone (a visible lower entry would have been EEXIST, and a whiteout
+        # or an opaque parent hides whatever lower layers have), so record it
+        # instead of paying for the lookup.
+        u.stack.invalidate(path)
+        u.stack.prime(path, Node(DIR if is_dir else NONDIR, (upper,)))
+        return result
+
+
+def _make_in_place(u, path, build, is_dir, owner):
+    dst = u.upper.real(path)
+    result = build(dst)
+    _set_owner(dst, owner, u.upper.real(split_path(path)[0]), is_dir)
+    return result
+
+
+def _publish_over_whiteout(u, path, build, is_dir, owner):
+    """Build the entry in the work dir, then replace the whiteout with it in
+    one step (a directory made opaque first, so nothing below shows)."""
+    parent, name = split_path(path)
+    parent_real = u.upper.real(parent)
+    dst = u.upper.real(path)
+    tmp = u.copyup.temp_name()
+    result = build(tmp)
+    try:
+        _set_owner(tmp, owner, parent_real, is_dir)
+        if is_dir:
+            u.writer.set_opaque(tmp)
+        if os.path.lexists(dst):
+            # An overlay whiteout (0/0 device) holds the name.
+            if is_dir:
+                rename_exchange(tmp, dst)
+                os.unlink(tmp)
+            else:
+                os.rename(tmp, dst)
+        else:
+            # An OCI marker hides the name: publish, then drop it.
+            os.rename(tmp, dst)
+            os.unlink(u.writer.marker_path(parent_real, name))
+    except BaseException:
+        remove_tree(tmp)
+        if isinstance(result, int):
+            os.close(result)        # create's descriptor: nobody will get it
+        raise
+    return result
 
 
 def create(u, path, mode, flags, owner):

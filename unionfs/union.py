@@ -107,7 +107,7 @@ class Union:
         node = self.node(path)
         if node.kind != DIR:
             raise _err(errno.ENOTDIR, path)
-        return merged_entries(path, node)
+        return self.stack.listing(path, node, merged_entries)
 
     def readlink(self, path):
         node = self.node(path)
