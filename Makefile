@@ -43,7 +43,7 @@ demo: setup
 	$(VPY) scripts/demo.py
 
 bench: setup
-	$(VPY) scripts/bench.py
+	$(VPY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
