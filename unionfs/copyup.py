@@ -7,7 +7,8 @@ xattrs, mode, times, in that order -- fsync'ed, and renamed into place, so a
 crash leaves either no upper entry (the lower still shows) or a complete one.
 Leftover temporaries are removed when the next mount starts.
 
-Callers hold the union's mutation lock; lookups run concurrently and see the
+Callers hold the union's mutation lock, except that ``copy_up_file`` copies
+a file's data without it (see there); lookups run concurrently and see the
 lower entry until the rename publishes the copy.
 """
 
@@ -15,6 +16,7 @@ import errno
 import itertools
 import os
 import stat
+import threading
 
 from unionfs import whiteout as wh
 from unionfs.layers import DIR, split_path
@@ -115,6 +117,7 @@ class CopyUp:
         self.writer = writer
         self.fsync = fsync
         self._seq = itertools.count()
+        self._stripes = [threading.Lock() for _ in range(64)]
 
     def temp_name(self):
         """A fresh name in the work dir (the pid keeps two daemons apart)."""
@@ -147,6 +150,34 @@ class CopyUp:
         tmp = self._build_copy(src, st, data)
         self.publish(tmp, path)
         return self.stack.lookup(path)
+
+    def copy_up_file(self, path, lock, data=True):
+        """Copy up a non-directory, copying its data *outside* ``lock`` (the
+        union's mutation lock), so a big copy-up does not hold up every other
+        change. One copy-up per path at a time (a striped lock); the copy is
+        published only if, under ``lock`` again, the path still shows the
+        same lower entry -- otherwise (renamed, removed, copied up by a
+        rename meanwhile) it is dropped. Returns the node.
+        """
+        with self._stripes[hash(path) % len(self._stripes)]:
+            with lock:
+                node = self.stack.lookup(path)
+                if node is None:
+                    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+                if node.in_upper or node.kind == DIR:
+                    return self.copy_up(path, node, data)
+                self.ensure_dir(split_path(path)[0])
+            src = node.top.real(path)
+            tmp = self._build_copy(src, os.lstat(src), data)
+            with lock:
+                now = self.stack.lookup(path)
+                if now is None or now.in_upper or now.top is not node.top:
+                    remove_tree(tmp)
+                    if now is None:
+                        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+                    return self.copy_up(path, now, data)
+                self.publish(tmp, path)
+                return self.stack.lookup(path)
 
     def publish(self, tmp, path):
         """Rename work entry ``tmp`` to ``path`` in the upper, keeping the

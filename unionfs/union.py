@@ -124,8 +124,11 @@ class Union:
         self.check_writable()
         node = self.node(path)
         if not node.in_upper:
-            with self.lock:
-                self.copyup.copy_up(path, data=data)
+            if node.kind == DIR:
+                with self.lock:
+                    self.copyup.copy_up(path, node)
+            else:
+                self.copyup.copy_up_file(path, self.lock, data=data)
         return self.upper.real(path)
 
     # -- files ----------------------------------------------------------------
