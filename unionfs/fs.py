@@ -34,8 +34,6 @@ log = logging.getLogger("unionfs")
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
 
-# Reads and writes up to this size are served inline by the session loop.
-_INLINE_IO = 32 * 1024
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 _S_IFDIR = stat.S_IFDIR
@@ -352,12 +350,18 @@ class UnionFS:
         self._inodes[e.ino].fd = fd
         ll.reply_create(req, e, fi)
 
-    def read(self, req, nodeid, size, off, fh):
-        data = os.pread(fh, size, off)
-        ll.reply_buf(req, data, len(data))
+    # Data moves between the backing file and /dev/fuse inside libfuse (C):
+    # no Python bytes objects, and the GIL is free while it happens.
 
-    def write(self, req, nodeid, data, off, fh):
-        ll.reply_write(req, os.pwrite(fh, data, off))
+    def read(self, req, nodeid, size, off, fi):
+        ll.reply_data(req, ll.fd_bufvec(fi.contents.fh, size, off), 0)
+
+    def write_buf(self, req, nodeid, bufv, off, fi):
+        dst = ll.fd_bufvec(fi.contents.fh, ll.buf_size(bufv), off)
+        n = ll.buf_copy(dst, bufv, 0)
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        ll.reply_write(req, n)
 
     def release(self, req, nodeid, fi):
         fd = fi.contents.fh
@@ -464,11 +468,6 @@ class UnionFS:
         "open": (lambda req, ino, fi: (req, ino, fi.contents.flags),
                  lambda self, req, ino, flags: bool(flags & _WRITE_FLAGS)
                  and not self._settled(ino)),
-        "read": (lambda req, ino, size, off, fi: (req, ino, size, off, fi.contents.fh),
-                 lambda self, req, ino, size, off, fh: size > _INLINE_IO),
-        "write": (lambda req, ino, buf, size, off, fi:
-                  (req, ino, ctypes.string_at(buf, size), off, fi.contents.fh),
-                  lambda self, req, ino, data, off, fh: len(data) > _INLINE_IO),
         "fsync": (lambda req, ino, datasync, fi: (req, ino, datasync, fi.contents.fh),
                   lambda self, *args: True),
         "setattr": (lambda req, ino, attr, to_set, fi:
@@ -488,7 +487,7 @@ class UnionFS:
     # kernel stops sending it (there is nothing to flush: writes are not
     # buffered here), which saves a request per close().
     QUICK = ("lookup", "getattr", "readlink", "mknod", "mkdir", "unlink", "rmdir",
-             "symlink", "create", "release", "opendir", "readdir",
+             "symlink", "create", "read", "write_buf", "release", "opendir", "readdir",
              "releasedir", "fsyncdir", "statfs", "getxattr", "listxattr", "access")
 
     def _settled(self, nodeid):

@@ -81,6 +81,33 @@ class fuse_conn_info(ctypes.Structure):
                 ("reserved", c_uint * 23)]
 
 
+# struct fuse_buf / fuse_bufvec (libfuse 2.9): data described by memory or
+# by a file descriptor, so libfuse moves file data itself, in C.
+BUF_IS_FD = 1 << 1
+BUF_FD_SEEK = 1 << 2
+
+
+class fuse_buf(ctypes.Structure):
+    _fields_ = [("size", c_size_t), ("flags", c_int), ("mem", c_void_p),
+                ("fd", c_int), ("pos", c_off_t)]
+
+
+class fuse_bufvec(ctypes.Structure):
+    _fields_ = [("count", c_size_t), ("idx", c_size_t), ("off", c_size_t),
+                ("buf", fuse_buf * 1)]
+
+
+def fd_bufvec(fd, size, pos):
+    """A one-buffer vector for ``size`` bytes of ``fd`` at offset ``pos``."""
+    v = fuse_bufvec(1, 0, 0)
+    b = v.buf[0]
+    b.size = size
+    b.flags = BUF_IS_FD | BUF_FD_SEEK
+    b.fd = fd
+    b.pos = pos
+    return v
+
+
 _FI = POINTER(fuse_file_info)
 _REQ = fuse_req_t
 _INO = fuse_ino_t
@@ -124,7 +151,7 @@ OPS = [
     ("bmap", c_void_p),
     ("ioctl", c_void_p),
     ("poll", c_void_p),
-    ("write_buf", c_void_p),
+    ("write_buf", CFUNCTYPE(None, _REQ, _INO, POINTER(fuse_bufvec), c_off_t, _FI)),
     ("retrieve_reply", c_void_p),
     ("forget_multi", c_void_p),
     ("flock", c_void_p),
@@ -154,6 +181,10 @@ reply_write = _proto("fuse_reply_write", c_int, _REQ, c_size_t)
 reply_buf = _proto("fuse_reply_buf", c_int, _REQ, c_char_p, c_size_t)
 reply_statfs = _proto("fuse_reply_statfs", c_int, _REQ, POINTER(c_statvfs))
 reply_xattr = _proto("fuse_reply_xattr", c_int, _REQ, c_size_t)
+reply_data = _proto("fuse_reply_data", c_int, _REQ, POINTER(fuse_bufvec), c_int)
+buf_copy = _proto("fuse_buf_copy", ctypes.c_ssize_t, POINTER(fuse_bufvec),
+                  POINTER(fuse_bufvec), c_int)
+buf_size = _proto("fuse_buf_size", c_size_t, POINTER(fuse_bufvec))
 add_direntry = _proto("fuse_add_direntry", c_size_t, _REQ, c_void_p, c_size_t,
                       c_char_p, POINTER(c_stat), c_off_t)
 req_ctx = _proto("fuse_req_ctx", POINTER(fuse_ctx), _REQ)
