@@ -5,12 +5,11 @@ import os
 import signal
 import stat
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import (FUSE_UNIONFS, IS_ROOT, UNIONFS, force_unmount, is_mounted,
+from conftest import (FUSE_UNIONFS, UNIONFS, force_unmount, is_mounted,
                       requires_fuse, requires_root, run, wait_for)
 
 pytestmark = requires_fuse

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from unionfs import __version__
-from unionfs.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UserError
+from unionfs.errors import EXIT_OK, EXIT_USAGE, UserError
 
 PROG = "unionfs"
 

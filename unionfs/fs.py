@@ -29,6 +29,7 @@ import threading
 import time
 
 from unionfs import lowlevel as ll
+from unionfs.layers import child_path
 
 log = logging.getLogger("unionfs")
 
@@ -64,10 +65,6 @@ def _fill_stat(cst, st, ino, merged=False):
     cst.st_atimespec.tv_sec, cst.st_atimespec.tv_nsec = divmod(st.st_atime_ns, 1_000_000_000)
     cst.st_mtimespec.tv_sec, cst.st_mtimespec.tv_nsec = divmod(st.st_mtime_ns, 1_000_000_000)
     cst.st_ctimespec.tv_sec, cst.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, 1_000_000_000)
-
-
-def _join(parent, name):
-    return "/" + name if parent == "/" else parent + "/" + name
 
 
 class UnionFS:
@@ -202,7 +199,7 @@ class UnionFS:
             self.on_init()
 
     def lookup(self, req, parent, name):
-        path = _join(self._path(parent), os.fsdecode(name))
+        path = child_path(self._path(parent), os.fsdecode(name))
         if self.union.stack.lookup(path) is None:
             e = ll.fuse_entry_param()       # ino 0: a cacheable "no such entry"
             e.entry_timeout = self.timeout
@@ -277,7 +274,7 @@ class UnionFS:
         ll.reply_readlink(req, os.fsencode(self.union.readlink(self._path(nodeid))))
 
     def _make(self, req, parent, name, make):
-        path = _join(self._path(parent), os.fsdecode(name))
+        path = child_path(self._path(parent), os.fsdecode(name))
         make(path, self._owner(req))
         ll.reply_entry(req, self._entry(path))
 
@@ -294,7 +291,7 @@ class UnionFS:
 
     def link(self, req, nodeid, newparent, newname):
         src = self._path(nodeid)
-        path = _join(self._path(newparent), os.fsdecode(newname))
+        path = child_path(self._path(newparent), os.fsdecode(newname))
         self.union.link(src, path)
         # Both names are now one upper file: make the old one findable by
         # its backing inode, so the new name joins the same kernel inode.
@@ -307,20 +304,20 @@ class UnionFS:
         ll.reply_entry(req, self._entry(path))
 
     def unlink(self, req, parent, name):
-        path = _join(self._path(parent), os.fsdecode(name))
+        path = child_path(self._path(parent), os.fsdecode(name))
         self.union.unlink(path)
         self._forget_path(path)
         ll.reply_err(req, 0)
 
     def rmdir(self, req, parent, name):
-        path = _join(self._path(parent), os.fsdecode(name))
+        path = child_path(self._path(parent), os.fsdecode(name))
         self.union.rmdir(path)
         self._forget_path(path, tree=True)
         ll.reply_err(req, 0)
 
     def rename(self, req, parent, name, newparent, newname):
-        old = _join(self._path(parent), os.fsdecode(name))
-        new = _join(self._path(newparent), os.fsdecode(newname))
+        old = child_path(self._path(parent), os.fsdecode(name))
+        new = child_path(self._path(newparent), os.fsdecode(newname))
         self.union.rename(old, new)
         self._moved(old, new)
         ll.reply_err(req, 0)
@@ -337,7 +334,7 @@ class UnionFS:
         ll.reply_open(req, fi)
 
     def create(self, req, parent, name, mode, fi):
-        path = _join(self._path(parent), os.fsdecode(name))
+        path = child_path(self._path(parent), os.fsdecode(name))
         f = fi.contents
         fd = self.union.create(path, mode, f.flags, self._owner(req))
         try:
@@ -502,7 +499,7 @@ class UnionFS:
         inode = self._inodes.get(parent)
         if inode is None or inode.path is None:
             return True
-        node = self.union.stack.lookup(_join(inode.path, os.fsdecode(name)))
+        node = self.union.stack.lookup(child_path(inode.path, os.fsdecode(name)))
         return node is None or (node.in_upper and len(node.layers) == 1)
 
     def handlers(self, workers=None):

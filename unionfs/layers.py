@@ -73,9 +73,6 @@ class Layer:
         """Backing path of merged ``path`` in this layer (see module doc)."""
         return self.root + path if path != "/" else self.root + "/"
 
-    def lstat(self, path):
-        return os.lstat(self.root + path)
-
     # -- lookup primitives ------------------------------------------------
 
     def child_kind(self, parent, name):
@@ -319,7 +316,3 @@ class LayerStack:
                 for cache in (self._cache, self._listings):
                     for key in [k for k in cache if k.startswith(prefix)]:
                         del cache[key]
-
-    def inode(self, layer, st):
-        """Inode number of ``st`` (from ``layer``) in the merged view."""
-        return st.st_ino | layer.ino_tag

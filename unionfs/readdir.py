@@ -55,7 +55,3 @@ def merged_entries(path, node):
         hidden.update(layer_hidden)
     return out
 
-
-def is_empty(path, node):
-    """True if merged directory ``path`` shows no entries (rmdir's test)."""
-    return not merged_entries(path, node)

@@ -25,7 +25,6 @@ from unionfs.readdir import merged_entries
 # WORKDIR/work and WORKDIR/index, so the same workdir serves both.
 WORK_SUBDIR = "unionfs-work"
 
-_IS_ROOT = os.geteuid() == 0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 # Flags passed through to the backing open(); everything else (O_CREAT,
 # O_EXCL: handled by create(); O_DIRECT: our buffers are not aligned;

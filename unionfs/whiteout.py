@@ -40,11 +40,6 @@ def is_whiteout_stat(st):
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def is_marker_name(name):
-    """True for names that are OCI whiteout/opaque markers, not entries."""
-    return name.startswith(WH_PREFIX)
-
-
 def is_private_xattr(name):
     return name.startswith(PRIVATE_XATTR_PREFIXES)
 
