@@ -258,13 +258,20 @@ class CopyUp:
         # Opaque and complete, the directory needs no whiteouts any more; and
         # it must not keep them: kernel overlayfs lists a directory nothing
         # merges with straight from disk, whiteouts included.
+        # Removing them is not a change the user made: keep the times.
+        st = os.lstat(real)
+        removed = False
         for entry in os.scandir(real):
             if entry.name.startswith(wh.WH_PREFIX):
                 if entry.name != wh.WH_OPAQUE:
                     os.unlink(entry.path)
+                    removed = True
             elif not entry.is_dir(follow_symlinks=False) and \
                     wh.is_whiteout_stat(entry.stat(follow_symlinks=False)):
                 os.unlink(entry.path)
+                removed = True
+        if removed:
+            os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         self.stack.invalidate(path, tree=True)
         return self.stack.lookup(path)
 
