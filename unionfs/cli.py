@@ -110,10 +110,12 @@ def fuse_main(argv=None):
         elif a == "-s":
             pass                    # single-threaded: ours is safe either way
         elif a in ("--version", "-V"):
-            from fuse import _libfuse
-            libver = _libfuse.fuse_version()
+            from unionfs import binding
             print(f"fuse-unionfs: version {__version__}")
-            print(f"FUSE library version {libver // 10}.{libver % 10}")
+            try:
+                print(f"FUSE library version {binding.load().library_version()}")
+            except (OSError, ImportError, ValueError) as e:
+                print(f"FUSE library: none ({e})")
             return EXIT_OK
         elif a in ("-h", "--help"):
             print(FUSE_USAGE)

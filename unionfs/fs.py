@@ -1,4 +1,4 @@
-"""The FUSE adapter: libfuse2 low-level requests onto ``Union`` operations.
+"""The FUSE adapter: libfuse low-level requests onto ``Union`` operations.
 
 A protocol adapter only. It keeps the inode table the kernel needs (node id
 -> merged path), unpacks request arguments, calls the union with merged
@@ -28,8 +28,11 @@ import stat
 import threading
 import time
 
-from unionfs import lowlevel as ll
+from unionfs import binding
+from unionfs.binding import common
 from unionfs.layers import child_path
+
+ll = binding.load()
 
 log = logging.getLogger("unionfs")
 
@@ -38,6 +41,7 @@ DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 _S_IFDIR = stat.S_IFDIR
+RENAME_NOREPLACE = 1
 
 
 class Inode:
@@ -74,15 +78,18 @@ class UnionFS:
         self.union = union
         self.timeout = float(timeout)
         self.on_init = on_init
-        root = Inode(ll.ROOT_ID, "/", True)
+        root = Inode(common.ROOT_ID, "/", True)
         root.nlookup = 1
-        self._inodes = {ll.ROOT_ID: root}  # node id -> Inode
+        self._inodes = {common.ROOT_ID: root}  # node id -> Inode
         self._by_path = {"/": root}        # merged path -> Inode
         self._by_ident = {}                # (dev, ino) of upper hard links -> Inode
-        self._next_id = ll.ROOT_ID + 1
+        self._next_id = common.ROOT_ID + 1
         self._table = threading.Lock()     # guards the three maps above
-        self._dirs = {}                    # dir handle -> listing
+        self._dirs = {}                    # dir handle -> (serial, listing)
         self._next_dh = 1
+        self._listings = {}                # dir path -> (entries, serial, listing)
+        self._serials = {}                 # serial -> listing (recent ones)
+        self._next_serial = 1
 
     # -- the inode table ----------------------------------------------------------
 
@@ -98,8 +105,9 @@ class UnionFS:
             raise OSError(errno.ENOENT, "unlinked")
         return path
 
-    def _remember(self, path, st, layer):
-        """The Inode for ``path`` (whose stat is ``st``), counted as looked up."""
+    def _remember(self, path, st, layer, count=1):
+        """The Inode for ``path`` (whose stat is ``st``), its lookup count
+        raised by ``count``."""
         is_dir = stat.S_ISDIR(st.st_mode)
         with self._table:
             inode = self._by_path.get(path)
@@ -121,7 +129,7 @@ class UnionFS:
             self._by_path[path] = inode
             if inode.path is None:
                 inode.path = path
-            inode.nlookup += 1
+            inode.nlookup += count
             return inode
 
     def _forget_path(self, path, tree=False):
@@ -169,11 +177,12 @@ class UnionFS:
 
     # -- replies --------------------------------------------------------------------
 
-    def _entry(self, path):
-        """Look ``path`` up and build the entry reply for it."""
+    def _entry(self, path, e=None):
+        """Look ``path`` up and build the entry reply for it (in ``e``)."""
         st, ino, layer, merged = self.union.lstat_layer(path)
         inode = self._remember(path, st, layer)
-        e = ll.fuse_entry_param()
+        if e is None:
+            e = common.fuse_entry_param()
         e.ino = inode.nodeid
         _fill_stat(e.attr, st, ino, merged)
         e.attr_timeout = self.timeout
@@ -181,7 +190,7 @@ class UnionFS:
         return e
 
     def _reply_attr(self, req, st, ino, merged=False):
-        cst = ll.c_stat()
+        cst = common.c_stat()
         _fill_stat(cst, st, ino, merged)
         ll.reply_attr(req, cst, self.timeout)
 
@@ -190,18 +199,17 @@ class UnionFS:
         ctx = ll.req_ctx(req).contents
         return ctx.uid, ctx.gid
 
-    # -- operations (each gets the C arguments; see lowlevel.OPS) -------------------
+    # -- operations (each gets the C arguments; see binding OPS) -------------------
 
     def init(self, userdata, conn):
-        c = conn.contents
-        c.want |= c.capable & (ll.CAP_ATOMIC_O_TRUNC | ll.CAP_BIG_WRITES)
+        ll.configure(conn)
         if self.on_init is not None:
             self.on_init()
 
     def lookup(self, req, parent, name):
         path = child_path(self._path(parent), os.fsdecode(name))
         if self.union.stack.lookup(path) is None:
-            e = ll.fuse_entry_param()       # ino 0: a cacheable "no such entry"
+            e = common.fuse_entry_param()       # ino 0: a cacheable "no such entry"
             e.entry_timeout = self.timeout
             ll.reply_entry(req, e)
             return
@@ -210,7 +218,7 @@ class UnionFS:
     def forget(self, req, nodeid, nlookup):
         with self._table:
             inode = self._inodes.get(nodeid)
-            if inode is not None and nodeid != ll.ROOT_ID:
+            if inode is not None and nodeid != common.ROOT_ID:
                 inode.nlookup -= nlookup
                 if inode.nlookup <= 0:
                     del self._inodes[nodeid]
@@ -239,33 +247,33 @@ class UnionFS:
         inode = self._inode(nodeid)
         u = self.union
         path = inode.path
-        if to_set & ll.SET_ATTR_SIZE:
+        if to_set & common.SET_ATTR_SIZE:
             if fh is not None:
                 os.ftruncate(fh, a.size)
             else:
                 u.truncate(self._path(nodeid), a.size)
         if path is None:
-            if to_set & ~ll.SET_ATTR_SIZE or fh is None:
+            if to_set & ~common.SET_ATTR_SIZE or fh is None:
                 raise OSError(errno.ENOENT, "unlinked")
             st = os.fstat(fh)
             self._reply_attr(req, st, st.st_ino)
             return
-        if to_set & ll.SET_ATTR_MODE:
+        if to_set & common.SET_ATTR_MODE:
             u.chmod(path, a.mode)
-        if to_set & (ll.SET_ATTR_UID | ll.SET_ATTR_GID):
-            u.chown(path, a.uid if to_set & ll.SET_ATTR_UID else -1,
-                    a.gid if to_set & ll.SET_ATTR_GID else -1)
-        if to_set & (ll.SET_ATTR_ATIME | ll.SET_ATTR_MTIME
-                     | ll.SET_ATTR_ATIME_NOW | ll.SET_ATTR_MTIME_NOW):
+        if to_set & (common.SET_ATTR_UID | common.SET_ATTR_GID):
+            u.chown(path, a.uid if to_set & common.SET_ATTR_UID else -1,
+                    a.gid if to_set & common.SET_ATTR_GID else -1)
+        if to_set & (common.SET_ATTR_ATIME | common.SET_ATTR_MTIME
+                     | common.SET_ATTR_ATIME_NOW | common.SET_ATTR_MTIME_NOW):
             now = time.time_ns()
             atime = mtime = None        # None: leave as is (UTIME_OMIT)
-            if to_set & ll.SET_ATTR_ATIME_NOW:
+            if to_set & common.SET_ATTR_ATIME_NOW:
                 atime = now
-            elif to_set & ll.SET_ATTR_ATIME:
+            elif to_set & common.SET_ATTR_ATIME:
                 atime = a.atime_ns
-            if to_set & ll.SET_ATTR_MTIME_NOW:
+            if to_set & common.SET_ATTR_MTIME_NOW:
                 mtime = now
-            elif to_set & ll.SET_ATTR_MTIME:
+            elif to_set & common.SET_ATTR_MTIME:
                 mtime = a.mtime_ns
             u.utimens(path, atime, mtime)
         self._reply_attr(req, *u.lstat(path))
@@ -315,9 +323,13 @@ class UnionFS:
         self._forget_path(path, tree=True)
         ll.reply_err(req, 0)
 
-    def rename(self, req, parent, name, newparent, newname):
+    def rename(self, req, parent, name, newparent, newname, flags=0):
         old = child_path(self._path(parent), os.fsdecode(name))
         new = child_path(self._path(newparent), os.fsdecode(newname))
+        if flags & ~RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "rename flags not supported")
+        if flags & RENAME_NOREPLACE and self.union.stack.lookup(new) is not None:
+            raise OSError(errno.EEXIST, "exists")
         self.union.rename(old, new)
         self._moved(old, new)
         ll.reply_err(req, 0)
@@ -351,10 +363,10 @@ class UnionFS:
     # no Python bytes objects, and the GIL is free while it happens.
 
     def read(self, req, nodeid, size, off, fi):
-        ll.reply_data(req, ll.fd_bufvec(fi.contents.fh, size, off), 0)
+        ll.reply_data(req, common.fd_bufvec(fi.contents.fh, size, off), 0)
 
     def write_buf(self, req, nodeid, bufv, off, fi):
-        dst = ll.fd_bufvec(fi.contents.fh, ll.buf_size(bufv), off)
+        dst = common.fd_bufvec(fi.contents.fh, ll.buf_size(bufv), off)
         n = ll.buf_copy(dst, bufv, 0)
         if n < 0:
             raise OSError(-n, os.strerror(-n))
@@ -374,32 +386,112 @@ class UnionFS:
 
     # -- directories ------------------------------------------------------------------
 
+    # Directory offsets. A listing is taken when a reader starts at offset
+    # 0 (not at opendir), and each entry's offset is (serial << 32 | index),
+    # where the serial names that version of the directory's listing. The
+    # kernel's listing cache (FOPEN_CACHE_DIR) appends a reply only where its
+    # offset continues the cache, so it can never splice two versions of a
+    # directory together; and since it stamps its cache with the directory's
+    # change counter before asking for offset 0, a listing taken after that
+    # is never older than the stamp.
+
     def opendir(self, req, nodeid, fi):
-        path = self._path(nodeid)
-        _, ino, _ = self.union.lstat(path)
-        listing = [(b".", _S_IFDIR, ino), (b"..", _S_IFDIR, ino)]
-        listing.extend((os.fsencode(n), t, i) for n, t, i in self.union.listdir(path))
+        self._path(nodeid)
         with self._table:
             dh = self._next_dh
             self._next_dh += 1
-            self._dirs[dh] = listing
-        fi.contents.fh = dh
+            self._dirs[dh] = (0, ())
+        f = fi.contents
+        f.fh = dh
+        if ll.CACHE_READDIR:
+            # The kernel may keep the listing (see above); it drops it when
+            # the directory changes, and only changes through it are possible.
+            f.cache_readdir = 1
+            f.keep_cache = 1
         ll.reply_open(req, fi)
 
+    def _listing(self, nodeid, dh, off):
+        """(serial, listing, index): what to answer a readdir at ``off`` from."""
+        serial, listing = self._dirs[dh]
+        index = off & 0xFFFFFFFF
+        if off and off >> 32 == serial:
+            return serial, listing, index
+        # An offset this handle never gave: the kernel served the start from
+        # its cache, and lost it. Go on in the listing that offset is from.
+        older = self._serials.get(off >> 32) if off else None
+        if older is not None:
+            serial, listing = off >> 32, older
+        else:
+            serial, listing = self._current_listing(self._inode(nodeid).path)
+        with self._table:
+            self._dirs[dh] = (serial, listing)
+        return serial, listing, min(index, len(listing))
+
+    def _current_listing(self, path):
+        if path is None:                # removed while open
+            return 0, ((b".", _S_IFDIR, 0), (b"..", _S_IFDIR, 0))
+        entries = self.union.listdir(path)
+        with self._table:
+            known = self._listings.get(path)
+            if known is not None and known[0] is entries:
+                return known[1], known[2]
+        ino = self.union.lstat(path)[1]
+        listing = [(b".", _S_IFDIR, ino), (b"..", _S_IFDIR, ino)]
+        listing.extend((os.fsencode(n), t, i) for n, t, i in entries)
+        with self._table:
+            serial = self._next_serial
+            self._next_serial = serial + 1 if serial < 0x7FFFFFFF else 1
+            if len(self._listings) >= 4096:
+                self._listings.clear()
+            if len(self._serials) >= 4096:
+                self._serials.clear()
+            self._listings[path] = (entries, serial, listing)
+            self._serials[serial] = listing
+        return serial, listing
+
     def readdir(self, req, nodeid, size, off, fi):
-        listing = self._dirs[fi.contents.fh]
+        serial, listing, start = self._listing(nodeid, fi.contents.fh, off)
+        base_off = serial << 32
         buf = ctypes.create_string_buffer(size)
         base = ctypes.addressof(buf)
-        cst = ll.c_stat()
+        cst = common.c_stat()
         pos = 0
-        for i in range(off, len(listing)):
+        for i in range(start, len(listing)):
             name, ftype, ino = listing[i]
             cst.st_ino = ino
             cst.st_mode = ftype
-            n = ll.add_direntry(req, base + pos, size - pos, name, cst, i + 1)
+            n = ll.add_direntry(req, base + pos, size - pos, name, cst, base_off | (i + 1))
             if n > size - pos:
                 break
             pos += n
+        ll.reply_buf(req, buf, pos)
+
+    def readdirplus(self, req, nodeid, size, off, fi):
+        """readdir with each entry's attributes; every entry but . and ..
+        counts as a lookup of it (the kernel will forget it)."""
+        serial, listing, start = self._listing(nodeid, fi.contents.fh, off)
+        base_off = serial << 32
+        dirpath = self._inode(nodeid).path
+        buf = ctypes.create_string_buffer(size)
+        base = ctypes.addressof(buf)
+        e = common.fuse_entry_param()
+        pos = 0
+        for i in range(start, len(listing)):
+            name, ftype, ino = listing[i]
+            if ll.direntplus_size(name) > size - pos:
+                break
+            ctypes.memset(ctypes.addressof(e), 0, ctypes.sizeof(e))
+            if i < 2 or dirpath is None:
+                e.attr.st_ino = ino             # no entry: just a name
+                e.attr.st_mode = ftype
+            else:
+                try:
+                    self._entry(child_path(dirpath, os.fsdecode(name)), e)
+                except OSError:
+                    e.attr.st_ino = ino
+                    e.attr.st_mode = ftype
+            pos += ll.add_direntry_plus(req, base + pos, size - pos, name, e,
+                                        base_off | (i + 1))
         ll.reply_buf(req, buf, pos)
 
     def releasedir(self, req, nodeid, fi):
@@ -414,7 +506,7 @@ class UnionFS:
 
     def statfs(self, req, nodeid):
         sv = self.union.statfs()
-        c = ll.c_statvfs()
+        c = common.c_statvfs()
         for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                   "f_files", "f_ffree", "f_favail", "f_namemax"):
             if hasattr(c, k):
@@ -485,7 +577,7 @@ class UnionFS:
     # buffered here), which saves a request per close().
     QUICK = ("lookup", "getattr", "readlink", "mknod", "mkdir", "unlink", "rmdir",
              "symlink", "create", "read", "write_buf", "release", "opendir", "readdir",
-             "releasedir", "fsyncdir", "statfs", "getxattr", "listxattr", "access")
+             "readdirplus", "releasedir", "fsyncdir", "statfs", "getxattr", "listxattr", "access")
 
     def _settled(self, nodeid):
         """True if changing ``nodeid`` needs no copy-up (quick to change)."""
@@ -503,7 +595,7 @@ class UnionFS:
         return node is None or (node.in_upper and len(node.layers) == 1)
 
     def handlers(self, workers=None):
-        """Callables for lowlevel.run; each answers its request exactly once.
+        """Callables for the binding's run(); each answers its request exactly once.
 
         ``workers``: a Workers pool for requests that may block, or None to
         run everything on the calling thread (a multi-threaded session loop).

@@ -19,8 +19,9 @@ from unionfs.errors import UserError
 
 # -- options ----------------------------------------------------------------
 
-# libfuse2 options passed through unchanged: those of fuse_mount() (mount
-# flags and the FUSE mount options) and of the low-level session.
+# libfuse options passed through unchanged: mount flags, FUSE mount options,
+# and options of the low-level session and connection. Those only libfuse 2
+# knows (big_writes, nonempty) are dropped under libfuse 3, which needs none.
 FUSE_FLAGS = {
     "allow_other", "allow_root", "default_permissions", "ro", "rw", "suid",
     "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync", "atime",
@@ -57,9 +58,6 @@ REFUSED = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid",
 # Defaults, each measured or required (see docs/PERFORMANCE.md, README):
 DEFAULT_FUSE_OPTIONS = {
     "default_permissions": True,    # the kernel checks modes for every user
-    "big_writes": True,             # 128 KiB writes instead of 4 KiB
-    "max_write": "131072",
-    "nonempty": True,               # like overlayfs: any directory can be covered
     "fsname": "unionfs",
     "subtype": "unionfs",
 }
@@ -176,9 +174,12 @@ def validate(spec, mountpoint):
     if not os.path.exists("/dev/fuse"):
         raise UserError("/dev/fuse is missing: this machine cannot mount FUSE filesystems")
     try:
-        import fuse  # noqa: F401  (loads libfuse.so.2)
+        from unionfs import binding
+        binding.load()
+    except ValueError as e:
+        raise UserError(str(e))
     except (OSError, ImportError) as e:
-        raise UserError(f"cannot load libfuse2 ({e}); install the libfuse2 package")
+        raise UserError(f"cannot load libfuse ({e}); install the fuse3 or libfuse2 package")
     return mnt
 
 
@@ -196,8 +197,10 @@ def pidfile_for(mountpoint):
     return os.path.join(_runtime_dir(), key + ".pid")
 
 
-def fuse_options_for(spec):
+def fuse_options_for(spec, ll):
+    """The libfuse -o options for ``spec`` under binding ``ll``."""
     opts = dict(DEFAULT_FUSE_OPTIONS)
+    opts.update(ll.DEFAULT_OPTIONS)
     if os.geteuid() == 0:
         opts["allow_other"] = True  # a container rootfs is for every user
     if spec.upperdir is None:
@@ -210,8 +213,8 @@ def fuse_options_for(spec):
 
 def serve(spec, mountpoint, debug=False, on_ready=None):
     """Run the filesystem in this process until it is unmounted."""
-    from unionfs import lowlevel
-    from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers
+    from unionfs.binding import common
+    from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers, ll
     from unionfs.union import Union
 
     try:
@@ -222,7 +225,7 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     os.umask(0)     # modes arrive from the kernel with the caller's umask applied
     fs = UnionFS(union, timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
                  on_init=on_ready)
-    options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec).items()]
+    options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec, ll).items()]
     if debug:
         options.append("debug")
     # Default: one thread reads requests and answers the quick ones; slow
@@ -230,8 +233,8 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     # loop, whose threads fight over the GIL). threaded=1 selects the latter.
     workers = None if spec.threaded else Workers()
     try:
-        lowlevel.run(fs.handlers(workers), mountpoint, options, threaded=spec.threaded)
-    except lowlevel.MountError as e:
+        ll.run(fs.handlers(workers), mountpoint, options, threaded=spec.threaded)
+    except common.MountError as e:
         raise RuntimeError(str(e))
     finally:
         if workers is not None:

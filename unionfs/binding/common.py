@@ -1,0 +1,153 @@
+"""What libfuse 2.9's and libfuse 3's low-level APIs share: structures,
+constants and the reply functions, bound through ctypes.
+
+fusepy's per-architecture ``c_stat`` and ``c_statvfs`` layouts are reused
+(glibc's, the same for both libraries).
+"""
+
+import ctypes
+import os
+from ctypes import (POINTER, c_char_p, c_double, c_int, c_size_t, c_uint64,
+                    c_void_p)
+
+import fuse as _fusepy
+
+c_stat = _fusepy.c_stat
+c_statvfs = _fusepy.c_statvfs
+c_off_t = _fusepy.c_off_t
+c_mode_t = _fusepy.c_mode_t
+c_dev_t = _fusepy.c_dev_t
+c_uid_t = _fusepy.c_uid_t
+c_gid_t = _fusepy.c_gid_t
+c_pid_t = _fusepy.c_pid_t
+
+fuse_ino_t = c_uint64
+fuse_req_t = c_void_p
+ROOT_ID = 1
+
+# setattr's to_set bits
+SET_ATTR_MODE = 1 << 0
+SET_ATTR_UID = 1 << 1
+SET_ATTR_GID = 1 << 2
+SET_ATTR_SIZE = 1 << 3
+SET_ATTR_ATIME = 1 << 4
+SET_ATTR_MTIME = 1 << 5
+SET_ATTR_ATIME_NOW = 1 << 7
+SET_ATTR_MTIME_NOW = 1 << 8
+
+
+class fuse_args(ctypes.Structure):
+    _fields_ = [("argc", c_int), ("argv", POINTER(c_char_p)), ("allocated", c_int)]
+
+
+def make_args(argv_list):
+    """A fuse_args over ``argv_list`` (bytes); the array is kept on it."""
+    argv = (c_char_p * len(argv_list))(*argv_list)
+    args = fuse_args(len(argv_list), argv, 0)
+    args._keep = argv
+    return args
+
+
+# glibc's struct stat ends in reserved words that fusepy's c_stat leaves out.
+# That is harmless where libfuse hands us a pointer, but fuse_entry_param
+# embeds a struct stat by value: without the tail, libfuse would read the
+# timeouts from the reserved words (as 0, disabling all kernel caching).
+_STAT_SIZE = {"x86_64": 144, "aarch64": 128, "ppc64le": 144, "ppc64": 144}.get(
+    os.uname().machine, ctypes.sizeof(c_stat))
+
+
+class fuse_entry_param(ctypes.Structure):
+    # generation: unsigned long in libfuse 2, uint64_t in 3 (the same on
+    # the 64-bit machines unionfs runs on).
+    _fields_ = [("ino", fuse_ino_t), ("generation", c_uint64), ("attr", c_stat),
+                ("_stat_tail", ctypes.c_char * (_STAT_SIZE - ctypes.sizeof(c_stat))),
+                ("attr_timeout", c_double), ("entry_timeout", c_double)]
+
+
+class fuse_ctx(ctypes.Structure):
+    _fields_ = [("uid", c_uid_t), ("gid", c_gid_t), ("pid", c_pid_t),
+                ("umask", c_mode_t)]
+
+
+# struct fuse_buf / fuse_bufvec: data described by memory or by a file
+# descriptor, so libfuse moves file data itself, in C.
+BUF_IS_FD = 1 << 1
+BUF_FD_SEEK = 1 << 2
+
+
+class fuse_buf(ctypes.Structure):
+    _fields_ = [("size", c_size_t), ("flags", c_int), ("mem", c_void_p),
+                ("fd", c_int), ("pos", c_off_t)]
+
+
+class fuse_bufvec(ctypes.Structure):
+    _fields_ = [("count", c_size_t), ("idx", c_size_t), ("off", c_size_t),
+                ("buf", fuse_buf * 1)]
+
+
+def fd_bufvec(fd, size, pos):
+    """A one-buffer vector for ``size`` bytes of ``fd`` at offset ``pos``."""
+    v = fuse_bufvec(1, 0, 0)
+    b = v.buf[0]
+    b.size = size
+    b.flags = BUF_IS_FD | BUF_FD_SEEK
+    b.fd = fd
+    b.pos = pos
+    return v
+
+
+class MountError(Exception):
+    """libfuse refused the mount or the options (it printed why on stderr)."""
+
+
+def proto(lib, name, restype, *argtypes):
+    f = getattr(lib, name)
+    f.restype = restype
+    f.argtypes = argtypes
+    return f
+
+
+def bind_replies(lib, fuse_file_info):
+    """The reply and helper functions both libraries export, by name."""
+    FI = POINTER(fuse_file_info)
+    REQ = fuse_req_t
+    p = lambda *a: proto(lib, *a)   # noqa: E731
+    return dict(
+        reply_err=p("fuse_reply_err", c_int, REQ, c_int),
+        reply_none=p("fuse_reply_none", None, REQ),
+        reply_entry=p("fuse_reply_entry", c_int, REQ, POINTER(fuse_entry_param)),
+        reply_create=p("fuse_reply_create", c_int, REQ, POINTER(fuse_entry_param), FI),
+        reply_attr=p("fuse_reply_attr", c_int, REQ, POINTER(c_stat), c_double),
+        reply_readlink=p("fuse_reply_readlink", c_int, REQ, c_char_p),
+        reply_open=p("fuse_reply_open", c_int, REQ, FI),
+        reply_write=p("fuse_reply_write", c_int, REQ, c_size_t),
+        reply_buf=p("fuse_reply_buf", c_int, REQ, c_char_p, c_size_t),
+        reply_statfs=p("fuse_reply_statfs", c_int, REQ, POINTER(c_statvfs)),
+        reply_xattr=p("fuse_reply_xattr", c_int, REQ, c_size_t),
+        reply_data=p("fuse_reply_data", c_int, REQ, POINTER(fuse_bufvec), c_int),
+        buf_copy=p("fuse_buf_copy", ctypes.c_ssize_t, POINTER(fuse_bufvec),
+                   POINTER(fuse_bufvec), c_int),
+        buf_size=p("fuse_buf_size", c_size_t, POINTER(fuse_bufvec)),
+        add_direntry=p("fuse_add_direntry", c_size_t, REQ, c_void_p, c_size_t,
+                       c_char_p, POINTER(c_stat), c_off_t),
+        req_ctx=p("fuse_req_ctx", POINTER(fuse_ctx), REQ),
+        fuse_version=p("fuse_version", c_int),
+    )
+
+
+def build_ops(ops_fields, handlers):
+    """A filled ``struct fuse_lowlevel_ops`` and the ctypes callbacks it
+    points to (which the caller must keep alive while the session runs)."""
+
+    class Ops(ctypes.Structure):
+        _fields_ = ops_fields
+
+    ops = Ops()
+    keep = []
+    for name, ftype in ops_fields:
+        fn = handlers.get(name)
+        if fn is not None and ftype is not c_void_p:
+            cfn = ftype(fn)
+            keep.append(cfn)
+            setattr(ops, name, cfn)
+    return ops, keep

@@ -1,0 +1,159 @@
+"""ctypes binding of libfuse 2.9's low-level API (the library fusepy loads).
+
+libfuse 2.9 speaks FUSE protocol 7.19: no READDIRPLUS, no kernel-cached
+directory listings, no rename flags, requests of at most 128 KiB. It is the
+fallback where libfuse 3 is missing (``UNIONFS_LIBFUSE=2`` selects it).
+"""
+
+import ctypes
+from ctypes import CFUNCTYPE, POINTER, c_char_p, c_int, c_size_t, c_uint, c_ulong, c_void_p
+
+import fuse as _fusepy
+
+from unionfs.binding import common
+from unionfs.binding.common import (MountError, c_dev_t, c_mode_t, c_off_t, c_stat,
+                                    fuse_bufvec, fuse_ino_t, fuse_req_t)
+
+VERSION = 2
+lib = _fusepy._libfuse
+fuse_file_info = _fusepy.fuse_file_info
+
+# What this protocol lets the daemon ask for.
+CACHE_READDIR = False   # FOPEN_CACHE_DIR
+
+# fuse_conn_info.want / capable bits (libfuse 2.9)
+CAP_ATOMIC_O_TRUNC = 1 << 3
+CAP_BIG_WRITES = 1 << 5
+
+# Options libfuse 2 needs to do what unionfs expects (measured: 128 KiB
+# writes instead of 4 KiB; any directory can be covered, as with overlayfs).
+DEFAULT_OPTIONS = {"big_writes": True, "max_write": "131072", "nonempty": True}
+# Options only libfuse 3 knows; harmless to drop here.
+DROPPED_OPTIONS = set()
+
+
+class fuse_conn_info(ctypes.Structure):
+    _fields_ = [("proto_major", c_uint), ("proto_minor", c_uint),
+                ("async_read", c_uint), ("max_write", c_uint),
+                ("max_readahead", c_uint), ("capable", c_uint), ("want", c_uint),
+                ("max_background", c_uint), ("congestion_threshold", c_uint),
+                ("reserved", c_uint * 23)]
+
+
+def configure(conn):
+    """Called from init: what unionfs wants of the connection."""
+    c = conn.contents
+    c.want |= c.capable & (CAP_ATOMIC_O_TRUNC | CAP_BIG_WRITES)
+
+
+_FI = POINTER(fuse_file_info)
+_REQ = fuse_req_t
+_INO = fuse_ino_t
+
+# struct fuse_lowlevel_ops, in order (libfuse 2.9). Entries we do not
+# implement stay NULL, and libfuse answers ENOSYS (or does the sane default).
+OPS = [
+    ("init", CFUNCTYPE(None, c_void_p, POINTER(fuse_conn_info))),
+    ("destroy", CFUNCTYPE(None, c_void_p)),
+    ("lookup", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
+    ("forget", CFUNCTYPE(None, _REQ, _INO, c_ulong)),
+    ("getattr", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("setattr", CFUNCTYPE(None, _REQ, _INO, POINTER(c_stat), c_int, _FI)),
+    ("readlink", CFUNCTYPE(None, _REQ, _INO)),
+    ("mknod", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t, c_dev_t)),
+    ("mkdir", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t)),
+    ("unlink", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
+    ("rmdir", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
+    ("symlink", CFUNCTYPE(None, _REQ, c_char_p, _INO, c_char_p)),
+    ("rename", CFUNCTYPE(None, _REQ, _INO, c_char_p, _INO, c_char_p)),
+    ("link", CFUNCTYPE(None, _REQ, _INO, _INO, c_char_p)),
+    ("open", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("read", CFUNCTYPE(None, _REQ, _INO, c_size_t, c_off_t, _FI)),
+    ("write", CFUNCTYPE(None, _REQ, _INO, c_void_p, c_size_t, c_off_t, _FI)),
+    ("flush", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("release", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("fsync", CFUNCTYPE(None, _REQ, _INO, c_int, _FI)),
+    ("opendir", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("readdir", CFUNCTYPE(None, _REQ, _INO, c_size_t, c_off_t, _FI)),
+    ("releasedir", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("fsyncdir", CFUNCTYPE(None, _REQ, _INO, c_int, _FI)),
+    ("statfs", CFUNCTYPE(None, _REQ, _INO)),
+    ("setxattr", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_void_p, c_size_t, c_int)),
+    ("getxattr", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_size_t)),
+    ("listxattr", CFUNCTYPE(None, _REQ, _INO, c_size_t)),
+    ("removexattr", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
+    ("access", CFUNCTYPE(None, _REQ, _INO, c_int)),
+    ("create", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t, _FI)),
+    ("getlk", c_void_p),
+    ("setlk", c_void_p),
+    ("bmap", c_void_p),
+    ("ioctl", c_void_p),
+    ("poll", c_void_p),
+    ("write_buf", CFUNCTYPE(None, _REQ, _INO, POINTER(fuse_bufvec), c_off_t, _FI)),
+    ("retrieve_reply", c_void_p),
+    ("forget_multi", c_void_p),
+    ("flock", c_void_p),
+    ("fallocate", c_void_p),
+]
+
+globals().update(common.bind_replies(lib, fuse_file_info))
+
+_p = lambda *a: common.proto(lib, *a)   # noqa: E731
+_mount = _p("fuse_mount", c_void_p, c_char_p, POINTER(common.fuse_args))
+_unmount = _p("fuse_unmount", None, c_char_p, c_void_p)
+_new = _p("fuse_lowlevel_new", c_void_p, POINTER(common.fuse_args), c_void_p,
+          c_size_t, c_void_p)
+_add_chan = _p("fuse_session_add_chan", None, c_void_p, c_void_p)
+_remove_chan = _p("fuse_session_remove_chan", None, c_void_p)
+_set_signals = _p("fuse_set_signal_handlers", c_int, c_void_p)
+_remove_signals = _p("fuse_remove_signal_handlers", None, c_void_p)
+_loop_mt = _p("fuse_session_loop_mt", c_int, c_void_p)
+_loop = _p("fuse_session_loop", c_int, c_void_p)
+_destroy = _p("fuse_session_destroy", None, c_void_p)
+_free_args = _p("fuse_opt_free_args", None, POINTER(common.fuse_args))
+
+
+def run(handlers, mountpoint, options, threaded=False):
+    """Mount ``mountpoint`` and serve requests until it is unmounted.
+
+    ``handlers`` maps operation names of ``fuse_lowlevel_ops`` to Python
+    callables with the C signature. ``options`` are libfuse ``-o`` options
+    (mount and low-level ones only). Returns when the session ends (unmount
+    or SIGINT/SIGTERM/SIGHUP, whose handlers libfuse installs).
+    """
+    ops, keep = common.build_ops(OPS, handlers)
+    argv_list = [b"unionfs"]
+    if options:
+        argv_list += [b"-o", ",".join(options).encode()]
+    args = common.make_args(argv_list)
+    mnt = mountpoint.encode() if isinstance(mountpoint, str) else mountpoint
+
+    chan = _mount(mnt, ctypes.byref(args))
+    if not chan:
+        _free_args(ctypes.byref(args))
+        raise MountError("fuse_mount failed")
+    session = _new(ctypes.byref(args), ctypes.byref(ops), ctypes.sizeof(ops), None)
+    if not session:
+        _unmount(mnt, chan)
+        _free_args(ctypes.byref(args))
+        raise MountError("fuse_lowlevel_new failed")
+    try:
+        if _set_signals(session) != 0:
+            raise MountError("cannot install signal handlers")
+        _add_chan(session, chan)
+        try:
+            rc = (_loop_mt if threaded else _loop)(session)
+        finally:
+            _remove_signals(session)
+            _remove_chan(chan)
+    finally:
+        _destroy(session)
+        _unmount(mnt, chan)
+        _free_args(ctypes.byref(args))
+    del keep
+    return rc
+
+
+def library_version():
+    v = fuse_version()      # noqa: F821  (bound by bind_replies)
+    return f"{v // 10}.{v % 10}"

@@ -1,0 +1,221 @@
+"""ctypes binding of libfuse 3's low-level API (fuse_lowlevel.h, 3.2 or later).
+
+libfuse 3 speaks the kernel's current FUSE protocol, which gives unionfs
+what libfuse 2.9 (protocol 7.19) cannot ask for:
+
+- READDIRPLUS: a listing carries each entry's attributes, so a cold
+  ``find``/``ls -l`` needs no LOOKUP per name;
+- FOPEN_CACHE_DIR: the kernel keeps directory listings between opens;
+- requests of up to 1 MiB (max_pages) instead of 128 KiB;
+- renameat2's flags reach the daemon (unionfs does RENAME_NOREPLACE).
+
+The operations are the same Python callables as for libfuse 2 (``fs.py``);
+only the structures, the capability bits and the session calls differ.
+"""
+
+import ctypes
+import ctypes.util
+from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_int, c_size_t, c_uint,
+                    c_uint32, c_uint64, c_void_p)
+
+from unionfs.binding import common
+from unionfs.binding.common import (MountError, c_dev_t, c_mode_t, c_off_t, c_stat,
+                                    fuse_bufvec, fuse_entry_param, fuse_ino_t,
+                                    fuse_req_t)
+
+VERSION = 3
+
+
+def _load():
+    for name in (ctypes.util.find_library("fuse3"), "libfuse3.so.3"):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                pass
+    raise OSError("libfuse3 not found (Debian/Ubuntu: apt install fuse3)")
+
+
+lib = _load()
+
+CACHE_READDIR = True
+
+# fuse_conn_info.want / capable bits (fuse_common.h)
+CAP_ATOMIC_O_TRUNC = 1 << 3
+CAP_SPLICE_WRITE = 1 << 7
+CAP_SPLICE_MOVE = 1 << 8
+CAP_READDIRPLUS = 1 << 13
+CAP_READDIRPLUS_AUTO = 1 << 14
+CAP_WRITEBACK_CACHE = 1 << 16
+CAP_HANDLE_KILLPRIV = 1 << 20
+
+# libfuse 3 makes the right choices by itself (large writes, any mount
+# point); its option parser rejects these libfuse 2 options, so they are
+# dropped: a user's fstab or a container engine may still pass them.
+DEFAULT_OPTIONS = {}
+DROPPED_OPTIONS = {"big_writes", "nonempty"}
+
+
+class fuse_file_info(ctypes.Structure):
+    _fields_ = [("flags", c_int),
+                ("writepage", c_uint, 1), ("direct_io", c_uint, 1),
+                ("keep_cache", c_uint, 1), ("flush", c_uint, 1),
+                ("nonseekable", c_uint, 1), ("flock_release", c_uint, 1),
+                ("cache_readdir", c_uint, 1), ("noflush", c_uint, 1),
+                ("padding", c_uint, 24), ("padding2", c_uint, 32),
+                ("fh", c_uint64), ("lock_owner", c_uint64), ("poll_events", c_uint32)]
+
+
+class fuse_conn_info(ctypes.Structure):
+    _fields_ = [("proto_major", c_uint), ("proto_minor", c_uint),
+                ("max_write", c_uint), ("max_read", c_uint),
+                ("max_readahead", c_uint), ("capable", c_uint), ("want", c_uint),
+                ("max_background", c_uint), ("congestion_threshold", c_uint),
+                ("time_gran", c_uint), ("reserved", c_uint * 22)]
+
+
+_conn_opts = None       # what fuse_parse_conn_info_opts took from -o (max_write=...)
+
+
+def configure(conn):
+    """Called from init: what unionfs wants of the connection."""
+    c = conn.contents
+    if _conn_opts:
+        _apply_conn_opts(_conn_opts, conn)
+    c.want |= c.capable & (CAP_ATOMIC_O_TRUNC | CAP_READDIRPLUS | CAP_READDIRPLUS_AUTO)
+    # The daemon writes as root, which never clears set-uid/set-gid bits:
+    # let the kernel send the setattr that clears them (as with libfuse 2).
+    c.want &= ~CAP_HANDLE_KILLPRIV
+    # Write-back caching would let the kernel keep writes and mtimes to
+    # itself; unionfs's crash guarantees rest on writes reaching the upper.
+    c.want &= ~CAP_WRITEBACK_CACHE
+
+
+_FI = POINTER(fuse_file_info)
+_REQ = fuse_req_t
+_INO = fuse_ino_t
+
+# struct fuse_lowlevel_ops, in order (libfuse 3.2-3.16). Entries we do not
+# implement stay NULL, and libfuse answers ENOSYS (or does the sane default).
+OPS = [
+    ("init", CFUNCTYPE(None, c_void_p, POINTER(fuse_conn_info))),
+    ("destroy", CFUNCTYPE(None, c_void_p)),
+    ("lookup", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
+    ("forget", CFUNCTYPE(None, _REQ, _INO, c_uint64)),
+    ("getattr", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("setattr", CFUNCTYPE(None, _REQ, _INO, POINTER(c_stat), c_int, _FI)),
+    ("readlink", CFUNCTYPE(None, _REQ, _INO)),
+    ("mknod", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t, c_dev_t)),
+    ("mkdir", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t)),
+    ("unlink", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
+    ("rmdir", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
+    ("symlink", CFUNCTYPE(None, _REQ, c_char_p, _INO, c_char_p)),
+    ("rename", CFUNCTYPE(None, _REQ, _INO, c_char_p, _INO, c_char_p, c_uint)),
+    ("link", CFUNCTYPE(None, _REQ, _INO, _INO, c_char_p)),
+    ("open", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("read", CFUNCTYPE(None, _REQ, _INO, c_size_t, c_off_t, _FI)),
+    ("write", CFUNCTYPE(None, _REQ, _INO, c_void_p, c_size_t, c_off_t, _FI)),
+    ("flush", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("release", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("fsync", CFUNCTYPE(None, _REQ, _INO, c_int, _FI)),
+    ("opendir", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("readdir", CFUNCTYPE(None, _REQ, _INO, c_size_t, c_off_t, _FI)),
+    ("releasedir", CFUNCTYPE(None, _REQ, _INO, _FI)),
+    ("fsyncdir", CFUNCTYPE(None, _REQ, _INO, c_int, _FI)),
+    ("statfs", CFUNCTYPE(None, _REQ, _INO)),
+    ("setxattr", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_void_p, c_size_t, c_int)),
+    ("getxattr", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_size_t)),
+    ("listxattr", CFUNCTYPE(None, _REQ, _INO, c_size_t)),
+    ("removexattr", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
+    ("access", CFUNCTYPE(None, _REQ, _INO, c_int)),
+    ("create", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t, _FI)),
+    ("getlk", c_void_p),
+    ("setlk", c_void_p),
+    ("bmap", c_void_p),
+    ("ioctl", c_void_p),
+    ("poll", c_void_p),
+    ("write_buf", CFUNCTYPE(None, _REQ, _INO, POINTER(fuse_bufvec), c_off_t, _FI)),
+    ("retrieve_reply", c_void_p),
+    ("forget_multi", c_void_p),
+    ("flock", c_void_p),
+    ("fallocate", c_void_p),
+    ("readdirplus", CFUNCTYPE(None, _REQ, _INO, c_size_t, c_off_t, _FI)),
+    ("copy_file_range", c_void_p),
+    ("lseek", c_void_p),
+]
+
+globals().update(common.bind_replies(lib, fuse_file_info))
+
+_p = lambda *a: common.proto(lib, *a)   # noqa: E731
+add_direntry_plus = _p("fuse_add_direntry_plus", c_size_t, _REQ, c_void_p, c_size_t,
+                       c_char_p, POINTER(fuse_entry_param), c_off_t)
+
+
+def direntplus_size(name):
+    """The size of one READDIRPLUS entry: struct fuse_direntplus (152 bytes
+    up to the name) and the name, 8-byte aligned (FUSE_DIRENTPLUS_SIZE)."""
+    return (152 + len(name) + 7) & ~7
+
+
+_parse_conn_opts = _p("fuse_parse_conn_info_opts", c_void_p, POINTER(common.fuse_args))
+_apply_conn_opts = _p("fuse_apply_conn_info_opts", None, c_void_p, POINTER(fuse_conn_info))
+_new = _p("fuse_session_new", c_void_p, POINTER(common.fuse_args), c_void_p,
+          c_size_t, c_void_p)
+_mount = _p("fuse_session_mount", c_int, c_void_p, c_char_p)
+_unmount = _p("fuse_session_unmount", None, c_void_p)
+_set_signals = _p("fuse_set_signal_handlers", c_int, c_void_p)
+_remove_signals = _p("fuse_remove_signal_handlers", None, c_void_p)
+_loop = _p("fuse_session_loop", c_int, c_void_p)
+_loop_mt = _p("fuse_session_loop_mt_31", c_int, c_void_p, c_int)
+_destroy = _p("fuse_session_destroy", None, c_void_p)
+_free_args = _p("fuse_opt_free_args", None, POINTER(common.fuse_args))
+
+
+def run(handlers, mountpoint, options, threaded=False):
+    """Mount ``mountpoint`` and serve requests until it is unmounted.
+
+    ``handlers`` maps operation names of ``fuse_lowlevel_ops`` to Python
+    callables with the C signature. ``options`` are libfuse ``-o`` options:
+    mount options, session options and connection options (``max_write=``
+    and the like, taken by ``fuse_parse_conn_info_opts`` and applied in
+    init). Returns when the session ends (unmount or SIGINT/SIGTERM/SIGHUP,
+    whose handlers libfuse installs).
+    """
+    global _conn_opts
+    ops, keep = common.build_ops(OPS, handlers)
+    options = [o for o in options if o.partition("=")[0] not in DROPPED_OPTIONS]
+    argv_list = [b"unionfs"]
+    if options:
+        argv_list += [b"-o", ",".join(options).encode()]
+    args = common.make_args(argv_list)
+    mnt = mountpoint.encode() if isinstance(mountpoint, str) else mountpoint
+
+    try:
+        _conn_opts = _parse_conn_opts(ctypes.byref(args))
+        if not _conn_opts:
+            raise MountError("bad connection options")
+        session = _new(ctypes.byref(args), ctypes.byref(ops), ctypes.sizeof(ops), None)
+        if not session:
+            raise MountError("fuse_session_new failed")
+        try:
+            if _set_signals(session) != 0:
+                raise MountError("cannot install signal handlers")
+            try:
+                if _mount(session, mnt) != 0:
+                    raise MountError("fuse_session_mount failed")
+                try:
+                    rc = _loop_mt(session, 0) if threaded else _loop(session)
+                finally:
+                    _unmount(session)
+            finally:
+                _remove_signals(session)
+        finally:
+            _destroy(session)
+    finally:
+        _free_args(ctypes.byref(args))
+    del keep
+    return rc
+
+
+def library_version():
+    return _p("fuse_pkgversion", c_char_p)().decode()
