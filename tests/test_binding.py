@@ -1,0 +1,174 @@
+"""What the libfuse binding brings, through real mounts: the library in use,
+renameat2 flags, directory listings the kernel caches, and entries that
+READDIRPLUS hands to the kernel (each one a lookup the daemon must count).
+
+``make test`` runs this file and test_mount.py a second time with
+``UNIONFS_LIBFUSE=2`` (the fallback binding); tests of what only libfuse 3
+can do skip there, saying so.
+"""
+
+import ctypes
+import errno
+import os
+
+import pytest
+
+from conftest import FUSE_UNIONFS, requires_fuse, requires_root, run
+
+pytestmark = requires_fuse
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(a, b, flags):
+    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(a))
+
+
+def library():
+    r = run([FUSE_UNIONFS, "--version"])
+    assert r.returncode == 0, r.stderr
+    line = [x for x in r.stdout.splitlines() if x.startswith("FUSE library version ")]
+    assert line, r.stdout
+    return line[0].split()[-1]
+
+
+def test_library_is_the_one_asked_for():
+    want = os.environ.get("UNIONFS_LIBFUSE")
+    version = library()
+    if want:
+        assert version.split(".")[0] == want
+    else:
+        # Where libfuse 3 is installed (the Makefile installs it), it is used.
+        assert version.startswith(("2.", "3."))
+        if any(os.path.exists(p) for p in ("/lib/x86_64-linux-gnu/libfuse3.so.3",
+                                           "/usr/lib/x86_64-linux-gnu/libfuse3.so.3",
+                                           "/lib/aarch64-linux-gnu/libfuse3.so.3",
+                                           "/usr/lib64/libfuse3.so.3")):
+            assert version.startswith("3."), version
+
+
+def test_bad_library_choice_is_one_line(layers):
+    env = dict(os.environ, UNIONFS_LIBFUSE="4")
+    r = run([FUSE_UNIONFS, "-o", layers.options(), str(layers.mnt)], env=env)
+    assert r.returncode != 0
+    assert r.stderr.strip() == "fuse-unionfs: UNIONFS_LIBFUSE=4: must be 2 or 3", r.stderr
+    assert not os.path.ismount(layers.mnt)
+
+
+needs_libfuse3 = pytest.mark.skipif(
+    os.environ.get("UNIONFS_LIBFUSE") == "2",
+    reason="libfuse 2 (protocol 7.19) cannot pass renameat2 flags")
+
+
+@needs_libfuse3
+def test_rename_noreplace(layers, mounted):
+    l0, l1 = layers.lowers
+    (l1 / "a").write_text("A")
+    (l1 / "b").write_text("B")
+    (l0 / "gone").write_text("G")
+    mnt = mounted()
+    with pytest.raises(OSError) as e:
+        renameat2(mnt / "a", mnt / "b", RENAME_NOREPLACE)
+    assert e.value.errno == errno.EEXIST
+    assert (mnt / "a").read_text() == "A" and (mnt / "b").read_text() == "B"
+    # A whited-out name is free.
+    os.unlink(mnt / "gone")
+    renameat2(mnt / "a", mnt / "gone", RENAME_NOREPLACE)
+    assert (mnt / "gone").read_text() == "A"
+    assert not (mnt / "a").exists()
+    assert sorted(os.listdir(mnt)) == ["b", "gone"]
+    # RENAME_EXCHANGE is not implemented: refused, nothing changes.
+    with pytest.raises(OSError) as e:
+        renameat2(mnt / "b", mnt / "gone", RENAME_EXCHANGE)
+    assert e.value.errno == errno.EINVAL
+    assert (mnt / "b").read_text() == "B" and (mnt / "gone").read_text() == "A"
+
+
+def test_listings_follow_every_change(layers, mounted):
+    """Listings large enough to take several READDIR replies, read again
+    after each kind of change: what the kernel keeps must never be stale."""
+    l0, l1 = layers.lowers
+    (l1 / "d").mkdir()
+    (l0 / "d").mkdir()
+    for i in range(400):
+        (l1 / "d" / f"low-{i:03d}-{'x' * 40}").write_text(str(i))
+    for i in range(0, 400, 7):
+        (l0 / "d" / f"low-{i:03d}-{'x' * 40}").write_text("top")
+    (l1 / "e").mkdir()
+    mnt = mounted()
+    d = mnt / "d"
+    low = [f"low-{i:03d}-{'x' * 40}" for i in range(400)]
+    want = set(low)
+
+    def check():
+        for _ in range(2):                      # from the daemon, then cached
+            names = os.listdir(d)
+            assert len(names) == len(set(names)), "a name listed twice"
+            assert set(names) == want
+            with os.scandir(d) as it:
+                assert {e.name for e in it} == want
+
+    check()
+    (d / "new").write_text("n")
+    want.add("new")
+    check()
+    os.unlink(d / low[7])
+    want.discard(low[7])
+    check()
+    os.rename(d / low[100], d / "renamed")
+    want.discard(low[100])
+    want.add("renamed")
+    check()
+    os.rename(d / "renamed", mnt / "e" / "moved")
+    want.discard("renamed")
+    check()
+    assert os.listdir(mnt / "e") == ["moved"]
+    os.mkdir(d / "sub")
+    os.link(d / "new", d / "hard")
+    os.symlink("new", d / "sym")
+    want |= {"sub", "hard", "sym"}
+    check()
+    os.rmdir(d / "sub")
+    want.discard("sub")
+    check()
+
+
+@requires_root
+def test_entries_from_listings_survive_the_kernel_forgetting_them(layers, mounted):
+    """READDIRPLUS gives the kernel an entry (a lookup) for every name. Once
+    the kernel drops its caches and forgets them, every file must still be
+    there with the same attributes: a miscounted lookup would lose the
+    inode (ESTALE) or keep serving a stale one."""
+    l0, l1 = layers.lowers
+    for top in ("a", "b"):
+        for layer in (l0, l1):
+            (layer / top).mkdir()
+        for i in range(300):
+            (l1 / top / f"f{i}").write_text(f"{top}{i}")
+    mnt = mounted()
+    before = {}
+    for top in ("a", "b"):
+        with os.scandir(mnt / top) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                before[f"{top}/{e.name}"] = (st.st_size, st.st_mode)
+    assert len(before) == 600
+    os.rename(mnt / "a" / "f1", mnt / "a" / "f1-renamed")
+    (mnt / "b" / "f2").write_text("changed")
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")                           # dentries and inodes: FORGETs
+    before["a/f1-renamed"] = before.pop("a/f1")
+    before["b/f2"] = (len("changed"), before["b/f2"][1])
+    after = {}
+    for top in ("a", "b"):
+        for name in os.listdir(mnt / top):
+            st = os.lstat(mnt / top / name)
+            after[f"{top}/{name}"] = (st.st_size, st.st_mode)
+    assert after == before
+    assert (mnt / "a" / "f1-renamed").read_text() == "a1"
+    assert (mnt / "b" / "f2").read_text() == "changed"
+    assert (mnt / "b" / "f299").read_text() == "b299"
