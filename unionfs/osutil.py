@@ -30,3 +30,17 @@ def rename_whiteout(a, b):
     device) at ``a``. Needs CAP_MKNOD and a filesystem that supports it:
     EINVAL, EPERM or ENOSYS otherwise."""
     _rename2(a, b, _RENAME_WHITEOUT)
+
+
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd, off, count):
+    """Start writing ``count`` bytes of ``fd`` at ``off`` to disk, without
+    waiting (sync_file_range's WRITE). A hint: does nothing where it is not
+    available. A later fsync still makes the data durable."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, off, count, _SYNC_FILE_RANGE_WRITE)
