@@ -310,6 +310,17 @@ class Mounts:
         if code is not None:
             self.unionfs_env = dict(os.environ, PYTHONPATH=str(code), PYTHONSAFEPATH="1")
 
+    def libfuse_version(self) -> str | None:
+        """The libfuse the unionfs under test binds ("3.14.0", "2.9")."""
+        cmd = [sys.executable, "-c",
+               "from unionfs import binding; print(binding.load().library_version())"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                                 env=self.unionfs_env)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() or None     # an old revision: no binding module
+
     @staticmethod
     def _find_unionfs() -> list[str]:
         # Next to the interpreter (the venv's bin/) when installed, else the
@@ -1065,6 +1076,7 @@ def main(argv=None) -> int:
             loop = LoopFs(work, args.timeout)
             base = loop.create(args.loop_ext4)
         bench = Bench(args, base)
+        info["unionfs_libfuse"] = bench.mounts.libfuse_version()
         bench.run_all(args.workloads, args.system_list)
         if args.profile and "unionfs" in args.system_list:
             hot = bench.profile_all(args.workloads, Path(args.profile))
@@ -1093,7 +1105,7 @@ def main(argv=None) -> int:
           f"({'quick' if args.quick else 'full'} sizes: read/copy-up {sizes.big_mib} MiB, "
           f"write {sizes.write_mib} MiB, find/ls {sizes.tree_dirs * sizes.tree_files_per_dir} "
           f"files, untar {sizes.untar_files}, rm {sizes.rm_files}; unionfs code "
-          f"{info['unionfs_commit']}; load average {info['loadavg_at_start'][0]} -> "
+          f"{info['unionfs_commit']} on libfuse {info.get('unionfs_libfuse') or '?'}; load average {info['loadavg_at_start'][0]} -> "
           f"{info['loadavg_at_end'][0]})\n")
     print(render_table(bench, args.workloads, args.system_list))
     for name, h in hot.items():
