@@ -31,6 +31,7 @@ legitimately disagree on), `Leeway` (kernel side effects of failed renames),
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import os
@@ -570,6 +571,24 @@ def op_rename(root, src, dst):
     os.rename(_p(root, src), _p(root, dst))
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(root, src, dst, flags):
+    if _libc.renameat2(-100, os.fsencode(_p(root, src)), -100,
+                       os.fsencode(_p(root, dst)), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def op_rename_noreplace(root, src, dst):
+    _renameat2(root, src, dst, 1)       # RENAME_NOREPLACE
+
+
+def op_exchange(root, a, b):
+    _renameat2(root, a, b, 2)           # RENAME_EXCHANGE
+
+
 def op_symlink(root, target, path):
     os.symlink(target, _p(root, path))
 
@@ -730,7 +749,7 @@ class Leeway:
         self.stale_parent_mtime: set = set()
 
     def note(self, op: tuple, rk, rt) -> None:
-        if op[0] == "rename" and rk[0] == "err" and rk == rt:
+        if op[0] in ("rename", "rename_noreplace", "exchange") and rk[0] == "err" and rk == rt:
             for p in op[1:3]:
                 self.stale_parent_mtime.add(os.path.dirname(p))
 
@@ -792,6 +811,9 @@ OP_WEIGHTS = {
     "mkfifo": 2, "rename": 12, "symlink": 4, "readlink": 3, "link": 5, "chmod": 4,
     "chown": 3, "utime": 5, "setxattr": 5, "getxattr": 3, "listxattr": 3,
     "removexattr": 3,
+    # renameat2 flags: libfuse 2's protocol cannot carry them (EINVAL there).
+    "rename_noreplace": 0 if os.environ.get("UNIONFS_LIBFUSE") == "2" else 3,
+    "exchange": 0 if os.environ.get("UNIONFS_LIBFUSE") == "2" else 5,
 }
 _OP_NAMES = sorted(OP_WEIGHTS)
 _OP_CUM = [OP_WEIGHTS[n] for n in _OP_NAMES]
@@ -885,6 +907,14 @@ class OpGen:
             src = self._existing(entries)
             dst = self._existing(entries) if rng.random() < 0.35 else self._new_path(entries)
             return ("rename", src, dst)
+        if name == "rename_noreplace":
+            src = self._existing(entries)
+            dst = self._existing(entries) if rng.random() < 0.5 else self._new_path(entries)
+            return ("rename_noreplace", src, dst)
+        if name == "exchange":
+            a = self._existing(entries)
+            b = self._existing(entries) if rng.random() < 0.9 else self._new_path(entries)
+            return ("exchange", a, b)
         if name == "symlink":
             path = self._new_path(entries)
             return ("symlink", _gen_target(rng, path), path)

@@ -1,5 +1,5 @@
 """What the libfuse binding brings, through real mounts: the library in use,
-renameat2 flags, directory listings the kernel caches, and entries that
+renameat2 flags (compared with kernel overlayfs), directory listings the kernel caches, and entries that
 READDIRPLUS hands to the kernel (each one a lookup the daemon must count).
 
 ``make test`` runs this file and test_mount.py a second time with
@@ -81,11 +81,102 @@ def test_rename_noreplace(layers, mounted):
     assert (mnt / "gone").read_text() == "A"
     assert not (mnt / "a").exists()
     assert sorted(os.listdir(mnt)) == ["b", "gone"]
-    # RENAME_EXCHANGE is not implemented: refused, nothing changes.
     with pytest.raises(OSError) as e:
-        renameat2(mnt / "b", mnt / "gone", RENAME_EXCHANGE)
+        renameat2(mnt / "b", mnt / "gone", RENAME_NOREPLACE | RENAME_EXCHANGE)
     assert e.value.errno == errno.EINVAL
     assert (mnt / "b").read_text() == "B" and (mnt / "gone").read_text() == "A"
+
+
+def _exchange_layers(lowers):
+    l0, l1 = lowers
+    for d in ("merged", "lowdir", "p", "q"):
+        (l1 / d).mkdir()
+    (l1 / "merged" / "from-l1").write_text("1")
+    (l0 / "merged").mkdir()
+    (l0 / "merged" / "from-l0").write_text("0")
+    (l1 / "merged" / "hidden").write_text("h")
+    (l1 / "lowdir" / "inside").write_text("i")
+    (l1 / "lowfile").write_text("lower file")
+    (l0 / "topfile").write_text("top file")
+    (l1 / "p" / "x").write_text("px")
+    (l1 / "q" / "y").mkdir()
+    (l1 / "q" / "y" / "deep").write_text("d")
+    (l1 / "target").mkdir()
+    (l1 / "target" / "below").write_text("must stay hidden")
+
+
+def _exchange_ops(mnt):
+    """The same steps on any mount; returns what each step answered."""
+    out = []
+
+    def step(fn):
+        try:
+            fn()
+            out.append("ok")
+        except OSError as e:
+            out.append(errno.errorcode[e.errno])
+
+    step(lambda: os.unlink(mnt / "merged" / "hidden"))
+    step(lambda: (mnt / "newfile").write_text("new"))
+    step(lambda: os.mkdir(mnt / "newdir"))
+    step(lambda: (mnt / "newdir" / "n").write_text("n"))
+    step(lambda: renameat2(mnt / "lowfile", mnt / "newfile", RENAME_EXCHANGE))
+    step(lambda: renameat2(mnt / "merged", mnt / "topfile", RENAME_EXCHANGE))
+    step(lambda: renameat2(mnt / "newdir", mnt / "target", RENAME_EXCHANGE))
+    step(lambda: renameat2(mnt / "p" / "x", mnt / "q" / "y", RENAME_EXCHANGE))
+    step(lambda: renameat2(mnt / "lowdir", mnt / "nothing", RENAME_EXCHANGE))
+    step(lambda: renameat2(mnt / "lowdir", mnt / "lowdir" / "inside", RENAME_EXCHANGE))
+    step(lambda: (mnt / "topfile" / "from-l0").write_text("changed after"))
+    return out
+
+
+@needs_libfuse3
+@requires_root
+@pytest.mark.parametrize("fmt", ["overlay", "oci"])
+def test_rename_exchange_as_kernel_overlayfs(tmp_path, mounter, fmt):
+    """RENAME_EXCHANGE of files and directories from every layer: the same
+    answers and the same tree as kernel overlayfs (redirect_dir=on), and
+    an upper that kernel overlayfs reads back as the same tree."""
+    from conftest import Layers
+    from test_mount import tree_of
+
+    ours_layers = Layers(tmp_path / "u")
+    _exchange_layers(ours_layers.lowers)
+    mnt = mounter.mount(ours_layers, extra=f"whiteout={fmt}")
+    ours = _exchange_ops(mnt)
+    our_tree = tree_of(mnt)
+
+    k = Layers(tmp_path / "k")
+    _exchange_layers(k.lowers)
+    lower = ":".join(map(str, k.lowers))
+    r = run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={lower},upperdir={k.upper},workdir={k.work},redirect_dir=on",
+             str(k.mnt)])
+    if r.returncode != 0:
+        pytest.skip(f"kernel overlayfs unavailable: {r.stderr.strip()}")
+    try:
+        theirs = _exchange_ops(k.mnt)
+        their_tree = tree_of(k.mnt)
+    finally:
+        run(["umount", str(k.mnt)])
+    assert ours == theirs
+    assert our_tree == their_tree
+    assert our_tree["target/n"] == ("f", b"n")
+    assert "target/below" not in our_tree
+
+    mounter.umount(mnt)
+    if fmt == "overlay":
+        kwork = tmp_path / "kwork"
+        kwork.mkdir()
+        lower = ":".join(map(str, ours_layers.lowers))
+        r = run(["mount", "-t", "overlay", "overlay", "-o",
+                 f"lowerdir={lower},upperdir={ours_layers.upper},workdir={kwork}",
+                 str(mnt)])
+        assert r.returncode == 0, r.stderr
+        try:
+            assert tree_of(mnt) == our_tree
+        finally:
+            run(["umount", str(mnt)])
 
 
 def test_listings_follow_every_change(layers, mounted):

@@ -42,6 +42,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 _S_IFDIR = stat.S_IFDIR
 RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 
 class Inode:
@@ -174,6 +175,23 @@ class UnionFS:
                         self._by_path[np] = child
                         if child.path == p:
                             child.path = np
+
+    def _exchanged(self, a, b):
+        """Swap in the table: what was at ``a`` (and below) is at ``b``, and
+        the other way round."""
+        with self._table:
+            moved = []
+            for p, inode in self._by_path.items():
+                for src, dst in ((a, b), (b, a)):
+                    if p == src or p.startswith(src + "/"):
+                        moved.append((p, dst + p[len(src):], inode))
+                        break
+            for p, _, _ in moved:
+                del self._by_path[p]
+            for p, np, inode in moved:
+                self._by_path[np] = inode
+                if inode.path == p:
+                    inode.path = np
 
     # -- replies --------------------------------------------------------------------
 
@@ -326,8 +344,14 @@ class UnionFS:
     def rename(self, req, parent, name, newparent, newname, flags=0):
         old = child_path(self._path(parent), os.fsdecode(name))
         new = child_path(self._path(newparent), os.fsdecode(newname))
-        if flags & ~RENAME_NOREPLACE:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+                RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "rename flags not supported")
+        if flags & RENAME_EXCHANGE:
+            self.union.exchange(old, new)
+            self._exchanged(old, new)
+            ll.reply_err(req, 0)
+            return
         if flags & RENAME_NOREPLACE and self.union.stack.lookup(new) is not None:
             raise OSError(errno.EEXIST, "exists")
         self.union.rename(old, new)
@@ -568,7 +592,9 @@ class UnionFS:
         "removexattr": (lambda *args: args,
                         lambda self, req, ino, name: not self._settled(ino)),
         "rename": (lambda *args: args,
-                   lambda self, req, parent, name, *rest: not self._settled_name(parent, name)),
+                   lambda self, req, parent, name, newparent, newname, flags=0:
+                   not self._settled_name(parent, name)
+                   or bool(flags & RENAME_EXCHANGE) and not self._settled_name(newparent, newname)),
         "link": (lambda *args: args,
                  lambda self, req, ino, *rest: not self._settled(ino)),
     }

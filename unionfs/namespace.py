@@ -346,6 +346,46 @@ def _rename_locked(u, old, new, src):
         os.unlink(marker_new)
 
 
+def exchange(u, a, b):
+    """renameat2(RENAME_EXCHANGE) on the merged view: ``a`` and ``b`` (both
+    must show) swap places, atomically.
+
+    Both are copied up first (a directory lower layers contribute to, whole
+    and opaque, as for a rename), and a directory that will land where lower
+    layers have a directory is made opaque (an upper-only directory has
+    nothing below it at its old name, so that changes nothing yet). Then one
+    renameat2(RENAME_EXCHANGE) in the upper swaps them.
+    """
+    u.check_writable()
+    if a == b:
+        return
+    if b.startswith(a + "/") or a.startswith(b + "/"):
+        raise _err(errno.EINVAL, b)
+    with u.lock:
+        nodes = {p: u.node(p) for p in (a, b)}
+        if all(n.kind != DIR for n in nodes.values()) and all(
+                n.in_upper for n in nodes.values()):
+            sa, sb = os.lstat(u.upper.real(a)), os.lstat(u.upper.real(b))
+            if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+                return          # two links of one file: nothing to swap
+        try:
+            for p, node in nodes.items():
+                if node.kind == DIR:
+                    u.copyup.copy_up_tree(p, _listing(u))
+                else:
+                    u.copyup.copy_up(p, node)
+            for p, there in ((a, b), (b, a)):
+                if nodes[p].kind != DIR or u.upper.is_opaque(p):
+                    continue
+                below = u.stack.lookup_below(there)
+                if below is not None and below.kind == DIR:
+                    u.writer.set_opaque(u.upper.real(p))
+            rename_exchange(u.upper.real(a), u.upper.real(b))
+        finally:
+            u.stack.invalidate(a, tree=True)
+            u.stack.invalidate(b, tree=True)
+
+
 def _replace_with_empty_opaque(u, path):
     """Swap the upper directory at ``path`` (empty in the merged view, but
     holding whiteouts) for an empty opaque copy of it: the merged view does

@@ -235,3 +235,6 @@ class Union:
 
     def rename(self, old, new):
         namespace.rename(self, old, new)
+
+    def exchange(self, a, b):
+        namespace.exchange(self, a, b)

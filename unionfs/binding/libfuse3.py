@@ -7,7 +7,7 @@ what libfuse 2.9 (protocol 7.19) cannot ask for:
   ``find``/``ls -l`` needs no LOOKUP per name;
 - FOPEN_CACHE_DIR: the kernel keeps directory listings between opens;
 - requests of up to 1 MiB (max_pages) instead of 128 KiB;
-- renameat2's flags reach the daemon (unionfs does RENAME_NOREPLACE).
+- renameat2's flags reach the daemon (RENAME_NOREPLACE, RENAME_EXCHANGE).
 
 The operations are the same Python callables as for libfuse 2 (``fs.py``);
 only the structures, the capability bits and the session calls differ.
