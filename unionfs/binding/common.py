@@ -7,8 +7,8 @@ fusepy's per-architecture ``c_stat`` and ``c_statvfs`` layouts are reused
 
 import ctypes
 import os
-from ctypes import (POINTER, c_char_p, c_double, c_int, c_size_t, c_uint64,
-                    c_void_p)
+from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_int, c_size_t,
+                    c_uint, c_uint64, c_ulong, c_void_p)
 
 import fuse as _fusepy
 
@@ -133,6 +133,73 @@ def bind_replies(lib, fuse_file_info):
         req_ctx=p("fuse_req_ctx", POINTER(fuse_ctx), REQ),
         fuse_version=p("fuse_version", c_int),
     )
+
+
+def lowlevel_ops(version, fuse_file_info, fuse_conn_info):
+    """The fields of ``struct fuse_lowlevel_ops`` for libfuse ``version`` (2
+    or 3), in order. The operations unionfs does not implement are plain
+    pointers, left NULL: libfuse answers ENOSYS (or does the sane default).
+
+    libfuse 3 passes rename's flags, counts lookups in uint64_t, and appends
+    readdirplus, copy_file_range and lseek (3.2-3.16 layout).
+    """
+    FI = POINTER(fuse_file_info)
+    REQ, INO = fuse_req_t, fuse_ino_t
+
+    def op(*args):
+        return CFUNCTYPE(None, *args)
+
+    rename_args = (REQ, INO, c_char_p, INO, c_char_p) + ((c_uint,) if version >= 3 else ())
+    fields = [
+        ("init", op(c_void_p, POINTER(fuse_conn_info))),
+        ("destroy", op(c_void_p)),
+        ("lookup", op(REQ, INO, c_char_p)),
+        ("forget", op(REQ, INO, c_uint64 if version >= 3 else c_ulong)),
+        ("getattr", op(REQ, INO, FI)),
+        ("setattr", op(REQ, INO, POINTER(c_stat), c_int, FI)),
+        ("readlink", op(REQ, INO)),
+        ("mknod", op(REQ, INO, c_char_p, c_mode_t, c_dev_t)),
+        ("mkdir", op(REQ, INO, c_char_p, c_mode_t)),
+        ("unlink", op(REQ, INO, c_char_p)),
+        ("rmdir", op(REQ, INO, c_char_p)),
+        ("symlink", op(REQ, c_char_p, INO, c_char_p)),
+        ("rename", op(*rename_args)),
+        ("link", op(REQ, INO, INO, c_char_p)),
+        ("open", op(REQ, INO, FI)),
+        ("read", op(REQ, INO, c_size_t, c_off_t, FI)),
+        ("write", op(REQ, INO, c_void_p, c_size_t, c_off_t, FI)),
+        ("flush", op(REQ, INO, FI)),
+        ("release", op(REQ, INO, FI)),
+        ("fsync", op(REQ, INO, c_int, FI)),
+        ("opendir", op(REQ, INO, FI)),
+        ("readdir", op(REQ, INO, c_size_t, c_off_t, FI)),
+        ("releasedir", op(REQ, INO, FI)),
+        ("fsyncdir", op(REQ, INO, c_int, FI)),
+        ("statfs", op(REQ, INO)),
+        ("setxattr", op(REQ, INO, c_char_p, c_void_p, c_size_t, c_int)),
+        ("getxattr", op(REQ, INO, c_char_p, c_size_t)),
+        ("listxattr", op(REQ, INO, c_size_t)),
+        ("removexattr", op(REQ, INO, c_char_p)),
+        ("access", op(REQ, INO, c_int)),
+        ("create", op(REQ, INO, c_char_p, c_mode_t, FI)),
+        ("getlk", c_void_p),
+        ("setlk", c_void_p),
+        ("bmap", c_void_p),
+        ("ioctl", c_void_p),
+        ("poll", c_void_p),
+        ("write_buf", op(REQ, INO, POINTER(fuse_bufvec), c_off_t, FI)),
+        ("retrieve_reply", c_void_p),
+        ("forget_multi", c_void_p),
+        ("flock", c_void_p),
+        ("fallocate", c_void_p),
+    ]
+    if version >= 3:
+        fields += [
+            ("readdirplus", op(REQ, INO, c_size_t, c_off_t, FI)),
+            ("copy_file_range", c_void_p),
+            ("lseek", c_void_p),
+        ]
+    return fields
 
 
 def build_ops(ops_fields, handlers):

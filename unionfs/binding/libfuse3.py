@@ -15,13 +15,10 @@ only the structures, the capability bits and the session calls differ.
 
 import ctypes
 import ctypes.util
-from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_int, c_size_t, c_uint,
-                    c_uint32, c_uint64, c_void_p)
+from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint, c_uint32, c_uint64, c_void_p
 
 from unionfs.binding import common
-from unionfs.binding.common import (MountError, c_dev_t, c_mode_t, c_off_t, c_stat,
-                                    fuse_bufvec, fuse_entry_param, fuse_ino_t,
-                                    fuse_req_t)
+from unionfs.binding.common import MountError, c_off_t, fuse_entry_param, fuse_req_t
 
 VERSION = 3
 
@@ -91,63 +88,12 @@ def configure(conn):
     c.want &= ~CAP_WRITEBACK_CACHE
 
 
-_FI = POINTER(fuse_file_info)
-_REQ = fuse_req_t
-_INO = fuse_ino_t
-
-# struct fuse_lowlevel_ops, in order (libfuse 3.2-3.16). Entries we do not
-# implement stay NULL, and libfuse answers ENOSYS (or does the sane default).
-OPS = [
-    ("init", CFUNCTYPE(None, c_void_p, POINTER(fuse_conn_info))),
-    ("destroy", CFUNCTYPE(None, c_void_p)),
-    ("lookup", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
-    ("forget", CFUNCTYPE(None, _REQ, _INO, c_uint64)),
-    ("getattr", CFUNCTYPE(None, _REQ, _INO, _FI)),
-    ("setattr", CFUNCTYPE(None, _REQ, _INO, POINTER(c_stat), c_int, _FI)),
-    ("readlink", CFUNCTYPE(None, _REQ, _INO)),
-    ("mknod", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t, c_dev_t)),
-    ("mkdir", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t)),
-    ("unlink", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
-    ("rmdir", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
-    ("symlink", CFUNCTYPE(None, _REQ, c_char_p, _INO, c_char_p)),
-    ("rename", CFUNCTYPE(None, _REQ, _INO, c_char_p, _INO, c_char_p, c_uint)),
-    ("link", CFUNCTYPE(None, _REQ, _INO, _INO, c_char_p)),
-    ("open", CFUNCTYPE(None, _REQ, _INO, _FI)),
-    ("read", CFUNCTYPE(None, _REQ, _INO, c_size_t, c_off_t, _FI)),
-    ("write", CFUNCTYPE(None, _REQ, _INO, c_void_p, c_size_t, c_off_t, _FI)),
-    ("flush", CFUNCTYPE(None, _REQ, _INO, _FI)),
-    ("release", CFUNCTYPE(None, _REQ, _INO, _FI)),
-    ("fsync", CFUNCTYPE(None, _REQ, _INO, c_int, _FI)),
-    ("opendir", CFUNCTYPE(None, _REQ, _INO, _FI)),
-    ("readdir", CFUNCTYPE(None, _REQ, _INO, c_size_t, c_off_t, _FI)),
-    ("releasedir", CFUNCTYPE(None, _REQ, _INO, _FI)),
-    ("fsyncdir", CFUNCTYPE(None, _REQ, _INO, c_int, _FI)),
-    ("statfs", CFUNCTYPE(None, _REQ, _INO)),
-    ("setxattr", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_void_p, c_size_t, c_int)),
-    ("getxattr", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_size_t)),
-    ("listxattr", CFUNCTYPE(None, _REQ, _INO, c_size_t)),
-    ("removexattr", CFUNCTYPE(None, _REQ, _INO, c_char_p)),
-    ("access", CFUNCTYPE(None, _REQ, _INO, c_int)),
-    ("create", CFUNCTYPE(None, _REQ, _INO, c_char_p, c_mode_t, _FI)),
-    ("getlk", c_void_p),
-    ("setlk", c_void_p),
-    ("bmap", c_void_p),
-    ("ioctl", c_void_p),
-    ("poll", c_void_p),
-    ("write_buf", CFUNCTYPE(None, _REQ, _INO, POINTER(fuse_bufvec), c_off_t, _FI)),
-    ("retrieve_reply", c_void_p),
-    ("forget_multi", c_void_p),
-    ("flock", c_void_p),
-    ("fallocate", c_void_p),
-    ("readdirplus", CFUNCTYPE(None, _REQ, _INO, c_size_t, c_off_t, _FI)),
-    ("copy_file_range", c_void_p),
-    ("lseek", c_void_p),
-]
+OPS = common.lowlevel_ops(3, fuse_file_info, fuse_conn_info)
 
 globals().update(common.bind_replies(lib, fuse_file_info))
 
 _p = lambda *a: common.proto(lib, *a)   # noqa: E731
-add_direntry_plus = _p("fuse_add_direntry_plus", c_size_t, _REQ, c_void_p, c_size_t,
+add_direntry_plus = _p("fuse_add_direntry_plus", c_size_t, fuse_req_t, c_void_p, c_size_t,
                        c_char_p, POINTER(fuse_entry_param), c_off_t)
 
 
