@@ -42,7 +42,7 @@ def unmount_layers_after(request):
 
 def daemon_pid(mnt):
     from unionfs.mount import pidfile_for
-    return int(Path(pidfile_for(str(mnt))).read_text().strip())
+    return int(Path(pidfile_for(str(mnt))).read_text().split()[0])
 
 
 def alive(pid):

@@ -368,10 +368,34 @@ def test_umount_reports_a_dead_daemon(layers, mounted):
     populate(layers)
     mnt = mounted()
     from unionfs.mount import pidfile_for
-    pid = int(Path(pidfile_for(mnt)).read_text())
+    pid = int(Path(pidfile_for(mnt)).read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
     assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
                     "zombie" in Path(f"/proc/{pid}/status").read_text())
     r = run([UNIONFS, "umount", str(mnt)], timeout=30)
     assert_user_error(r, "daemon had died")
     assert not is_mounted(mnt)
+
+
+def test_pidfiles_of_dead_daemons_are_pruned_and_never_trusted(tmp_path, mounter):
+    """A killed daemon leaves its pidfile; the next mount removes it, and a
+    pidfile whose pid now belongs to another process is not believed."""
+    from conftest import Layers
+    from unionfs.mount import _daemon_pid, pidfile_for
+    a, b = Layers(tmp_path / "a"), Layers(tmp_path / "b")
+    mnt_a = mounter.mount(a)
+    pidfile = Path(pidfile_for(mnt_a))
+    pid, start = pidfile.read_text().split()
+    assert int(pid) == _daemon_pid(mnt_a)
+    os.kill(int(pid), signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                    "zombie" in Path(f"/proc/{pid}/status").read_text())
+    run([UNIONFS, "umount", str(mnt_a)], timeout=30)       # the stale mount
+    assert not is_mounted(mnt_a)
+    assert pidfile.exists()
+    # A live process that is not the daemon (this test) under that pid file.
+    pidfile.write_text(f"{os.getpid()} {int(start) + 1}\n")
+    assert _daemon_pid(mnt_a) is None
+    mounter.mount(b)
+    assert not pidfile.exists()
+    assert Path(pidfile_for(b.mnt)).stat().st_mode & 0o777 == 0o644

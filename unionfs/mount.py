@@ -244,6 +244,7 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
 def mount(spec, mountpoint, foreground=False, debug=False):
     """Mount ``spec`` on ``mountpoint``; return once it is live."""
     mountpoint = validate(spec, mountpoint)
+    prune_pidfiles()
     if foreground or debug:
         pidfile = pidfile_for(mountpoint)
         _write_pidfile(pidfile)
@@ -314,9 +315,53 @@ def _report(wfd, msg):
         pass        # already reported ready; nobody is listening
 
 
+# A pidfile holds "PID STARTTIME": the start time (field 22 of
+# /proc/PID/stat) tells this daemon from a later process that got its pid
+# after a crash left the file behind.
+
+def _proc_start(pid):
+    """The start time of process ``pid``, or None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _write_pidfile(path):
-    with open(path, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    pid = os.getpid()
+    tmp = f"{path}.{pid}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{pid} {_proc_start(pid)}\n")
+    os.rename(tmp, path)
+
+
+def _read_pidfile(path):
+    """The daemon's pid from ``path`` if that process still runs, else None."""
+    try:
+        with open(path) as f:
+            pid, _, start = f.read().strip().partition(" ")
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    now = _proc_start(pid)
+    if now is None or (start and start != now):
+        return None
+    return pid
+
+
+def prune_pidfiles():
+    """Remove pidfiles whose daemon is gone (killed daemons leave them)."""
+    try:
+        names = os.listdir(_runtime_dir())
+    except OSError:
+        return
+    for name in names:
+        if name.endswith(".pid") and len(name) == 28:
+            path = os.path.join(_runtime_dir(), name)
+            if _read_pidfile(path) is None:
+                _remove(path)
 
 
 def _remove(path):
@@ -343,11 +388,7 @@ def _mount_entry(mountpoint):
 
 
 def _daemon_pid(mountpoint):
-    try:
-        with open(pidfile_for(mountpoint)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
+    return _read_pidfile(pidfile_for(mountpoint))
 
 
 def _alive(pid):
