@@ -263,3 +263,26 @@ def test_entries_from_listings_survive_the_kernel_forgetting_them(layers, mounte
     assert (mnt / "a" / "f1-renamed").read_text() == "a1"
     assert (mnt / "b" / "f2").read_text() == "changed"
     assert (mnt / "b" / "f299").read_text() == "b299"
+
+
+def test_listings_kept_for_offsets_are_bounded(tmp_path, monkeypatch):
+    """The listings kept so readdir offsets stay meaningful are bounded by
+    their total entries (no mount: the adapter over a Union)."""
+    from unionfs import fs
+    from unionfs.union import Union
+    low, up, work = (tmp_path / n for n in ("low", "up", "work"))
+    for d in (low, up, work):
+        d.mkdir()
+    for i in range(5):
+        (low / f"d{i}").mkdir()
+        for j in range(40):
+            (low / f"d{i}" / f"f{j}").write_text("x")
+    monkeypatch.setattr(fs, "MAX_LISTED_ENTRIES", 100)
+    adapter = fs.UnionFS(Union([str(low)], str(up), str(work)))
+    serials = set()
+    for i in range(5):
+        serial, listing = adapter._current_listing(f"/d{i}")
+        assert len(listing) == 42 and serial not in serials
+        serials.add(serial)
+        assert adapter._listed <= 100
+        assert adapter._current_listing(f"/d{i}") == (serial, listing)  # unchanged dir

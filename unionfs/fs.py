@@ -37,6 +37,7 @@ ll = binding.load()
 log = logging.getLogger("unionfs")
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
+MAX_LISTED_ENTRIES = 1_000_000  # directory entries kept for readdir offsets
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
@@ -90,6 +91,7 @@ class UnionFS:
         self._next_dh = 1
         self._listings = {}                # dir path -> (entries, serial, listing)
         self._serials = {}                 # serial -> listing (recent ones)
+        self._listed = 0                   # entries held by the two maps above
         self._next_serial = 1
 
     # -- the inode table ----------------------------------------------------------
@@ -417,7 +419,9 @@ class UnionFS:
     # offset continues the cache, so it can never splice two versions of a
     # directory together; and since it stamps its cache with the directory's
     # change counter before asking for offset 0, a listing taken after that
-    # is never older than the stamp.
+    # is never older than the stamp. Recent listings stay findable by serial,
+    # so a reader the kernel resumes at an offset it served from its cache
+    # goes on in the version that offset belongs to.
 
     def opendir(self, req, nodeid, fi):
         self._path(nodeid)
@@ -465,10 +469,15 @@ class UnionFS:
         with self._table:
             serial = self._next_serial
             self._next_serial = serial + 1 if serial < 0x7FFFFFFF else 1
-            if len(self._listings) >= 4096:
+            # Bounded by entries, not listings: one huge directory must not
+            # pin gigabytes. Forgetting only costs a new serial (and, for a
+            # reader the kernel resumes at an old offset, a best-effort
+            # restart in the current listing).
+            self._listed += len(listing)
+            if self._listed > MAX_LISTED_ENTRIES or len(self._serials) >= 4096:
                 self._listings.clear()
-            if len(self._serials) >= 4096:
                 self._serials.clear()
+                self._listed = len(listing)
             self._listings[path] = (entries, serial, listing)
             self._serials[serial] = listing
         return serial, listing
