@@ -286,3 +286,60 @@ def test_listings_kept_for_offsets_are_bounded(tmp_path, monkeypatch):
         serials.add(serial)
         assert adapter._listed <= 100
         assert adapter._current_listing(f"/d{i}") == (serial, listing)  # unchanged dir
+
+
+def test_inode_numbers_in_listings_follow_copy_up(layers, mounted):
+    """A copy-up changes a file's st_ino (see the README): a listing read
+    afterwards, even one the kernel had cached, must carry the new number,
+    as kernel overlayfs's does."""
+    l0, l1 = layers.lowers
+    (l1 / "d" / "sub").mkdir(parents=True)
+    for n in ("a", "b", "c"):
+        (l1 / "d" / n).write_text(n)
+        (l1 / "d" / "sub" / n).write_text(n)
+    mnt = mounted()
+
+    def check(d):
+        for _ in range(2):
+            with os.scandir(d) as it:
+                for e in it:
+                    assert e.inode() == os.lstat(e.path).st_ino, e.path
+
+    check(mnt / "d")
+    check(mnt / "d" / "sub")
+    os.chmod(mnt / "d" / "a", 0o600)                 # copy-up of a file
+    (mnt / "d" / "b").open("a").close()              # ... by an open for writing
+    check(mnt / "d")
+    os.rename(mnt / "d" / "sub", mnt / "d" / "moved")  # a lower tree, copied whole
+    check(mnt / "d")
+    check(mnt / "d" / "moved")
+
+
+def test_directory_offsets_fit_in_31_bits(layers, mounted):
+    """32-bit programs (i386/armhf images) read directories with a 32-bit
+    off_t: every offset telldir() returns must stay below 2**31."""
+    l0, l1 = layers.lowers
+    (l1 / "d").mkdir()
+    for i in range(300):
+        (l1 / "d" / f"f{i}").write_text("x")
+    mnt = mounted()
+    for n in range(3):                    # several listing versions
+        (mnt / "d" / f"new{n}").write_text("n")
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.opendir.restype = ctypes.c_void_p
+        libc.opendir.argtypes = [ctypes.c_char_p]
+        libc.readdir64.restype = ctypes.c_void_p
+        libc.readdir64.argtypes = [ctypes.c_void_p]
+        libc.telldir.restype = ctypes.c_long
+        libc.telldir.argtypes = [ctypes.c_void_p]
+        libc.closedir.argtypes = [ctypes.c_void_p]
+        dirp = libc.opendir(os.fsencode(mnt / "d"))
+        assert dirp
+        offsets = []
+        try:
+            while libc.readdir64(dirp):
+                offsets.append(libc.telldir(dirp))
+        finally:
+            libc.closedir(dirp)
+        assert len(offsets) == 300 + 2 + n + 1
+        assert all(0 < o < 2 ** 31 for o in offsets), max(offsets)

@@ -127,6 +127,7 @@ class CopyUp:
         self.work = work            # private temp dir on the upper's filesystem
         self.writer = writer
         self.fsync = fsync
+        self.on_publish = None      # called with each path a copy-up published
         self._seq = itertools.count()
         self._stripes = [threading.Lock() for _ in range(64)]
 
@@ -205,6 +206,8 @@ class CopyUp:
             self.stack.invalidate(path)
         os.utime(parent_real, ns=(pst.st_atime_ns, pst.st_mtime_ns),
                  follow_symlinks=False)
+        if self.on_publish is not None:
+            self.on_publish(path)
 
     def _build_copy(self, src, st, data):
         tmp = self.temp_name()

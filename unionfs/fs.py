@@ -30,7 +30,7 @@ import time
 
 from unionfs import binding
 from unionfs.binding import common
-from unionfs.layers import child_path
+from unionfs.layers import child_path, split_path
 
 ll = binding.load()
 
@@ -38,6 +38,9 @@ log = logging.getLogger("unionfs")
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
 MAX_LISTED_ENTRIES = 1_000_000  # directory entries kept for readdir offsets
+_INDEX_BITS = 21                # a readdir offset: serial << 21 | index
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+_SERIALS = 1 << 10
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
@@ -92,6 +95,8 @@ class UnionFS:
         self._listings = {}                # dir path -> (entries, serial, listing)
         self._serials = {}                 # serial -> listing (recent ones)
         self._listed = 0                   # entries held by the two maps above
+        if union.copyup is not None:
+            union.copyup.on_publish = self._copied_up
         self._next_serial = 1
 
     # -- the inode table ----------------------------------------------------------
@@ -177,6 +182,21 @@ class UnionFS:
                         self._by_path[np] = child
                         if child.path == p:
                             child.path = np
+
+    def _copied_up(self, path):
+        """``path`` was just copied up, so its inode number changed. The
+        kernel learns new attributes only from replies, and a copy-up for an
+        open or an xattr change sends none: drop its cached attributes of
+        ``path``, and its cached listing of the parent, which carries the
+        number too (the kernel resets a listing only when it changes the
+        directory itself)."""
+        inode = self._by_path.get(path)
+        if inode is not None:
+            ll.inval_inode(inode.nodeid, attrs_only=True)
+        if ll.CACHE_READDIR:
+            parent = self._by_path.get(split_path(path)[0])
+            if parent is not None:
+                ll.inval_inode(parent.nodeid)
 
     def _exchanged(self, a, b):
         """Swap in the table: what was at ``a`` (and below) is at ``b``, and
@@ -413,8 +433,9 @@ class UnionFS:
     # -- directories ------------------------------------------------------------------
 
     # Directory offsets. A listing is taken when a reader starts at offset
-    # 0 (not at opendir), and each entry's offset is (serial << 32 | index),
-    # where the serial names that version of the directory's listing. The
+    # 0 (not at opendir), and each entry's offset is (serial << 21 | index),
+    # where the serial (1-1023, reused in turn) names that version of the
+    # directory's listing; offsets stay below 2**31 for 32-bit programs. The
     # kernel's listing cache (FOPEN_CACHE_DIR) appends a reply only where its
     # offset continues the cache, so it can never splice two versions of a
     # directory together; and since it stamps its cache with the directory's
@@ -441,22 +462,24 @@ class UnionFS:
     def _listing(self, nodeid, dh, off):
         """(serial, listing, index): what to answer a readdir at ``off`` from."""
         serial, listing = self._dirs[dh]
-        index = off & 0xFFFFFFFF
-        if off and off >> 32 == serial:
-            return serial, listing, index
+        if off and listing and (serial == 0 or off >> _INDEX_BITS == serial):
+            return serial, listing, min(off & _INDEX_MASK if serial else off, len(listing))
         # An offset this handle never gave: the kernel served the start from
         # its cache, and lost it. Go on in the listing that offset is from.
-        older = self._serials.get(off >> 32) if off else None
+        older = self._serials.get(off >> _INDEX_BITS) if off else None
         if older is not None:
-            serial, listing = off >> 32, older
+            serial, listing = off >> _INDEX_BITS, older
         else:
             serial, listing = self._current_listing(self._inode(nodeid).path)
         with self._table:
             self._dirs[dh] = (serial, listing)
-        return serial, listing, min(index, len(listing))
+        return serial, listing, min(off & _INDEX_MASK if serial else off, len(listing))
 
     def _current_listing(self, path):
-        if path is None:                # removed while open
+        """(serial, listing) of directory ``path`` as it is now. Serial 0:
+        plain indexes, for a directory removed while open or one too big to
+        number with a serial (over two million entries)."""
+        if path is None:
             return 0, ((b".", _S_IFDIR, 0), (b"..", _S_IFDIR, 0))
         entries = self.union.listdir(path)
         with self._table:
@@ -466,15 +489,17 @@ class UnionFS:
         ino = self.union.lstat(path)[1]
         listing = [(b".", _S_IFDIR, ino), (b"..", _S_IFDIR, ino)]
         listing.extend((os.fsencode(n), t, i) for n, t, i in entries)
+        if len(listing) >= _INDEX_MASK:
+            return 0, listing
         with self._table:
             serial = self._next_serial
-            self._next_serial = serial + 1 if serial < 0x7FFFFFFF else 1
+            self._next_serial = serial % (_SERIALS - 1) + 1
             # Bounded by entries, not listings: one huge directory must not
             # pin gigabytes. Forgetting only costs a new serial (and, for a
             # reader the kernel resumes at an old offset, a best-effort
             # restart in the current listing).
             self._listed += len(listing)
-            if self._listed > MAX_LISTED_ENTRIES or len(self._serials) >= 4096:
+            if self._listed > MAX_LISTED_ENTRIES:
                 self._listings.clear()
                 self._serials.clear()
                 self._listed = len(listing)
@@ -484,7 +509,7 @@ class UnionFS:
 
     def readdir(self, req, nodeid, size, off, fi):
         serial, listing, start = self._listing(nodeid, fi.contents.fh, off)
-        base_off = serial << 32
+        base_off = serial << _INDEX_BITS
         buf = ctypes.create_string_buffer(size)
         base = ctypes.addressof(buf)
         cst = common.c_stat()
@@ -503,7 +528,7 @@ class UnionFS:
         """readdir with each entry's attributes; every entry but . and ..
         counts as a lookup of it (the kernel will forget it)."""
         serial, listing, start = self._listing(nodeid, fi.contents.fh, off)
-        base_off = serial << 32
+        base_off = serial << _INDEX_BITS
         dirpath = self._inode(nodeid).path
         buf = ctypes.create_string_buffer(size)
         base = ctypes.addressof(buf)

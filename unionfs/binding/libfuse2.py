@@ -62,6 +62,17 @@ _loop_mt = _p("fuse_session_loop_mt", c_int, c_void_p)
 _loop = _p("fuse_session_loop", c_int, c_void_p)
 _destroy = _p("fuse_session_destroy", None, c_void_p)
 _free_args = _p("fuse_opt_free_args", None, POINTER(common.fuse_args))
+_notify_inval_inode = _p("fuse_lowlevel_notify_inval_inode", c_int, c_void_p,
+                         ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64)
+_chan = None            # the mounted channel, for notifications
+
+
+def inval_inode(nodeid, attrs_only=False):
+    """Make the kernel drop what it caches of ``nodeid``: its attributes,
+    and unless ``attrs_only`` its pages. Never waits for a request, so it
+    may be called while serving one."""
+    if _chan:
+        _notify_inval_inode(_chan, nodeid, -1 if attrs_only else 0, 0)
 
 
 def run(handlers, mountpoint, options, threaded=False):
@@ -72,6 +83,7 @@ def run(handlers, mountpoint, options, threaded=False):
     (mount and low-level ones only). Returns when the session ends (unmount
     or SIGINT/SIGTERM/SIGHUP, whose handlers libfuse installs).
     """
+    global _chan
     ops, keep = common.build_ops(OPS, handlers)
     argv_list = [b"unionfs"]
     if options:
@@ -92,9 +104,11 @@ def run(handlers, mountpoint, options, threaded=False):
         if _set_signals(session) != 0:
             raise MountError("cannot install signal handlers")
         _add_chan(session, chan)
+        _chan = chan
         try:
             rc = (_loop_mt if threaded else _loop)(session)
         finally:
+            _chan = None
             _remove_signals(session)
             _remove_chan(chan)
     finally:

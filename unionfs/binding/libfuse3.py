@@ -72,6 +72,7 @@ class fuse_conn_info(ctypes.Structure):
 
 
 _conn_opts = None       # what fuse_parse_conn_info_opts took from -o (max_write=...)
+_session = None         # the running session, for notifications
 
 
 def configure(conn):
@@ -115,6 +116,18 @@ _loop = _p("fuse_session_loop", c_int, c_void_p)
 _loop_mt = _p("fuse_session_loop_mt_31", c_int, c_void_p, c_int)
 _destroy = _p("fuse_session_destroy", None, c_void_p)
 _free_args = _p("fuse_opt_free_args", None, POINTER(common.fuse_args))
+_notify_inval_inode = _p("fuse_lowlevel_notify_inval_inode", c_int, c_void_p, c_uint64,
+                         ctypes.c_int64, ctypes.c_int64)
+_free = common.proto(ctypes.CDLL(None), "free", None, c_void_p)
+
+
+def inval_inode(nodeid, attrs_only=False):
+    """Make the kernel drop what it caches of ``nodeid``: its attributes,
+    and unless ``attrs_only`` its pages (for a directory, its cached
+    listing). Never waits for a request, so it may be called while serving
+    one."""
+    if _session:
+        _notify_inval_inode(_session, nodeid, -1 if attrs_only else 0, 0)
 
 
 def run(handlers, mountpoint, options, threaded=False):
@@ -127,7 +140,7 @@ def run(handlers, mountpoint, options, threaded=False):
     init). Returns when the session ends (unmount or SIGINT/SIGTERM/SIGHUP,
     whose handlers libfuse installs).
     """
-    global _conn_opts
+    global _conn_opts, _session
     ops, keep = common.build_ops(OPS, handlers)
     options = [o for o in options if o.partition("=")[0] not in DROPPED_OPTIONS]
     argv_list = [b"unionfs"]
@@ -149,9 +162,11 @@ def run(handlers, mountpoint, options, threaded=False):
             try:
                 if _mount(session, mnt) != 0:
                     raise MountError("fuse_session_mount failed")
+                _session = session
                 try:
                     rc = _loop_mt(session, 0) if threaded else _loop(session)
                 finally:
+                    _session = None
                     _unmount(session)
             finally:
                 _remove_signals(session)
@@ -159,6 +174,9 @@ def run(handlers, mountpoint, options, threaded=False):
             _destroy(session)
     finally:
         _free_args(ctypes.byref(args))
+        if _conn_opts:
+            _free(_conn_opts)
+            _conn_opts = None
     del keep
     return rc
 
