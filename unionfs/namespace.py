@@ -248,7 +248,8 @@ def _listing(u):
 
 
 def rename(u, old, new):
-    """rename(2) on the merged view (no flags: libfuse2 has none)."""
+    """rename(2) on the merged view (RENAME_NOREPLACE is checked by the caller;
+    RENAME_EXCHANGE is exchange())."""
     u.check_writable()
     if old == new:
         return
