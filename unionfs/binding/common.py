@@ -10,7 +10,21 @@ import os
 from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_int, c_size_t,
                     c_uint, c_uint64, c_ulong, c_void_p)
 
-import fuse as _fusepy
+
+def _point_fusepy_at_libfuse2():
+    """fusepy finds libfuse 2 with ctypes.util.find_library, which runs
+    `ldconfig -p`: milliseconds on every mount. Its FUSE_LIBRARY_PATH
+    knob skips that when the library loads by its soname."""
+    if "FUSE_LIBRARY_PATH" not in os.environ:
+        try:
+            ctypes.CDLL("libfuse.so.2")
+        except OSError:
+            return          # let fusepy search (and say so if it fails)
+        os.environ["FUSE_LIBRARY_PATH"] = "libfuse.so.2"
+
+
+_point_fusepy_at_libfuse2()
+import fuse as _fusepy  # noqa: E402  (after the path is set)
 
 c_stat = _fusepy.c_stat
 c_statvfs = _fusepy.c_statvfs

@@ -24,12 +24,18 @@ VERSION = 3
 
 
 def _load():
-    for name in (ctypes.util.find_library("fuse3"), "libfuse3.so.3"):
-        if name:
-            try:
-                return ctypes.CDLL(name)
-            except OSError:
-                pass
+    # The soname first: find_library runs `ldconfig -p`, which costs every
+    # mount (and every container start) milliseconds.
+    try:
+        return ctypes.CDLL("libfuse3.so.3")
+    except OSError:
+        pass
+    name = ctypes.util.find_library("fuse3")
+    if name:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            pass
     raise OSError("libfuse3 not found (Debian/Ubuntu: apt install fuse3)")
 
 
