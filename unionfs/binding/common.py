@@ -7,6 +7,7 @@ fusepy's per-architecture ``c_stat`` and ``c_statvfs`` layouts are reused
 
 import ctypes
 import os
+import types
 from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_int, c_size_t,
                     c_uint, c_uint64, c_ulong, c_void_p)
 
@@ -54,8 +55,12 @@ class fuse_args(ctypes.Structure):
     _fields_ = [("argc", c_int), ("argv", POINTER(c_char_p)), ("allocated", c_int)]
 
 
-def make_args(argv_list):
-    """A fuse_args over ``argv_list`` (bytes); the array is kept on it."""
+def make_args(options):
+    """libfuse's argv for ``-o`` ``options`` (a list of str) as a fuse_args;
+    the array is kept on it."""
+    argv_list = [b"unionfs"]
+    if options:
+        argv_list += [b"-o", ",".join(options).encode()]
     argv = (c_char_p * len(argv_list))(*argv_list)
     args = fuse_args(len(argv_list), argv, 0)
     args._keep = argv
@@ -214,6 +219,21 @@ def lowlevel_ops(version, fuse_file_info, fuse_conn_info):
             ("lseek", c_void_p),
         ]
     return fields
+
+
+def bind_session(lib):
+    """The session calls whose signatures both libraries share (libfuse 2
+    passes its channel where libfuse 3 passes the session: both pointers)."""
+    p = lambda *a: proto(lib, *a)   # noqa: E731
+    return types.SimpleNamespace(
+        set_signals=p("fuse_set_signal_handlers", c_int, c_void_p),
+        remove_signals=p("fuse_remove_signal_handlers", None, c_void_p),
+        loop=p("fuse_session_loop", c_int, c_void_p),
+        destroy=p("fuse_session_destroy", None, c_void_p),
+        free_args=p("fuse_opt_free_args", None, POINTER(fuse_args)),
+        notify_inval_inode=p("fuse_lowlevel_notify_inval_inode", c_int, c_void_p,
+                             c_uint64, ctypes.c_int64, ctypes.c_int64),
+    )
 
 
 def build_ops(ops_fields, handlers):

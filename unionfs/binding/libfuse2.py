@@ -6,6 +6,7 @@ fallback where libfuse 3 is missing (``UNIONFS_LIBFUSE=2`` selects it).
 """
 
 import ctypes
+import os
 from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint, c_void_p
 
 import fuse as _fusepy
@@ -50,20 +51,14 @@ OPS = common.lowlevel_ops(2, fuse_file_info, fuse_conn_info)
 globals().update(common.bind_replies(lib, fuse_file_info))
 
 _p = lambda *a: common.proto(lib, *a)   # noqa: E731
+_s = common.bind_session(lib)
 _mount = _p("fuse_mount", c_void_p, c_char_p, POINTER(common.fuse_args))
 _unmount = _p("fuse_unmount", None, c_char_p, c_void_p)
 _new = _p("fuse_lowlevel_new", c_void_p, POINTER(common.fuse_args), c_void_p,
           c_size_t, c_void_p)
 _add_chan = _p("fuse_session_add_chan", None, c_void_p, c_void_p)
 _remove_chan = _p("fuse_session_remove_chan", None, c_void_p)
-_set_signals = _p("fuse_set_signal_handlers", c_int, c_void_p)
-_remove_signals = _p("fuse_remove_signal_handlers", None, c_void_p)
 _loop_mt = _p("fuse_session_loop_mt", c_int, c_void_p)
-_loop = _p("fuse_session_loop", c_int, c_void_p)
-_destroy = _p("fuse_session_destroy", None, c_void_p)
-_free_args = _p("fuse_opt_free_args", None, POINTER(common.fuse_args))
-_notify_inval_inode = _p("fuse_lowlevel_notify_inval_inode", c_int, c_void_p,
-                         ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64)
 _chan = None            # the mounted channel, for notifications
 
 
@@ -72,7 +67,7 @@ def inval_inode(nodeid, attrs_only=False):
     and unless ``attrs_only`` its pages. Never waits for a request, so it
     may be called while serving one."""
     if _chan:
-        _notify_inval_inode(_chan, nodeid, -1 if attrs_only else 0, 0)
+        _s.notify_inval_inode(_chan, nodeid, -1 if attrs_only else 0, 0)
 
 
 def run(handlers, mountpoint, options, threaded=False):
@@ -85,36 +80,33 @@ def run(handlers, mountpoint, options, threaded=False):
     """
     global _chan
     ops, keep = common.build_ops(OPS, handlers)
-    argv_list = [b"unionfs"]
-    if options:
-        argv_list += [b"-o", ",".join(options).encode()]
-    args = common.make_args(argv_list)
-    mnt = mountpoint.encode() if isinstance(mountpoint, str) else mountpoint
+    args = common.make_args(options)
+    mnt = os.fsencode(mountpoint)
 
     chan = _mount(mnt, ctypes.byref(args))
     if not chan:
-        _free_args(ctypes.byref(args))
+        _s.free_args(ctypes.byref(args))
         raise MountError("fuse_mount failed")
     session = _new(ctypes.byref(args), ctypes.byref(ops), ctypes.sizeof(ops), None)
     if not session:
         _unmount(mnt, chan)
-        _free_args(ctypes.byref(args))
+        _s.free_args(ctypes.byref(args))
         raise MountError("fuse_lowlevel_new failed")
     try:
-        if _set_signals(session) != 0:
+        if _s.set_signals(session) != 0:
             raise MountError("cannot install signal handlers")
         _add_chan(session, chan)
         _chan = chan
         try:
-            rc = (_loop_mt if threaded else _loop)(session)
+            rc = (_loop_mt if threaded else _s.loop)(session)
         finally:
             _chan = None
-            _remove_signals(session)
+            _s.remove_signals(session)
             _remove_chan(chan)
     finally:
-        _destroy(session)
+        _s.destroy(session)
         _unmount(mnt, chan)
-        _free_args(ctypes.byref(args))
+        _s.free_args(ctypes.byref(args))
     del keep
     return rc
 

@@ -14,6 +14,7 @@ only the structures, the capability bits and the session calls differ.
 """
 
 import ctypes
+import os
 import ctypes.util
 from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint, c_uint32, c_uint64, c_void_p
 
@@ -100,6 +101,7 @@ OPS = common.lowlevel_ops(3, fuse_file_info, fuse_conn_info)
 globals().update(common.bind_replies(lib, fuse_file_info))
 
 _p = lambda *a: common.proto(lib, *a)   # noqa: E731
+_s = common.bind_session(lib)
 add_direntry_plus = _p("fuse_add_direntry_plus", c_size_t, fuse_req_t, c_void_p, c_size_t,
                        c_char_p, POINTER(fuse_entry_param), c_off_t)
 
@@ -116,14 +118,7 @@ _new = _p("fuse_session_new", c_void_p, POINTER(common.fuse_args), c_void_p,
           c_size_t, c_void_p)
 _mount = _p("fuse_session_mount", c_int, c_void_p, c_char_p)
 _unmount = _p("fuse_session_unmount", None, c_void_p)
-_set_signals = _p("fuse_set_signal_handlers", c_int, c_void_p)
-_remove_signals = _p("fuse_remove_signal_handlers", None, c_void_p)
-_loop = _p("fuse_session_loop", c_int, c_void_p)
 _loop_mt = _p("fuse_session_loop_mt_31", c_int, c_void_p, c_int)
-_destroy = _p("fuse_session_destroy", None, c_void_p)
-_free_args = _p("fuse_opt_free_args", None, POINTER(common.fuse_args))
-_notify_inval_inode = _p("fuse_lowlevel_notify_inval_inode", c_int, c_void_p, c_uint64,
-                         ctypes.c_int64, ctypes.c_int64)
 _free = common.proto(ctypes.CDLL(None), "free", None, c_void_p)
 
 
@@ -133,7 +128,7 @@ def inval_inode(nodeid, attrs_only=False):
     listing). Never waits for a request, so it may be called while serving
     one."""
     if _session:
-        _notify_inval_inode(_session, nodeid, -1 if attrs_only else 0, 0)
+        _s.notify_inval_inode(_session, nodeid, -1 if attrs_only else 0, 0)
 
 
 def run(handlers, mountpoint, options, threaded=False):
@@ -149,11 +144,8 @@ def run(handlers, mountpoint, options, threaded=False):
     global _conn_opts, _session
     ops, keep = common.build_ops(OPS, handlers)
     options = [o for o in options if o.partition("=")[0] not in DROPPED_OPTIONS]
-    argv_list = [b"unionfs"]
-    if options:
-        argv_list += [b"-o", ",".join(options).encode()]
-    args = common.make_args(argv_list)
-    mnt = mountpoint.encode() if isinstance(mountpoint, str) else mountpoint
+    args = common.make_args(options)
+    mnt = os.fsencode(mountpoint)
 
     try:
         _conn_opts = _parse_conn_opts(ctypes.byref(args))
@@ -163,23 +155,23 @@ def run(handlers, mountpoint, options, threaded=False):
         if not session:
             raise MountError("fuse_session_new failed")
         try:
-            if _set_signals(session) != 0:
+            if _s.set_signals(session) != 0:
                 raise MountError("cannot install signal handlers")
             try:
                 if _mount(session, mnt) != 0:
                     raise MountError("fuse_session_mount failed")
                 _session = session
                 try:
-                    rc = _loop_mt(session, 0) if threaded else _loop(session)
+                    rc = _loop_mt(session, 0) if threaded else _s.loop(session)
                 finally:
                     _session = None
                     _unmount(session)
             finally:
-                _remove_signals(session)
+                _s.remove_signals(session)
         finally:
-            _destroy(session)
+            _s.destroy(session)
     finally:
-        _free_args(ctypes.byref(args))
+        _s.free_args(ctypes.byref(args))
         if _conn_opts:
             _free(_conn_opts)
             _conn_opts = None
