@@ -31,6 +31,7 @@ import time
 from unionfs import binding
 from unionfs.binding import common
 from unionfs.layers import child_path, split_path
+from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 ll = binding.load()
 
@@ -45,8 +46,6 @@ _SERIALS = 1 << 10
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 _S_IFDIR = stat.S_IFDIR
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 
 
 class Inode:
@@ -462,17 +461,17 @@ class UnionFS:
     def _listing(self, nodeid, dh, off):
         """(serial, listing, index): what to answer a readdir at ``off`` from."""
         serial, listing = self._dirs[dh]
-        if off and listing and (serial == 0 or off >> _INDEX_BITS == serial):
-            return serial, listing, min(off & _INDEX_MASK if serial else off, len(listing))
-        # An offset this handle never gave: the kernel served the start from
-        # its cache, and lost it. Go on in the listing that offset is from.
-        older = self._serials.get(off >> _INDEX_BITS) if off else None
-        if older is not None:
-            serial, listing = off >> _INDEX_BITS, older
-        else:
-            serial, listing = self._current_listing(self._inode(nodeid).path)
-        with self._table:
-            self._dirs[dh] = (serial, listing)
+        if not (off and listing and (serial == 0 or off >> _INDEX_BITS == serial)):
+            # Offset 0, or one this handle never gave (the kernel served the
+            # start from its cache, and lost it): go on in the listing that
+            # offset is from, else take the directory's current one.
+            older = self._serials.get(off >> _INDEX_BITS) if off else None
+            if older is not None:
+                serial, listing = off >> _INDEX_BITS, older
+            else:
+                serial, listing = self._current_listing(self._inode(nodeid).path)
+            with self._table:
+                self._dirs[dh] = (serial, listing)
         return serial, listing, min(off & _INDEX_MASK if serial else off, len(listing))
 
     def _current_listing(self, path):
@@ -508,46 +507,45 @@ class UnionFS:
         return serial, listing
 
     def readdir(self, req, nodeid, size, off, fi):
-        serial, listing, start = self._listing(nodeid, fi.contents.fh, off)
-        base_off = serial << _INDEX_BITS
-        buf = ctypes.create_string_buffer(size)
-        base = ctypes.addressof(buf)
-        cst = common.c_stat()
-        pos = 0
-        for i in range(start, len(listing)):
-            name, ftype, ino = listing[i]
-            cst.st_ino = ino
-            cst.st_mode = ftype
-            n = ll.add_direntry(req, base + pos, size - pos, name, cst, base_off | (i + 1))
-            if n > size - pos:
-                break
-            pos += n
-        ll.reply_buf(req, buf, pos)
+        self._fill_dir(req, nodeid, size, off, fi, plus=False)
 
     def readdirplus(self, req, nodeid, size, off, fi):
         """readdir with each entry's attributes; every entry but . and ..
         counts as a lookup of it (the kernel will forget it)."""
+        self._fill_dir(req, nodeid, size, off, fi, plus=True)
+
+    def _fill_dir(self, req, nodeid, size, off, fi, plus):
         serial, listing, start = self._listing(nodeid, fi.contents.fh, off)
         base_off = serial << _INDEX_BITS
         dirpath = self._inode(nodeid).path
         buf = ctypes.create_string_buffer(size)
         base = ctypes.addressof(buf)
         e = common.fuse_entry_param()
+        st = e.attr
         pos = 0
         for i in range(start, len(listing)):
             name, ftype, ino = listing[i]
+            if not plus:
+                st.st_ino = ino
+                st.st_mode = ftype
+                n = ll.add_direntry(req, base + pos, size - pos, name, st, base_off | (i + 1))
+                if n > size - pos:
+                    break
+                pos += n
+                continue
+            # An entry that does not fit must not be looked up (counted).
             if ll.direntplus_size(name) > size - pos:
                 break
             ctypes.memset(ctypes.addressof(e), 0, ctypes.sizeof(e))
-            if i < 2 or dirpath is None:
-                e.attr.st_ino = ino             # no entry: just a name
-                e.attr.st_mode = ftype
-            else:
+            entry = None
+            if i >= 2 and dirpath is not None:
                 try:
-                    self._entry(child_path(dirpath, os.fsdecode(name)), e)
+                    entry = self._entry(child_path(dirpath, os.fsdecode(name)), e)
                 except OSError:
-                    e.attr.st_ino = ino
-                    e.attr.st_mode = ftype
+                    pass
+            if entry is None:                   # no entry: just a name
+                st.st_ino = ino
+                st.st_mode = ftype
             pos += ll.add_direntry_plus(req, base + pos, size - pos, name, e,
                                         base_off | (i + 1))
         ll.reply_buf(req, buf, pos)

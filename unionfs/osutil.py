@@ -5,14 +5,16 @@ import errno
 import os
 
 _AT_FDCWD = -100
-_RENAME_EXCHANGE = 1 << 1
-_RENAME_WHITEOUT = 1 << 2
+RENAME_NOREPLACE = 1 << 0       # renameat2's flags (linux/fs.h)
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
 
-def _rename2(a, b, flags):
+def rename2(a, b, flags):
+    """renameat2(2) of paths ``a`` and ``b`` with ``flags``."""
     if _renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
     if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) != 0:
@@ -22,14 +24,14 @@ def _rename2(a, b, flags):
 
 def rename_exchange(a, b):
     """Atomically swap the entries at paths ``a`` and ``b``."""
-    _rename2(a, b, _RENAME_EXCHANGE)
+    rename2(a, b, RENAME_EXCHANGE)
 
 
 def rename_whiteout(a, b):
     """rename(a, b) that atomically leaves an overlay whiteout (0/0 character
     device) at ``a``. Needs CAP_MKNOD and a filesystem that supports it:
     EINVAL, EPERM or ENOSYS otherwise."""
-    _rename2(a, b, _RENAME_WHITEOUT)
+    rename2(a, b, RENAME_WHITEOUT)
 
 
 _sync_file_range = getattr(_libc, "sync_file_range", None)
