@@ -31,7 +31,6 @@ legitimately disagree on), `Leeway` (kernel side effects of failed renames),
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import os
@@ -45,6 +44,8 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+
+from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE, rename2
 
 # --- on-disk format constants ------------------------------------------------
 
@@ -571,22 +572,12 @@ def op_rename(root, src, dst):
     os.rename(_p(root, src), _p(root, dst))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _renameat2(root, src, dst, flags):
-    if _libc.renameat2(-100, os.fsencode(_p(root, src)), -100,
-                       os.fsencode(_p(root, dst)), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 def op_rename_noreplace(root, src, dst):
-    _renameat2(root, src, dst, 1)       # RENAME_NOREPLACE
+    rename2(_p(root, src), _p(root, dst), RENAME_NOREPLACE)
 
 
 def op_exchange(root, a, b):
-    _renameat2(root, a, b, 2)           # RENAME_EXCHANGE
+    rename2(_p(root, a), _p(root, b), RENAME_EXCHANGE)
 
 
 def op_symlink(root, target, path):

@@ -17,15 +17,8 @@ from conftest import FUSE_UNIONFS, requires_fuse, requires_root, run
 
 pytestmark = requires_fuse
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def renameat2(a, b, flags):
-    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(a))
+from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
+from unionfs.osutil import rename2 as renameat2
 
 
 def library():
@@ -323,16 +316,16 @@ def test_directory_offsets_fit_in_31_bits(layers, mounted):
     for i in range(300):
         (l1 / "d" / f"f{i}").write_text("x")
     mnt = mounted()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir64.restype = ctypes.c_void_p
+    libc.readdir64.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
     for n in range(3):                    # several listing versions
         (mnt / "d" / f"new{n}").write_text("n")
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.opendir.restype = ctypes.c_void_p
-        libc.opendir.argtypes = [ctypes.c_char_p]
-        libc.readdir64.restype = ctypes.c_void_p
-        libc.readdir64.argtypes = [ctypes.c_void_p]
-        libc.telldir.restype = ctypes.c_long
-        libc.telldir.argtypes = [ctypes.c_void_p]
-        libc.closedir.argtypes = [ctypes.c_void_p]
         dirp = libc.opendir(os.fsencode(mnt / "d"))
         assert dirp
         offsets = []
