@@ -45,7 +45,7 @@ def names(u, path="/"):
 
 
 def read(u, path):
-    fd, _ = u.open(path, os.O_RDONLY)
+    fd = u.open(path, os.O_RDONLY)
     try:
         return os.read(fd, 1 << 20).decode()
     finally:
@@ -150,7 +150,7 @@ def test_write_copies_up_with_metadata(tree, fmt):
     if IS_ROOT:
         os.chown(f, 1234, 5678)
     u = make_union(tree, fmt)
-    fd, _ = u.open("/dir/sub/file", os.O_WRONLY | os.O_APPEND)
+    fd = u.open("/dir/sub/file", os.O_WRONLY | os.O_APPEND)
     os.write(fd, b"+more")
     os.close(fd)
     up = tree["upper"] / "dir" / "sub" / "file"
@@ -190,7 +190,7 @@ def test_copy_up_keeps_symlinks_fifos_and_holes(tree):
 def test_open_with_trunc_copies_no_data(tree):
     write(tree["l1"] / "big", "x" * 100000)
     u = make_union(tree)
-    fd, _ = u.open("/big", os.O_WRONLY | os.O_TRUNC)
+    fd = u.open("/big", os.O_WRONLY | os.O_TRUNC)
     os.close(fd)
     assert (tree["upper"] / "big").stat().st_size == 0
 
@@ -329,7 +329,7 @@ def test_link_copies_up_and_shares_data(tree):
     write(tree["l1"] / "f", "one")
     u = make_union(tree)
     u.link("/f", "/g")
-    fd, _ = u.open("/g", os.O_WRONLY | os.O_APPEND)
+    fd = u.open("/g", os.O_WRONLY | os.O_APPEND)
     os.write(fd, b"+two")
     os.close(fd)
     assert read(u, "/f") == "one+two"

@@ -387,7 +387,7 @@ def run_until_crash(layers, whiteout, steps, n):
 
 
 def _write(u, path, data, flags=os.O_WRONLY):
-    fd, _ = u.open(path, flags)
+    fd = u.open(path, flags)
     try:
         os.write(fd, data)
     finally:
@@ -511,7 +511,7 @@ def union_snapshot(layers, whiteout):
             elif stat.S_ISLNK(st.st_mode):
                 out[key] = ("l", os.fsencode(u.readlink(path)))
             elif stat.S_ISREG(st.st_mode):
-                fd, _ = u.open(path, os.O_RDONLY)
+                fd = u.open(path, os.O_RDONLY)
                 with os.fdopen(fd, "rb") as f:
                     digest = hashlib.sha256(f.read()).hexdigest()
                 out[key] = ("f", mode, st.st_size, digest, xattrs)

@@ -382,7 +382,7 @@ class UnionFS:
     # -- files ----------------------------------------------------------------------
 
     def open(self, req, nodeid, flags):
-        fd, _ = self.union.open(self._path(nodeid), flags)
+        fd = self.union.open(self._path(nodeid), flags)
         fi = ll.fuse_file_info()
         fi.flags = flags
         fi.fh = fd

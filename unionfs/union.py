@@ -133,20 +133,16 @@ class Union:
     # -- files ----------------------------------------------------------------
 
     def open(self, path, flags):
-        """Open ``path``; return (fd, in_lower). Writers get an upper copy."""
+        """Open ``path``; return the fd. Writers get an upper copy."""
         backing = flags & _OPEN_PASS
         if flags & _WRITE_FLAGS:
-            self.check_writable()
             truncating = bool(flags & os.O_TRUNC)
             real = self.upper_path(path, data=not truncating)
             if truncating:
                 backing |= os.O_TRUNC
-            in_lower = False
         else:
-            node = self.node(path)
-            real = node.top.real(path)
-            in_lower = not node.in_upper
-        return os.open(real, backing | os.O_NOFOLLOW | os.O_CLOEXEC), in_lower
+            real = self.node(path).top.real(path)
+        return os.open(real, backing | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def truncate(self, path, length):
         os.truncate(self.upper_path(path, data=length > 0), length)
@@ -198,7 +194,6 @@ class Union:
     def setxattr(self, path, name, value, flags):
         if wh.is_private_xattr(name):
             raise _err(errno.EPERM, path)
-        self.check_writable()
         os.setxattr(self.upper_path(path), name, value, flags, follow_symlinks=False)
 
     def removexattr(self, path, name):
