@@ -319,13 +319,21 @@ def _report(wfd, msg):
 # /proc/PID/stat) tells this daemon from a later process that got its pid
 # after a crash left the file behind.
 
-def _proc_start(pid):
-    """The start time of process ``pid``, or None if there is none."""
+def _proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (state first),
+    or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
         return None
+    return fields if len(fields) > 19 else None
+
+
+def _proc_start(pid):
+    """The start time of process ``pid``, or None if there is none."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
 
 
 def _write_pidfile(path):
@@ -354,12 +362,13 @@ def _read_pidfile(path):
 def prune_pidfiles():
     """Remove pidfiles whose daemon is gone (killed daemons leave them)."""
     try:
-        names = os.listdir(_runtime_dir())
+        base = _runtime_dir()
+        names = os.listdir(base)
     except OSError:
         return
     for name in names:
         if name.endswith(".pid") and len(name) == 28:
-            path = os.path.join(_runtime_dir(), name)
+            path = os.path.join(base, name)
             if _read_pidfile(path) is None:
                 _remove(path)
 
@@ -393,12 +402,8 @@ def _daemon_pid(mountpoint):
 
 def _alive(pid):
     """True while ``pid`` runs (a zombie has exited: it only waits to be reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def umount(mountpoint, timeout=30):
