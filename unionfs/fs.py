@@ -82,6 +82,10 @@ class UnionFS:
         self.union = union
         self.timeout = float(timeout)
         self.on_init = on_init
+        # The reply to a lookup of a missing name: ino 0 is a "no such
+        # entry" the kernel may cache. Read-only, so shared by all threads.
+        self._negative = common.fuse_entry_param()
+        self._negative.entry_timeout = self.timeout
         root = Inode(common.ROOT_ID, "/", True)
         root.nlookup = 1
         self._inodes = {common.ROOT_ID: root}  # node id -> Inode
@@ -248,9 +252,7 @@ class UnionFS:
     def lookup(self, req, parent, name):
         path = child_path(self._path(parent), os.fsdecode(name))
         if self.union.stack.lookup(path) is None:
-            e = common.fuse_entry_param()       # ino 0: a cacheable "no such entry"
-            e.entry_timeout = self.timeout
-            ll.reply_entry(req, e)
+            ll.reply_entry(req, self._negative)
             return
         ll.reply_entry(req, self._entry(path))
 
