@@ -150,7 +150,6 @@ def bind_replies(lib, fuse_file_info):
         add_direntry=p("fuse_add_direntry", c_size_t, REQ, c_void_p, c_size_t,
                        c_char_p, POINTER(c_stat), c_off_t),
         req_ctx=p("fuse_req_ctx", POINTER(fuse_ctx), REQ),
-        fuse_version=p("fuse_version", c_int),
     )
 
 

@@ -14,7 +14,6 @@ import fuse as _fusepy
 from unionfs.binding import common
 from unionfs.binding.common import MountError
 
-VERSION = 2
 lib = _fusepy._libfuse
 fuse_file_info = _fusepy.fuse_file_info
 

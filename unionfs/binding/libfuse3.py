@@ -21,7 +21,6 @@ from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint, c_uint32, c_uint6
 from unionfs.binding import common
 from unionfs.binding.common import MountError, c_off_t, fuse_entry_param, fuse_req_t
 
-VERSION = 3
 
 
 def _load():
@@ -46,8 +45,6 @@ CACHE_READDIR = True
 
 # fuse_conn_info.want / capable bits (fuse_common.h)
 CAP_ATOMIC_O_TRUNC = 1 << 3
-CAP_SPLICE_WRITE = 1 << 7
-CAP_SPLICE_MOVE = 1 << 8
 CAP_READDIRPLUS = 1 << 13
 CAP_READDIRPLUS_AUTO = 1 << 14
 CAP_WRITEBACK_CACHE = 1 << 16
