@@ -22,7 +22,6 @@ from unionfs.binding import common
 from unionfs.binding.common import MountError, c_off_t, fuse_entry_param, fuse_req_t
 
 
-
 def _load():
     # The soname first: find_library runs `ldconfig -p`, which costs every
     # mount (and every container start) milliseconds.
