@@ -27,8 +27,6 @@ CAP_BIG_WRITES = 1 << 5
 # Options libfuse 2 needs to do what unionfs expects (measured: 128 KiB
 # writes instead of 4 KiB; any directory can be covered, as with overlayfs).
 DEFAULT_OPTIONS = {"big_writes": True, "max_write": "131072", "nonempty": True}
-# Options only libfuse 3 knows; harmless to drop here.
-DROPPED_OPTIONS = set()
 
 
 class fuse_conn_info(ctypes.Structure):
