@@ -13,7 +13,8 @@
 Every file's content names it: "ID\\n" once per line (appends add lines with
 the same id), so any surviving file can be checked whatever it was renamed to.
 Names are never reused (each create and rename target is fresh), so a path
-denotes one file for its whole life.
+denotes one file for its whole life. A file is written before it gets its
+"f-" name, so no worker can pick it empty.
 """
 
 import collections
@@ -118,14 +119,23 @@ while time.monotonic() < deadline:
         ent = listing(d, "pick-list") if rng.random() < 0.3 else None
         subdirs = [n for n, isdir, _ in (ent or []) if isdir and n.startswith("D-")]
         parent = os.path.join(d, rng.choice(subdirs)) if subdirs else d
+        # Written under a name nobody picks ("t-"), then renamed to its
+        # "f-" name: a file picked by another worker always has its content
+        # (an empty id is then a bug, not a reader that came too early).
         name = fresh("f")
+        tmp = os.path.join(parent, "t" + name[1:])
         try:
-            fd = os.open(os.path.join(parent, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
             note("create", e, (errno.ENOENT,))      # the subdir was renamed/removed
             continue
         with os.fdopen(fd, "w") as f:
             f.write((name + "\n") * rng.randint(1, 50))
+        try:
+            os.rename(tmp, os.path.join(parent, name))
+        except OSError as e:
+            note("create", e, (errno.ENOENT,))      # the subdir moved meanwhile: an orphan "t-"
+            continue
         created.append(name)
         note("create")
     elif r < 0.40:                                  # delete a file
@@ -134,6 +144,9 @@ while time.monotonic() < deadline:
             continue
         try:
             fid = read_id(p)
+            if not fid:
+                unexpected.append(f"unlink: {p} read as empty")
+                continue
             os.unlink(p)
         except OSError as e:
             note("unlink", e, (errno.ENOENT,))
@@ -158,6 +171,9 @@ while time.monotonic() < deadline:
         try:
             with open(p, "r+") as f:
                 fid = f.readline().strip()
+                if not fid:
+                    unexpected.append(f"append: {p} read as empty")
+                    continue
                 f.seek(0, 2)
                 f.write(fid + "\n")
         except OSError as e:
