@@ -336,3 +336,62 @@ def test_directory_offsets_fit_in_31_bits(layers, mounted):
             libc.closedir(dirp)
         assert len(offsets) == 300 + 2 + n + 1
         assert all(0 < o < 2 ** 31 for o in offsets), max(offsets)
+
+
+def _adapter_over(tmp_path, names):
+    from unionfs import fs
+    from unionfs.union import Union
+    low, up, work = (tmp_path / n for n in ("low", "up", "work"))
+    for d in (low, up, work):
+        d.mkdir()
+    (low / "d").mkdir()
+    for n in names:
+        (low / "d" / n).write_text(n)
+    return fs.UnionFS(Union([str(low)], str(up), str(work)))
+
+
+@pytest.mark.parametrize("reply_result", [0, -errno.ENOENT])
+def test_lookups_of_undelivered_replies_are_dropped(tmp_path, monkeypatch, reply_result):
+    """A reply the kernel no longer takes (its request was interrupted:
+    libfuse returns -ENOENT) carries lookups the kernel will never forget;
+    the daemon takes them back itself, as libfuse's own high-level API does.
+    No mount: the adapter with libfuse's reply calls replaced."""
+    from unionfs import fs
+    from unionfs.binding import common
+    names = [f"f{i}" for i in range(5)]
+    adapter = _adapter_over(tmp_path, names)
+    monkeypatch.setattr(fs.ll, "reply_open", lambda req, fi: 0)
+
+    def counts():
+        return {p: i.nlookup for p, i in adapter._by_path.items() if p != "/"}
+
+    monkeypatch.setattr(fs.ll, "reply_entry", lambda req, e: reply_result)
+    adapter.lookup(None, common.ROOT_ID, b"d")
+    assert counts() == ({} if reply_result else {"/d": 1})
+
+    monkeypatch.setattr(fs.ll, "reply_entry", lambda req, e: 0)
+    adapter.lookup(None, common.ROOT_ID, b"d")
+    d = adapter._by_path["/d"]
+    before = counts()
+    fi = ctypes.pointer(fs.ll.fuse_file_info())
+    adapter.opendir(None, d.nodeid, fi)
+    sent = []
+    monkeypatch.setattr(fs.ll, "reply_buf", lambda req, buf, n: sent.append(n) or reply_result)
+    adapter.readdirplus(None, d.nodeid, 4096, 0, fi)
+    assert sent and sent[0] > 0
+    assert counts() == before | ({} if reply_result else {f"/d/{n}": 1 for n in names})
+
+    # An error while the reply is filled: no entry stays counted either.
+    before = counts()
+    real, calls = fs.ll.add_direntry_plus, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected")
+        return real(*args)
+    monkeypatch.setattr(fs.ll, "add_direntry_plus", failing)
+    monkeypatch.setattr(fs.ll, "reply_buf", lambda req, buf, n: 0)
+    with pytest.raises(RuntimeError):
+        adapter.readdirplus(None, d.nodeid, 4096, 0, fi)
+    assert counts() == before

@@ -254,9 +254,16 @@ class UnionFS:
         if self.union.stack.lookup(path) is None:
             ll.reply_entry(req, self._negative)
             return
-        ll.reply_entry(req, self._entry(path))
+        self._reply_entry(req, self._entry(path))
 
     def forget(self, req, nodeid, nlookup):
+        self._unlookup(nodeid, nlookup)
+        ll.reply_none(req)
+
+    def _unlookup(self, nodeid, nlookup=1):
+        """Drop ``nlookup`` lookups of ``nodeid``: forgotten by the kernel,
+        or never received (the reply that carried them could not be sent:
+        the request was interrupted)."""
         with self._table:
             inode = self._inodes.get(nodeid)
             if inode is not None and nodeid != common.ROOT_ID:
@@ -270,7 +277,12 @@ class UnionFS:
                     if inode.ident is not None:
                         for p in [p for p, i in self._by_path.items() if i is inode]:
                             del self._by_path[p]
-        ll.reply_none(req)
+
+    def _reply_entry(self, req, e):
+        # -ENOENT: the kernel gave up on the request (interrupted), so the
+        # lookup this reply counted will never be forgotten by it.
+        if ll.reply_entry(req, e) == -errno.ENOENT:
+            self._unlookup(e.ino)
 
     def getattr(self, req, nodeid, fi):
         inode = self._inode(nodeid)
@@ -325,7 +337,7 @@ class UnionFS:
     def _make(self, req, parent, name, make):
         path = child_path(self._path(parent), os.fsdecode(name))
         make(path, self._owner(req))
-        ll.reply_entry(req, self._entry(path))
+        self._reply_entry(req, self._entry(path))
 
     def mknod(self, req, parent, name, mode, rdev):
         self._make(req, parent, name, lambda p, o: self.union.mknod(p, mode, rdev, o))
@@ -350,7 +362,7 @@ class UnionFS:
             if inode is not None:
                 inode.ident = (st.st_dev, st.st_ino)
                 self._by_ident[inode.ident] = inode
-        ll.reply_entry(req, self._entry(path))
+        self._reply_entry(req, self._entry(path))
 
     def unlink(self, req, parent, name):
         path = child_path(self._path(parent), os.fsdecode(name))
@@ -403,8 +415,15 @@ class UnionFS:
             raise
         f.fh = fd
         f.keep_cache = 1
-        self._inodes[e.ino].fd = fd
-        ll.reply_create(req, e, fi)
+        inode = self._inodes[e.ino]
+        inode.fd = fd
+        if ll.reply_create(req, e, fi) == -errno.ENOENT:
+            # Interrupted: the kernel will neither release the file nor
+            # forget the lookup (the file stays created, as it would natively).
+            if inode.fd == fd:
+                inode.fd = None
+            os.close(fd)
+            self._unlookup(e.ino)
 
     # Data moves between the backing file and /dev/fuse inside libfuse (C):
     # no Python bytes objects, and the GIL is free while it happens.
@@ -521,7 +540,22 @@ class UnionFS:
         base_off = serial << _INDEX_BITS
         dirpath = self._inode(nodeid).path
         buf = ctypes.create_string_buffer(size)
-        base = ctypes.addressof(buf)
+        counted = []        # nodeids this reply looks up (readdirplus)
+        sent = -errno.ENOENT
+        try:
+            pos = self._fill_entries(req, ctypes.addressof(buf), size, listing, start,
+                                     base_off, dirpath, plus, counted)
+            sent = ll.reply_buf(req, buf, pos)
+        finally:
+            # Not sent (an error reply instead, or the kernel gave up on the
+            # request): the kernel will never forget these lookups.
+            if sent == -errno.ENOENT:
+                for ino in counted:
+                    self._unlookup(ino)
+
+    def _fill_entries(self, req, base, size, listing, start, base_off, dirpath, plus, counted):
+        """Add the entries of ``listing`` from index ``start`` that fit in
+        ``size`` bytes at address ``base``; returns the bytes used."""
         e = common.fuse_entry_param()
         st = e.attr
         pos = 0
@@ -543,6 +577,7 @@ class UnionFS:
             if i >= 2 and dirpath is not None:
                 try:
                     entry = self._entry(child_path(dirpath, os.fsdecode(name)), e)
+                    counted.append(entry.ino)
                 except OSError:
                     pass
             if entry is None:                   # no entry: just a name
@@ -550,7 +585,7 @@ class UnionFS:
                 st.st_mode = ftype
             pos += ll.add_direntry_plus(req, base + pos, size - pos, name, e,
                                         base_off | (i + 1))
-        ll.reply_buf(req, buf, pos)
+        return pos
 
     def releasedir(self, req, nodeid, fi):
         with self._table:
