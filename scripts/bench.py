@@ -630,6 +630,7 @@ WORKLOADS: list[Workload] = [
 @dataclass
 class Cell:
     times: list[float] = field(default_factory=list)
+    reps: list[int] = field(default_factory=list)     # the repetition of each time
     errors: list[str] = field(default_factory=list)
     daemon: list[dict] = field(default_factory=list)
 
@@ -656,6 +657,16 @@ class Bench:
         if u and f and u.median is not None and f.median:
             return u.median / f.median
         return None
+
+    def paired_ratios(self, workload: str) -> list[float]:
+        """unionfs time / fuse-overlayfs time within each repetition (the two
+        ran back to back, so what the machine was doing is shared)."""
+        u = self.results.get(workload, {}).get("unionfs")
+        f = self.results.get(workload, {}).get("fuse-overlayfs")
+        if not (u and f):
+            return []
+        theirs = dict(zip(f.reps, f.times))
+        return [t / theirs[r] for r, t in zip(u.reps, u.times) if theirs.get(r)]
 
     def root_for(self, wl: Workload, system: str, ds: Dataset, rundir: Path) -> Path:
         if system != "native":
@@ -776,6 +787,7 @@ class Bench:
                         print(f"  {wl.name:<11} {system:<15} error: {e}", file=sys.stderr)
                         continue
                     cell.times.append(elapsed)
+                    cell.reps.append(rep)
                     if stats:
                         cell.daemon.append(stats)
                     extra = ""
@@ -898,7 +910,7 @@ def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) ->
     head = ["workload"] + systems
     ratio = "unionfs" in systems and "fuse-overlayfs" in systems
     if ratio:
-        head += ["unionfs / fuse-overlayfs", "goal"]
+        head += ["unionfs / fuse-overlayfs", "unionfs faster", "goal"]
     rows = []
     missed = []
     for wl in workloads:
@@ -920,6 +932,8 @@ def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) ->
         if ratio:
             r = bench.ratio(wl.name)
             row.append("-" if r is None else f"{r:.2f}")
+            pairs = bench.paired_ratios(wl.name)
+            row.append(f"{sum(p < 1 for p in pairs)} of {len(pairs)}" if pairs else "-")
             if wl.goal is None:
                 row.append("(info)")
             else:
@@ -935,6 +949,8 @@ def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) ->
         goals = [wl for wl in workloads if wl.goal is not None]
         lines.append(f"\nunionfs goals met: {len(goals) - len(missed)} of {len(goals)}"
                      + (f"; missed: {', '.join(missed)}" if missed else ""))
+        lines.append("\"unionfs faster\": in how many repetitions unionfs beat "
+                     "fuse-overlayfs, the two having run back to back.")
     text = "\n".join(lines)
 
     # what the daemons held after each workload
@@ -968,9 +984,11 @@ def to_json(bench: Bench, workloads, systems, info, sizes: Sizes, hot) -> dict:
         res[wl.name] = {"about": wl.about, "cache": wl.cache, "systems": {}}
         for s, c in bench.results.get(wl.name, {}).items():
             res[wl.name]["systems"][s] = {
-                "median_s": c.median, "times_s": c.times, "errors": c.errors,
+                "median_s": c.median, "times_s": c.times, "repetitions": c.reps,
+                "errors": c.errors,
                 "daemon": c.daemon}
         res[wl.name]["ratio_unionfs_fuse_overlayfs"] = bench.ratio(wl.name)
+        res[wl.name]["paired_ratios"] = bench.paired_ratios(wl.name)
         res[wl.name]["goal"] = wl.goal
     return {"machine": info, "sizes": sizes.__dict__, "repeat": bench.args.repeat,
             "unionfs_code": bench.args.unionfs_code,
