@@ -258,9 +258,9 @@ def test_entries_from_listings_survive_the_kernel_forgetting_them(layers, mounte
     assert (mnt / "b" / "f299").read_text() == "b299"
 
 
-def test_listings_kept_for_offsets_are_bounded(tmp_path, monkeypatch):
-    """The listings kept so readdir offsets stay meaningful are bounded by
-    their total entries (no mount: the adapter over a Union)."""
+def test_listings_kept_ready_are_bounded(tmp_path, monkeypatch):
+    """The encoded listings kept for readdir are bounded by their total
+    entries (no mount: the adapter over a Union)."""
     from unionfs import fs
     from unionfs.union import Union
     low, up, work = (tmp_path / n for n in ("low", "up", "work"))
@@ -272,13 +272,55 @@ def test_listings_kept_for_offsets_are_bounded(tmp_path, monkeypatch):
             (low / f"d{i}" / f"f{j}").write_text("x")
     monkeypatch.setattr(fs, "MAX_LISTED_ENTRIES", 100)
     adapter = fs.UnionFS(Union([str(low)], str(up), str(work)))
-    serials = set()
     for i in range(5):
-        serial, listing = adapter._current_listing(f"/d{i}")
-        assert len(listing) == 42 and serial not in serials
-        serials.add(serial)
+        listing = adapter._current_listing(f"/d{i}")
+        assert len(listing.entries) == 42
         assert adapter._listed <= 100
-        assert adapter._current_listing(f"/d{i}") == (serial, listing)  # unchanged dir
+        assert adapter._current_listing(f"/d{i}") is listing    # unchanged dir
+
+
+def test_readdir_offsets_are_name_hashes(tmp_path):
+    """Offsets are a name's hash in every version of a directory, so resuming
+    at one skips exactly the names before it; names with colliding hashes
+    share one offset and are never split."""
+    from unionfs import fs
+    names = [f"n{i}".encode() for i in range(3000)]
+    a = fs.Listing(7, [(n, 0o100000, i) for i, n in enumerate(names)])
+    assert [e[0] for e in a.entries[:2]] == [b".", b".."] and a.offs[:2] == [1, 2]
+    assert a.offs == sorted(a.offs) and all(3 <= o < 2**31 for o in a.offs[2:])
+    assert sorted(e[0] for e in a.entries[2:]) == sorted(names)
+    # Another version: a third of the names gone, others added.
+    b = fs.Listing(7, [(n, 0o100000, 0) for n in names[1000:] + [b"new%d" % i for i in range(500)]])
+    for k in (0, 1, 2, 3, 500, 1500, len(a.offs) - 1):
+        off = a.offs[k]
+        before = {e[0] for e in a.entries[:k + 1]}
+        after = {e[0] for e in b.entries[b.start(off):]}
+        kept = set(names[1000:])
+        assert kept - before <= after and not (kept & before & after)
+
+
+def test_names_sharing_an_offset_go_into_one_reply(tmp_path, monkeypatch):
+    """Two names whose hashes collide share an offset: a reader resumed
+    there would skip both, so a reply holds both or neither."""
+    from unionfs import fs
+    from unionfs.binding import common
+    real = fs.name_offset
+    monkeypatch.setattr(fs, "name_offset", lambda n: 1000 if n in (b"p", b"q") else real(n))
+    c = fs.Listing(1, [(n, 0o100000, 0) for n in (b"p", b"q", b"x" * 100)])
+    i = c.offs.index(1000)
+    assert [e[0] for e in c.entries[i:i + 2]] == [b"p", b"q"]
+    assert c.run_end(i) == i + 2 and c.start(1000) == i + 2
+
+    adapter = _adapter_over(tmp_path, [])
+    buf = ctypes.create_string_buffer(4096)
+    sizes = [common.direntry_size(e[0]) for e in c.entries]
+    # Room for everything before the pair and one of the two: the pair waits.
+    room = sum(sizes[:i]) + sizes[i]
+    used = adapter._fill_entries(None, ctypes.addressof(buf), room, c, 0, "/d", False, [])
+    assert used == sum(sizes[:i])
+    used = adapter._fill_entries(None, ctypes.addressof(buf), room + sizes[i + 1], c, 0,
+                                 "/d", False, [])
+    assert used == sum(sizes[:i + 2])
 
 
 def test_inode_numbers_in_listings_follow_copy_up(layers, mounted):

@@ -19,6 +19,7 @@ cached for ``timeout`` seconds (fuse-overlayfs does the same), and file pages
 are kept across opens (``keep_cache``).
 """
 
+import bisect
 import ctypes
 import errno
 import logging
@@ -27,6 +28,7 @@ import queue
 import stat
 import threading
 import time
+import zlib
 
 from unionfs import binding
 from unionfs.binding import common
@@ -38,10 +40,7 @@ ll = binding.load()
 log = logging.getLogger("unionfs")
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
-MAX_LISTED_ENTRIES = 1_000_000  # directory entries kept for readdir offsets
-_INDEX_BITS = 21                # a readdir offset: serial << 21 | index
-_INDEX_MASK = (1 << _INDEX_BITS) - 1
-_SERIALS = 1 << 10
+MAX_LISTED_ENTRIES = 1_000_000  # directory entries kept ready for readdir
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
@@ -93,14 +92,12 @@ class UnionFS:
         self._by_ident = {}                # (dev, ino) of upper hard links -> Inode
         self._next_id = common.ROOT_ID + 1
         self._table = threading.Lock()     # guards the three maps above
-        self._dirs = {}                    # dir handle -> (serial, listing)
+        self._dirs = {}                    # dir handle -> Listing it reads, or None
         self._next_dh = 1
-        self._listings = {}                # dir path -> (entries, serial, listing)
-        self._serials = {}                 # serial -> listing (recent ones)
-        self._listed = 0                   # entries held by the two maps above
+        self._listings = {}                # dir path -> (entries, Listing)
+        self._listed = 0                   # entries held by the map above
         if union.copyup is not None:
             union.copyup.on_publish = self._copied_up
-        self._next_serial = 1
 
     # -- the inode table ----------------------------------------------------------
 
@@ -452,24 +449,23 @@ class UnionFS:
 
     # -- directories ------------------------------------------------------------------
 
-    # Directory offsets. A listing is taken when a reader starts at offset
-    # 0 (not at opendir), and each entry's offset is (serial << 21 | index),
-    # where the serial (1-1023, reused in turn) names that version of the
-    # directory's listing; offsets stay below 2**31 for 32-bit programs. The
-    # kernel's listing cache (FOPEN_CACHE_DIR) appends a reply only where its
-    # offset continues the cache, so it can never splice two versions of a
-    # directory together; and since it stamps its cache with the directory's
-    # change counter before asking for offset 0, a listing taken after that
-    # is never older than the stamp. Recent listings stay findable by serial,
-    # so a reader the kernel resumes at an offset it served from its cache
-    # goes on in the version that offset belongs to.
+    # Directory offsets. Every entry's offset is a 31-bit hash of its name
+    # ("." and ".." are 1 and 2), and a listing is in offset order, as ext4's
+    # hashed directories do. A reader resumed at an offset therefore goes on
+    # after the same name in any version of the directory: a name that
+    # nobody adds or removes meanwhile is listed exactly once, however the
+    # directory changed, whether the kernel served the start from its
+    # listing cache (FOPEN_CACHE_DIR) or lost that cache in between; offsets
+    # stay below 2**31 for 32-bit programs. Names whose hashes collide share
+    # an offset and go into one reply together. A reader that starts at 0
+    # takes the directory as it is then and keeps that version to its end.
 
     def opendir(self, req, nodeid, fi):
         self._path(nodeid)
         with self._table:
             dh = self._next_dh
             self._next_dh += 1
-            self._dirs[dh] = (0, ())
+            self._dirs[dh] = None
         f = fi.contents
         f.fh = dh
         if ll.CACHE_READDIR:
@@ -480,52 +476,34 @@ class UnionFS:
         ll.reply_open(req, fi)
 
     def _listing(self, nodeid, dh, off):
-        """(serial, listing, index): what to answer a readdir at ``off`` from."""
-        serial, listing = self._dirs[dh]
-        if not (off and listing and (serial == 0 or off >> _INDEX_BITS == serial)):
-            # Offset 0, or one this handle never gave (the kernel served the
-            # start from its cache, and lost it): go on in the listing that
-            # offset is from, else take the directory's current one.
-            older = self._serials.get(off >> _INDEX_BITS) if off else None
-            if older is not None:
-                serial, listing = off >> _INDEX_BITS, older
-            else:
-                serial, listing = self._current_listing(self._inode(nodeid).path)
+        """(listing, index): what to answer a readdir at ``off`` from."""
+        listing = self._dirs[dh]
+        if off == 0 or listing is None:
+            listing = self._current_listing(self._inode(nodeid).path)
             with self._table:
-                self._dirs[dh] = (serial, listing)
-        return serial, listing, min(off & _INDEX_MASK if serial else off, len(listing))
+                self._dirs[dh] = listing
+        return listing, listing.start(off)
 
     def _current_listing(self, path):
-        """(serial, listing) of directory ``path`` as it is now. Serial 0:
-        plain indexes, for a directory removed while open or one too big to
-        number with a serial (over two million entries)."""
-        if path is None:
-            return 0, ((b".", _S_IFDIR, 0), (b"..", _S_IFDIR, 0))
+        """The Listing of directory ``path`` as it is now."""
+        if path is None:                    # removed while open
+            return Listing(0, ())
         entries = self.union.listdir(path)
         with self._table:
             known = self._listings.get(path)
             if known is not None and known[0] is entries:
-                return known[1], known[2]
-        ino = self.union.lstat(path)[1]
-        listing = [(b".", _S_IFDIR, ino), (b"..", _S_IFDIR, ino)]
-        listing.extend((os.fsencode(n), t, i) for n, t, i in entries)
-        if len(listing) >= _INDEX_MASK:
-            return 0, listing
+                return known[1]
+        listing = Listing(self.union.lstat(path)[1],
+                          [(os.fsencode(n), t, i) for n, t, i in entries])
         with self._table:
-            serial = self._next_serial
-            self._next_serial = serial % (_SERIALS - 1) + 1
-            # Bounded by entries, not listings: one huge directory must not
-            # pin gigabytes. Forgetting only costs a new serial (and, for a
-            # reader the kernel resumes at an old offset, a best-effort
-            # restart in the current listing).
-            self._listed += len(listing)
+            # Bounded by entries, not directories: one huge directory must
+            # not pin gigabytes; forgetting only costs building it again.
+            self._listed += len(listing.entries)
             if self._listed > MAX_LISTED_ENTRIES:
                 self._listings.clear()
-                self._serials.clear()
-                self._listed = len(listing)
-            self._listings[path] = (entries, serial, listing)
-            self._serials[serial] = listing
-        return serial, listing
+                self._listed = len(listing.entries)
+            self._listings[path] = (entries, listing)
+        return listing
 
     def readdir(self, req, nodeid, size, off, fi):
         self._fill_dir(req, nodeid, size, off, fi, plus=False)
@@ -536,15 +514,14 @@ class UnionFS:
         self._fill_dir(req, nodeid, size, off, fi, plus=True)
 
     def _fill_dir(self, req, nodeid, size, off, fi, plus):
-        serial, listing, start = self._listing(nodeid, fi.contents.fh, off)
-        base_off = serial << _INDEX_BITS
+        listing, start = self._listing(nodeid, fi.contents.fh, off)
         dirpath = self._inode(nodeid).path
         buf = ctypes.create_string_buffer(size)
         counted = []        # nodeids this reply looks up (readdirplus)
         sent = -errno.ENOENT
         try:
             pos = self._fill_entries(req, ctypes.addressof(buf), size, listing, start,
-                                     base_off, dirpath, plus, counted)
+                                     dirpath, plus, counted)
             sent = ll.reply_buf(req, buf, pos)
         finally:
             # Not sent (an error reply instead, or the kernel gave up on the
@@ -553,25 +530,29 @@ class UnionFS:
                 for ino in counted:
                     self._unlookup(ino)
 
-    def _fill_entries(self, req, base, size, listing, start, base_off, dirpath, plus, counted):
+    def _fill_entries(self, req, base, size, listing, start, dirpath, plus, counted):
         """Add the entries of ``listing`` from index ``start`` that fit in
         ``size`` bytes at address ``base``; returns the bytes used."""
         e = common.fuse_entry_param()
         st = e.attr
+        entries, offs = listing.entries, listing.offs
+        entry_size = ll.direntplus_size if plus else common.direntry_size
         pos = 0
-        for i in range(start, len(listing)):
-            name, ftype, ino = listing[i]
+        for i in range(start, len(entries)):
+            name, ftype, ino = entries[i]
+            if i + 1 < len(offs) and offs[i + 1] == offs[i] and (i == start or offs[i - 1] != offs[i]):
+                # Names sharing one offset: all of them in this reply, or none.
+                group = entries[i:listing.run_end(i)]
+                if sum(entry_size(n) for n, _, _ in group) > size - pos:
+                    break
+            # An entry that does not fit must not be looked up (counted).
+            if entry_size(name) > size - pos:
+                break
             if not plus:
                 st.st_ino = ino
                 st.st_mode = ftype
-                n = ll.add_direntry(req, base + pos, size - pos, name, st, base_off | (i + 1))
-                if n > size - pos:
-                    break
-                pos += n
+                pos += ll.add_direntry(req, base + pos, size - pos, name, st, offs[i])
                 continue
-            # An entry that does not fit must not be looked up (counted).
-            if ll.direntplus_size(name) > size - pos:
-                break
             ctypes.memset(ctypes.addressof(e), 0, ctypes.sizeof(e))
             entry = None
             if i >= 2 and dirpath is not None:
@@ -583,8 +564,7 @@ class UnionFS:
             if entry is None:                   # no entry: just a name
                 st.st_ino = ino
                 st.st_mode = ftype
-            pos += ll.add_direntry_plus(req, base + pos, size - pos, name, e,
-                                        base_off | (i + 1))
+            pos += ll.add_direntry_plus(req, base + pos, size - pos, name, e, offs[i])
         return pos
 
     def releasedir(self, req, nodeid, fi):
@@ -730,6 +710,37 @@ class UnionFS:
                 log.exception("unionfs: %s failed", name)
                 reply_err(req, errno.EIO)
         return call
+
+
+# Entry offsets: "." 1, ".." 2, any other name a hash of it in [3, 2**31).
+_FIRST_NAME_OFF = 3
+_NAME_OFF_SPAN = (1 << 31) - _FIRST_NAME_OFF
+
+
+def name_offset(name):
+    """The readdir offset of the entry ``name`` (bytes), in every listing."""
+    return _FIRST_NAME_OFF + zlib.crc32(name) % _NAME_OFF_SPAN
+
+
+class Listing:
+    """One version of a directory's entries, in offset order: ``entries``
+    (name bytes, file type, inode number) and their ``offs``."""
+
+    __slots__ = ("entries", "offs")
+
+    def __init__(self, ino, entries):
+        named = sorted((name_offset(n), n, t, i) for n, t, i in entries)
+        self.entries = [(b".", _S_IFDIR, ino), (b"..", _S_IFDIR, ino)]
+        self.entries += [(n, t, i) for _, n, t, i in named]
+        self.offs = [1, 2] + [o for o, _, _, _ in named]
+
+    def start(self, off):
+        """The index of the first entry after offset ``off``."""
+        return bisect.bisect_right(self.offs, off)
+
+    def run_end(self, i):
+        """The end of the run of entries that share entry ``i``'s offset."""
+        return bisect.bisect_right(self.offs, self.offs[i], i)
 
 
 class SetAttr:

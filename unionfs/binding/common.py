@@ -104,6 +104,12 @@ class fuse_bufvec(ctypes.Structure):
                 ("buf", fuse_buf * 1)]
 
 
+def direntry_size(name):
+    """The size of one READDIR entry: struct fuse_dirent (24 bytes up to
+    the name) and the name, 8-byte aligned (FUSE_DIRENT_SIZE)."""
+    return (24 + len(name) + 7) & ~7
+
+
 def fd_bufvec(fd, size, pos):
     """A one-buffer vector for ``size`` bytes of ``fd`` at offset ``pos``."""
     v = fuse_bufvec(1, 0, 0)
