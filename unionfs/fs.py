@@ -113,9 +113,8 @@ class UnionFS:
             raise OSError(errno.ENOENT, "unlinked")
         return path
 
-    def _remember(self, path, st, layer, count=1):
-        """The Inode for ``path`` (whose stat is ``st``), its lookup count
-        raised by ``count``."""
+    def _remember(self, path, st, layer):
+        """The Inode for ``path`` (whose stat is ``st``), counted as looked up."""
         is_dir = stat.S_ISDIR(st.st_mode)
         with self._table:
             inode = self._by_path.get(path)
@@ -137,7 +136,7 @@ class UnionFS:
             self._by_path[path] = inode
             if inode.path is None:
                 inode.path = path
-            inode.nlookup += count
+            inode.nlookup += 1
             return inode
 
     def _forget_path(self, path, tree=False):
@@ -169,19 +168,9 @@ class UnionFS:
             target = self._by_path.pop(new, None)
             if target is not None and target.path == new:
                 target.path = self._other_name(target, new)
-            inode = self._by_path.pop(old, None)
+            inode = self._by_path.get(old)
             if inode is not None:
-                self._by_path[new] = inode
-                if inode.path == old:
-                    inode.path = new
-                if inode.is_dir:
-                    prefix, cut = old + "/", len(old)
-                    for p in [p for p in self._by_path if p.startswith(prefix)]:
-                        child = self._by_path.pop(p)
-                        np = new + p[cut:]
-                        self._by_path[np] = child
-                        if child.path == p:
-                            child.path = np
+                self._repath(((old, new),), below=inode.is_dir)
 
     def _copied_up(self, path):
         """``path`` was just copied up, so its inode number changed. The
@@ -202,18 +191,25 @@ class UnionFS:
         """Swap in the table: what was at ``a`` (and below) is at ``b``, and
         the other way round."""
         with self._table:
-            moved = []
+            self._repath(((a, b), (b, a)), below=True)
+
+    def _repath(self, moves, below):
+        """For each (src, dst) of ``moves``: the table's entry at ``src``,
+        and if ``below`` those under it, now live at ``dst``. All moves
+        happen at once (an exchange). The caller holds the table lock."""
+        moved = [(src, dst, self._by_path[src]) for src, dst in moves if src in self._by_path]
+        if below:
             for p, inode in self._by_path.items():
-                for src, dst in ((a, b), (b, a)):
-                    if p == src or p.startswith(src + "/"):
+                for src, dst in moves:
+                    if p.startswith(src + "/"):
                         moved.append((p, dst + p[len(src):], inode))
                         break
-            for p, _, _ in moved:
-                del self._by_path[p]
-            for p, np, inode in moved:
-                self._by_path[np] = inode
-                if inode.path == p:
-                    inode.path = np
+        for p, _, _ in moved:
+            del self._by_path[p]
+        for p, np, inode in moved:
+            self._by_path[np] = inode
+            if inode.path == p:
+                inode.path = np
 
     # -- replies --------------------------------------------------------------------
 
