@@ -380,9 +380,7 @@ class UnionFS:
             self._exchanged(old, new)
             ll.reply_err(req, 0)
             return
-        if flags & RENAME_NOREPLACE and self.union.stack.lookup(new) is not None:
-            raise OSError(errno.EEXIST, "exists")
-        self.union.rename(old, new)
+        self.union.rename(old, new, noreplace=bool(flags & RENAME_NOREPLACE))
         self._moved(old, new)
         ll.reply_err(req, 0)
 

@@ -247,11 +247,13 @@ def _listing(u):
     return listing
 
 
-def rename(u, old, new):
-    """rename(2) on the merged view (RENAME_NOREPLACE is checked by the caller;
-    RENAME_EXCHANGE is exchange())."""
+def rename(u, old, new, noreplace=False):
+    """rename(2) on the merged view; ``noreplace``: renameat2's
+    RENAME_NOREPLACE (EEXIST if ``new`` shows). RENAME_EXCHANGE is exchange()."""
     u.check_writable()
     if old == new:
+        if noreplace:
+            raise _err(errno.EEXIST, new)
         return
     if new.startswith(old + "/"):
         raise _err(errno.EINVAL, new)
@@ -260,6 +262,8 @@ def rename(u, old, new):
     with u.lock:
         src = u.node(old)
         dst = u.stack.lookup(new)
+        if noreplace and dst is not None:
+            raise _err(errno.EEXIST, new)
         if dst is not None:
             if src.kind == DIR and dst.kind != DIR:
                 raise _err(errno.ENOTDIR, new)

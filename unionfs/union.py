@@ -228,8 +228,8 @@ class Union:
     def rmdir(self, path):
         namespace.rmdir(self, path)
 
-    def rename(self, old, new):
-        namespace.rename(self, old, new)
+    def rename(self, old, new, noreplace=False):
+        namespace.rename(self, old, new, noreplace)
 
     def exchange(self, a, b):
         namespace.exchange(self, a, b)
