@@ -192,8 +192,11 @@ def _runtime_dir():
     return base
 
 
+_PIDFILE_KEY = 24       # hex digits of a mount point's hash in its pidfile's name
+
+
 def pidfile_for(mountpoint):
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:_PIDFILE_KEY]
     return os.path.join(_runtime_dir(), key + ".pid")
 
 
@@ -367,7 +370,7 @@ def prune_pidfiles():
     except OSError:
         return
     for name in names:
-        if name.endswith(".pid") and len(name) == 28:
+        if name.endswith(".pid") and len(name) == _PIDFILE_KEY + len(".pid"):
             path = os.path.join(base, name)
             if _read_pidfile(path) is None:
                 _remove(path)
