@@ -262,16 +262,9 @@ def test_listings_kept_ready_are_bounded(tmp_path, monkeypatch):
     """The encoded listings kept for readdir are bounded by their total
     entries (no mount: the adapter over a Union)."""
     from unionfs import fs
-    from unionfs.union import Union
-    low, up, work = (tmp_path / n for n in ("low", "up", "work"))
-    for d in (low, up, work):
-        d.mkdir()
-    for i in range(5):
-        (low / f"d{i}").mkdir()
-        for j in range(40):
-            (low / f"d{i}" / f"f{j}").write_text("x")
     monkeypatch.setattr(fs, "MAX_LISTED_ENTRIES", 100)
-    adapter = fs.UnionFS(Union([str(low)], str(up), str(work)))
+    adapter = _adapter_over(tmp_path, {f"d{i}": [f"f{j}" for j in range(40)]
+                                       for i in range(5)})
     for i in range(5):
         listing = adapter._current_listing(f"/d{i}")
         assert len(listing.entries) == 42
@@ -311,7 +304,7 @@ def test_names_sharing_an_offset_go_into_one_reply(tmp_path, monkeypatch):
     assert [e[0] for e in c.entries[i:i + 2]] == [b"p", b"q"]
     assert c.run_end(i) == i + 2 and c.start(1000) == i + 2
 
-    adapter = _adapter_over(tmp_path, [])
+    adapter = _adapter_over(tmp_path, {"d": []})
     buf = ctypes.create_string_buffer(4096)
     sizes = [common.direntry_size(e[0]) for e in c.entries]
     # Room for everything before the pair and one of the two: the pair waits.
@@ -380,15 +373,18 @@ def test_directory_offsets_fit_in_31_bits(layers, mounted):
         assert all(0 < o < 2 ** 31 for o in offsets), max(offsets)
 
 
-def _adapter_over(tmp_path, names):
+def _adapter_over(tmp_path, dirs):
+    """The FUSE adapter (no mount) over one lower layer holding ``dirs``
+    ({directory: file names}), an empty upper and a work dir."""
     from unionfs import fs
     from unionfs.union import Union
     low, up, work = (tmp_path / n for n in ("low", "up", "work"))
     for d in (low, up, work):
         d.mkdir()
-    (low / "d").mkdir()
-    for n in names:
-        (low / "d" / n).write_text(n)
+    for d, names in dirs.items():
+        (low / d).mkdir()
+        for n in names:
+            (low / d / n).write_text(n)
     return fs.UnionFS(Union([str(low)], str(up), str(work)))
 
 
@@ -401,7 +397,7 @@ def test_lookups_of_undelivered_replies_are_dropped(tmp_path, monkeypatch, reply
     from unionfs import fs
     from unionfs.binding import common
     names = [f"f{i}" for i in range(5)]
-    adapter = _adapter_over(tmp_path, names)
+    adapter = _adapter_over(tmp_path, {"d": names})
     monkeypatch.setattr(fs.ll, "reply_open", lambda req, fi: 0)
 
     def counts():

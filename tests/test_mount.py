@@ -11,6 +11,7 @@ import pytest
 
 from conftest import (FUSE_UNIONFS, UNIONFS, force_unmount, is_mounted,
                       requires_fuse, requires_root, run, wait_for)
+from reliability_helpers import daemon_pid
 
 pytestmark = requires_fuse
 
@@ -367,8 +368,7 @@ def test_cli_usage_errors_are_one_line(layers):
 def test_umount_reports_a_dead_daemon(layers, mounted):
     populate(layers)
     mnt = mounted()
-    from unionfs.mount import pidfile_for
-    pid = int(Path(pidfile_for(mnt)).read_text().split()[0])
+    pid = daemon_pid(mnt)
     os.kill(pid, signal.SIGKILL)
     assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
                     "zombie" in Path(f"/proc/{pid}/status").read_text())
