@@ -10,12 +10,13 @@ import dataclasses
 import errno
 import hashlib
 import os
+import signal
 import subprocess
 import tempfile
 import time
 
 from unionfs import whiteout as wh
-from unionfs.errors import UserError
+from unionfs.errors import FuseUnavailableError, UserError
 
 # -- options ----------------------------------------------------------------
 
@@ -84,13 +85,14 @@ def split_options(optstrings):
     return items
 
 
-def parse_options(optstrings, strict=True, warn=None):
+def parse_options(optstrings, strict=True, warn=None, lowerdirs=()):
     """Build a MountSpec from ``-o`` strings.
 
     ``strict`` (``unionfs mount``): an unknown option is an error. Otherwise
     (``fuse-unionfs``, fuse-overlayfs's contract) it is ignored with a warning.
+    ``lowerdirs`` (the Python API) are the layers when no ``lowerdir=`` is given.
     """
-    spec = MountSpec(lowerdirs=[])
+    spec = MountSpec(lowerdirs=list(lowerdirs))
     ignored = []
     for item in split_options(optstrings):
         key, eq, value = item.partition("=")
@@ -172,14 +174,14 @@ def validate(spec, mountpoint):
         if _inside(mnt, d) or _inside(d, mnt):
             raise UserError(f"mountpoint {mnt} overlaps {role} {d}")
     if not os.path.exists("/dev/fuse"):
-        raise UserError("/dev/fuse is missing: this machine cannot mount FUSE filesystems")
+        raise FuseUnavailableError("/dev/fuse is missing: this machine cannot mount FUSE filesystems")
     try:
         from unionfs import binding
         binding.load()
     except ValueError as e:
         raise UserError(str(e))
     except (OSError, ImportError) as e:
-        raise UserError(f"cannot load libfuse ({e}); install the fuse3 or libfuse2 package")
+        raise FuseUnavailableError(f"cannot load libfuse ({e}); install the fuse3 or libfuse2 package")
     return mnt
 
 
@@ -245,7 +247,8 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
 
 
 def mount(spec, mountpoint, foreground=False, debug=False):
-    """Mount ``spec`` on ``mountpoint``; return once it is live."""
+    """Mount ``spec`` on ``mountpoint``; return once it is live, with the
+    daemon's pid (a child of this process) unless in the foreground."""
     mountpoint = validate(spec, mountpoint)
     prune_pidfiles()
     if foreground or debug:
@@ -269,7 +272,7 @@ def mount(spec, mountpoint, foreground=False, debug=False):
     with os.fdopen(rfd, "rb") as r:
         status = r.read()
     if status.startswith(b"ok"):
-        return
+        return pid
     _, code = os.waitpid(pid, 0)
     reason = status.decode(errors="replace").strip()
     if not reason:
@@ -282,6 +285,12 @@ def mount(spec, mountpoint, foreground=False, debug=False):
 def _daemon(spec, mountpoint, wfd, errlog):
     """Child side of mount(): detach, serve, report readiness on ``wfd``."""
     os.setsid()
+    # Signals as in a fresh process: libfuse installs its handlers (a clean
+    # unmount on SIGTERM, SIGINT, SIGHUP) only over the defaults, and a daemon
+    # forked by a program with handlers of its own (a test run using the
+    # Python API) must not run that program's handlers.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)

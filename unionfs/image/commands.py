@@ -15,7 +15,7 @@ import time
 from unionfs.errors import EXIT_OK, UserError
 from unionfs.image import oci
 from unionfs.image.progress import Progress
-from unionfs.image.store import Store, default_store_path, mounted_paths, name_candidates
+from unionfs.image.store import Image, Store, default_store_path, mounted_paths, name_candidates
 
 FORMATS = ("docker", "oci")
 
@@ -157,16 +157,26 @@ def _short_id(image_id: str) -> str:
 # -- image commands ------------------------------------------------------------
 
 def cmd_load(args) -> int:
+    loaded = load_images(_store(args), args.path, args.tag, _progress(args))
+    for image, names in loaded:
+        for name in names:
+            _info(args, f"Loaded image: {name}")
+        if not names:
+            _info(args, f"Loaded image ID: {image.id}")
+    return EXIT_OK
+
+
+def load_images(store: Store, path: str, tag: str | None, progress: Progress) -> list[tuple[Image, list[str]]]:
+    """Load every image of the archive or layout at `path` (named `tag` if
+    given); returns each image with the names it got."""
     from unionfs.image.archive import open_source, read_images
     from unionfs.image.store import Staging
-    store = _store(args)
-    progress = _progress(args)
-    tag = normalize_name(args.tag) if args.tag else None
-    source = open_source(args.path)
+    tag = normalize_name(tag) if tag else None
+    source = open_source(path)
     try:
         images = read_images(source)
         if tag and len(images) != 1:
-            raise UserError(f"load {args.path}: --tag needs an archive with one image, it has {len(images)}")
+            raise UserError(f"load {path}: --tag needs an archive with one image, it has {len(images)}")
         loaded = []
         with store.locked():
             staging = Staging(store, progress.warn, progress)
@@ -190,12 +200,7 @@ def cmd_load(args) -> int:
                 progress.finish()
     finally:
         source.close()
-    for image, names in loaded:
-        for name in names:
-            _info(args, f"Loaded image: {name}")
-        if not names:
-            _info(args, f"Loaded image ID: {image.id}")
-    return EXIT_OK
+    return loaded
 
 
 def cmd_ls(args) -> int:
@@ -289,65 +294,78 @@ def _container_name(store: Store, image) -> str:
 
 
 def cmd_image_mount(args) -> int:
+    container, _, _ = mount_image(_store(args), args.image, args.mountpoint, args.name)
+    _info(args, container.name)
+    return EXIT_OK
+
+
+def mount_image(store: Store, ref: str, mountpoint: str, name: str | None):
+    """Mount image `ref` as the rootfs of container `name` (made if new,
+    remounted if it exists); returns the container, its MountSpec and the
+    daemon's pid. A container made here is removed again if mounting fails."""
     from unionfs.mount import MountSpec, mount
-    store = _store(args)
-    mnt = os.path.realpath(args.mountpoint)  # as /proc/self/mountinfo will show it
+    mnt = os.path.realpath(mountpoint)  # as /proc/self/mountinfo will show it
     if not os.path.isdir(mnt):
-        raise UserError(f"mount point {args.mountpoint}: not a directory")
+        raise UserError(f"mount point {mountpoint}: not a directory")
     with store.locked():
-        image = store.resolve(args.image)
-        container = store.container(args.name) if args.name else None
+        image = store.resolve(ref)
+        container = store.container(name) if name else None
         created = container is None
         if container is not None:
             if container.image != image.id:
-                raise UserError(f"container {args.name} exists for image {_short_id(container.image)}, "
-                                f"not {args.image}")
+                raise UserError(f"container {name} exists for image {_short_id(container.image)}, "
+                                f"not {ref}")
             if container.mountpoint and container.mountpoint in mounted_paths():
-                raise UserError(f"container {args.name} is already mounted at {container.mountpoint}")
+                raise UserError(f"container {name} is already mounted at {container.mountpoint}")
         else:
-            container = store.create_container(args.name or _container_name(store, image), image)
+            container = store.create_container(name or _container_name(store, image), image)
         container.mountpoint = mnt
         store.write_container(container)
         lowerdirs = store.lowerdirs(image)
     # Mount outside the lock: the daemon must not inherit it.
     spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto")
     try:
-        mount(spec, mnt)
+        pid = mount(spec, mnt)
     except BaseException:
         if created:
             with store.locked():
                 store.remove_container(container)
         raise
-    _info(args, container.name)
-    return EXIT_OK
+    return container, spec, pid
 
 
 def cmd_save(args) -> int:
+    save_image(_store(args), args.image, args.output, args.format, _progress(args))
+    return EXIT_OK
+
+
+def save_image(store: Store, ref: str, output: str, fmt: str, progress: Progress):
+    """Write image `ref` to the file `output` as a docker-archive or an OCI
+    layout tar (`fmt`: one of FORMATS); the file appears only when complete."""
     from unionfs.image import dockerarchive, ocilayout
-    store = _store(args)
-    progress = _progress(args)
-    image = store.resolve(args.image)
-    names = [n for n in name_candidates(args.image) if n in image.names][:1] or image.names
+    if fmt not in FORMATS:
+        raise UserError(f"save: format {fmt!r}: must be one of {', '.join(FORMATS)}")
+    image = store.resolve(ref)
+    names = [n for n in name_candidates(ref) if n in image.names][:1] or image.names
     images = [(store.config_bytes(image), image.layers, names)]
-    out_path = os.path.abspath(args.output)
+    out_path = os.path.abspath(output)
     out_dir = os.path.dirname(out_path)
     if not os.path.isdir(out_dir):
-        raise UserError(f"save: {args.output}: directory {out_dir} does not exist")
+        raise UserError(f"save: {output}: directory {out_dir} does not exist")
     tmp = os.path.join(out_dir, f".{os.path.basename(out_path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as out:
-            if args.format == "docker":
+            if fmt == "docker":
                 dockerarchive.write_archive(out, images, store.open_tar, progress)
             else:
                 ocilayout.write_archive(out, images, store.open_blob, progress)
         os.rename(tmp, out_path)
     except OSError as e:
-        raise UserError(f"save: {args.output}: {e.strerror}") from None
+        raise UserError(f"save: {output}: {e.strerror}") from None
     finally:
         progress.finish()
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return EXIT_OK
 
 
 # -- containers ----------------------------------------------------------------
@@ -420,18 +438,22 @@ def cmd_diff(args) -> int:
 
 
 def cmd_commit(args) -> int:
+    image = commit_container(_store(args), args.container, args.image, args.message, _progress(args))
+    _info(args, image.id)
+    return EXIT_OK
+
+
+def commit_container(store: Store, target: str, ref: str, message: str | None, progress: Progress) -> Image:
+    """Store the changes of container `target` (name or mount point) as a
+    new image named `ref`; returns the new image."""
     from unionfs.image.commit import commit
-    store = _store(args)
-    progress = _progress(args)
-    c = _find_container(store, args.container)
+    c = _find_container(store, target)
     if c is None:
-        raise UserError(f"commit {args.container}: no such container or container mount point")
-    name = normalize_name(args.image)
+        raise UserError(f"commit {target}: no such container or container mount point")
+    name = normalize_name(ref)
     if c.mountpoint and c.mountpoint in mounted_paths():
         os.sync()  # whatever the kernel still holds for the mount reaches the upper
     try:
-        image = commit(store, c.upper, store.image(c.image), [name], args.message, progress.warn, progress)
+        return commit(store, c.upper, store.image(c.image), [name], message, progress.warn, progress)
     finally:
         progress.finish()
-    _info(args, image.id)
-    return EXIT_OK
