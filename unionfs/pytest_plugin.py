@@ -136,7 +136,7 @@ class _Mounts:
             finally:
                 _live.discard(m)
             if problem:
-                problems.append(f"{m.path}: {problem} (detached lazily)")
+                problems.append(f"{problem}; detached lazily")
         if problems:
             pytest.fail("unionfs mounts still in use at teardown:\n" + "\n".join(problems),
                         pytrace=False)
