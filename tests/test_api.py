@@ -191,6 +191,20 @@ def test_busy_unmount_raises_unmount_error_and_keeps_the_mount(tree, unmount_aft
     assert not is_mounted(m.path) and not os.path.exists(m.upper)
 
 
+def test_a_daemon_holds_nothing_of_its_maker(tree, unmount_after):
+    """A file open in mount A while mount B is made must not keep A busy
+    once it is closed (B's daemon is forked from this process)."""
+    a = unionfs.mount(tree)
+    unmount_after.append(a.path)
+    f = open(Path(a.path) / "etc" / "motd")
+    b = unionfs.mount(tree)
+    unmount_after.append(b.path)
+    f.close()
+    a.unmount()
+    assert not is_mounted(a.path) and b.mounted
+    b.unmount()
+
+
 def test_unmounted_from_outside_is_fine(tree, unmount_after):
     m = unionfs.mount(tree)
     unmount_after.append(m.path)

@@ -292,6 +292,7 @@ def _daemon(spec, mountpoint, wfd, errlog):
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     null = os.open(os.devnull, os.O_RDWR)
+    _drop_inherited_fds(null, keep=(wfd, errlog.fileno()))
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.dup2(errlog.fileno(), 2)     # libfuse's own messages, for the parent
@@ -317,6 +318,24 @@ def _daemon(spec, mountpoint, wfd, errlog):
         return 1
     finally:
         _remove(pidfile)
+
+
+def _drop_inherited_fds(null, keep):
+    """Let go of every descriptor the forking program had open (above 2,
+    except ``keep``): one for a file inside another mount would keep that
+    mount busy, one for a pipe would keep its reader waiting, for as long as
+    this daemon runs. Each is replaced by /dev/null rather than closed, so
+    its number is never reused under a Python object of the forking program
+    that still believes it owns it."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd == null or fd in keep:
+            continue
+        try:
+            os.fstat(fd)        # the listing's own descriptor is closed by now
+        except OSError:
+            continue
+        os.dup2(null, fd)
 
 
 def _report(wfd, msg):
