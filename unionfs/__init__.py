@@ -13,7 +13,6 @@ imports it): the API's modules load on first use.
 """
 
 import sys
-from types import ModuleType
 
 from unionfs.errors import FuseUnavailableError, ImageError, MountError, UnionfsError, UnmountError
 
@@ -40,6 +39,9 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'unionfs' has no attribute {name!r}")
     globals()[name] = value
     return value
+
+
+ModuleType = type(sys)          # types.ModuleType, without importing types
 
 
 class _Package(ModuleType):
