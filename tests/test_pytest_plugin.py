@@ -306,3 +306,81 @@ def test_examples_run(tmp_path):
     r = run([UNIONFS, "image", "history", "--store", str(tmp_path / "store"), "example:built"])
     assert "example: mkdir -p /app" in r.stdout
     assert out.stat().st_size > 0
+
+
+UNPRIVILEGED = '''
+import os
+from pathlib import Path
+
+def test_it(union_mount, tmp_path):
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "f").write_text("lower")
+    m = union_mount([lower])
+    with open("/proc/self/mountinfo") as f:
+        line = next(ln for ln in f if ln.split()[4] == m.path)
+    Path(__file__).with_name("seen.txt").write_text(f"{os.getuid()}\\n{m.path}\\n{line}")
+    (Path(m.path) / "f").write_text("changed")
+    (Path(m.path) / "new").write_text("new")
+    assert [str(c) for c in m.changes()] == ["C /f", "A /new"]
+    assert os.stat(Path(m.upper) / "new").st_uid == os.getuid()
+'''
+
+
+@pytest.mark.parametrize("dev_fuse", ["usable", "root-only"])
+def test_unprivileged_user(dev_fuse):
+    """As an unprivileged user (nobody) the fixture mounts through the
+    set-uid fusermount3 where /dev/fuse allows the user; where it does not,
+    the test is skipped, saying so. Like tests/test_rootless.py, a private
+    mount namespace binds a 0666 node over a root-only /dev/fuse for the
+    "usable" case, and uses /dev/fuse as it is for "root-only"."""
+    from test_rootless import GID, REPO, SITE, UID, _python_for_user, _why_not
+    why = _why_not()
+    if why:
+        pytest.skip(why)
+    fuse_st = os.stat("/dev/fuse")
+    if dev_fuse == "root-only" and fuse_st.st_mode & 0o006:
+        pytest.skip("/dev/fuse is usable by every user on this machine")
+    import shutil
+    import stat
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="unionfs-plugin-user-"))
+    try:
+        os.chmod(base, 0o755)
+        home = base / "home"
+        home.mkdir()
+        (home / "test_user.py").write_text(UNPRIVILEGED)
+        os.chown(home, UID, GID)
+        os.chown(home / "test_user.py", UID, GID)
+        setup = ""
+        if dev_fuse == "usable" and fuse_st.st_mode & 0o006 != 0o006:
+            node = base / "fuse"
+            os.mknod(node, stat.S_IFCHR | 0o666, fuse_st.st_rdev)
+            os.chmod(node, 0o666)
+            setup = f"mount --bind {node} /dev/fuse && "
+        boot = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {SITE!r}]; import pytest; "
+                f"sys.exit(pytest.main(['-p', 'no:cacheprovider', '-rs', '--basetemp={home}/bt', "
+                f"'{home}/test_user.py']))")
+        run_dir = base / "run"
+        run_dir.mkdir()
+        os.chown(run_dir, UID, GID)
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "XDG_RUNTIME_DIR": str(run_dir),
+               "TMPDIR": str(home), "LANG": "C.UTF-8"}
+        user = (f"exec setpriv --reuid={UID} --regid={GID} --clear-groups -- "
+                f"{_python_for_user()} -c \"{boot}\"")
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                            setup + user], env=env, cwd=home, capture_output=True, text=True,
+                           timeout=180)
+        if dev_fuse == "root-only":
+            assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout + r.stderr
+            assert f"/dev/fuse is not readable and writable by uid {UID}" in r.stdout
+            return
+        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout + r.stderr
+        uid, mnt, line = (home / "seen.txt").read_text().split("\n", 2)
+        assert uid == str(UID) and f"user_id={UID}" in line     # the user's own daemon
+        assert wait_for(lambda: not processes_naming(str(home)), timeout=10)
+        assert not os.path.exists(mnt)
+        assert not list(home.glob("unionfs-*"))                 # temp upper and mount point gone
+        assert not list(run_dir.glob("unionfs-*/*.pid"))        # the daemon's pidfile too
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
