@@ -41,7 +41,10 @@ def __getattr__(name: str):
     return value
 
 
-ModuleType = type(sys)          # types.ModuleType, without importing types
+if TYPE_CHECKING:
+    from types import ModuleType
+else:
+    ModuleType = type(sys)      # types.ModuleType, without importing types
 
 
 class _Package(ModuleType):

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 from unionfs.errors import MountError, UnionfsError, UnmountError
 
@@ -25,13 +25,16 @@ StrPath = Union[str, "os.PathLike[str]"]
 _LAYER_OPTIONS = ("lowerdir", "upperdir", "workdir")
 
 
+ChangeKind = Literal["A", "C", "D"]
+
+
 @dataclass(frozen=True)
 class Change:
     """One line of ``unionfs diff``: ``kind`` is ``"A"`` (added), ``"C"``
     (changed) or ``"D"`` (deleted); ``path`` is absolute in the merged view.
     ``str(change)`` is the line as ``unionfs diff`` prints it."""
 
-    kind: Literal["A", "C", "D"]
+    kind: ChangeKind
     path: str
 
     def __str__(self) -> str:
@@ -84,7 +87,7 @@ class Mount:
             return []
         if not os.path.isdir(self.upper):
             raise UnionfsError(f"{self.path}: unmounted, and its temporary upper dir is gone")
-        return [Change(kind, path) for kind, path in diff(self.upper, self.lowers)]
+        return [Change(cast(ChangeKind, kind), path) for kind, path in diff(self.upper, self.lowers)]
 
     def unmount(self) -> None:
         """Unmount and wait for the daemon to exit, then remove what the API
@@ -223,8 +226,8 @@ def mount(lowers: StrPath | Iterable[StrPath], upper: StrPath | None = None,
             os.mkdir(upper, 0o755)
             os.mkdir(work, 0o700)
         if mountpoint is None:
-            mountpoint = tempfile.mkdtemp(prefix="unionfs-mnt-")
-            cleanup.append(lambda d=mountpoint: os.rmdir(d))
+            temp_mountpoint = mountpoint = tempfile.mkdtemp(prefix="unionfs-mnt-")
+            cleanup.append(lambda: os.rmdir(temp_mountpoint))
     except OSError as e:
         for undo in reversed(cleanup):
             undo()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -85,10 +85,10 @@ class Store:
         Raises `ImageError` for an unknown image, `MountError` if mounting
         fails (a container made for it is then removed again)."""
         self.image(image)       # an unknown image is an ImageError, not a MountError
-        cleanup = []
+        cleanup: list[Callable[[], None]] = []
         if mountpoint is None:
-            mountpoint = tempfile.mkdtemp(prefix="unionfs-mnt-")
-            cleanup.append(lambda d=mountpoint: os.rmdir(d))
+            temp_mountpoint = mountpoint = tempfile.mkdtemp(prefix="unionfs-mnt-")
+            cleanup.append(lambda: os.rmdir(temp_mountpoint))
         mnt = os.fspath(mountpoint)
         try:
             with _as(MountError):

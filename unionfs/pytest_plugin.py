@@ -28,7 +28,7 @@ import os
 import shutil
 import signal
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -61,7 +61,7 @@ class _LiveMounts:
 
     def __init__(self):
         self._mounts: list[Mount] = []
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}       # signal -> the handler we replaced
         self._lock = threading.Lock()
 
     def add(self, m: Mount) -> None:
