@@ -85,6 +85,17 @@ def test_context_manager_unmounts_on_exception(tree, unmount_after):
     assert not os.path.exists(m.path) and not os.path.exists(m.upper)
 
 
+def test_exception_with_a_file_left_open_still_unmounts(tree, unmount_after):
+    """The traceback's frame keeps the file open: the mount is busy at
+    __exit__, and is detached lazily so the block's own exception shows."""
+    with pytest.raises(ValueError, match="the block's"):
+        with unionfs.mount(tree) as m:
+            unmount_after.append(m.path)
+            kept = open(Path(m.path) / "etc" / "motd")  # noqa: F841 (held by the frame)
+            raise ValueError("the block's own error")
+    assert not is_mounted(m.path) and not m.mounted
+
+
 def test_given_dirs_are_kept_and_options_apply(tree, tmp_path, unmount_after):
     upper, work, mnt = tmp_path / "u", tmp_path / "w", tmp_path / "m"
     for d in (upper, work, mnt):

@@ -43,7 +43,8 @@ class Change:
 
 class Mount:
     """A live union mount. Use it as a context manager (it unmounts at the
-    end of the ``with`` block, also after an exception) or call `unmount`.
+    end of the ``with`` block; after an exception, a mount the block left
+    busy is detached lazily so the exception is not hidden) or call `unmount`.
 
     ``path`` is the mount point (the merged view), ``lowers`` the read-only
     layers (top first), ``upper`` and ``work`` the writable layer and its
@@ -71,8 +72,16 @@ class Mount:
     def __enter__(self) -> Mount:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.unmount()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.unmount()
+            return
+        # The block failed: what it left open (often a file its traceback's
+        # frames still hold) must not turn its exception into an UnmountError.
+        try:
+            self.unmount()
+        except UnmountError:
+            self.detach()
 
     @property
     def mounted(self) -> bool:
