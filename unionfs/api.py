@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Union, cast
 
@@ -125,12 +126,7 @@ class Mount:
         it lazily (``umount -l``); the daemon exits once nothing uses it."""
         if self._unmounted:
             return
-        if is_mounted(self.path):
-            cmd = (["umount", "-l"] if os.geteuid() == 0 else ["fusermount", "-u", "-z"]) + [self.path]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0 and is_mounted(self.path):
-                raise UnmountError(f"detaching {self.path} failed: "
-                                   f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        detach(self.path)
         self._unmounted = True
         while self._cleanup:
             try:
@@ -154,6 +150,27 @@ def is_mounted(path: str) -> bool:
     return _mount_entry(path) is not None
 
 
+def detach(path: str) -> None:
+    """Lazily unmount whatever is mounted at ``path``, if anything."""
+    if not is_mounted(path):
+        return
+    cmd = (["umount", "-l"] if os.geteuid() == 0 else ["fusermount", "-u", "-z"]) + [path]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 and is_mounted(path):
+        raise UnmountError(f"detaching {path} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+@contextmanager
+def narrowed(error: type[UnionfsError]) -> Iterator[None]:
+    """Re-raise the CLI's errors (`UnionfsError`) as ``error``, same message."""
+    try:
+        yield
+    except error:
+        raise
+    except UnionfsError as e:
+        raise error(str(e)) from None
+
+
 def remove_tree(path: str) -> None:
     from unionfs.image.store import rmtree
     rmtree(path)
@@ -175,31 +192,24 @@ def option_items(options: dict[str, object]) -> list[str]:
     return items
 
 
-def mount_spec(spec, mountpoint: str, *, name: str | None = None,
-               cleanup: Iterable[Callable[[], None]] = ()) -> Mount:
+def _mount_spec(spec, mountpoint: str, cleanup: list[Callable[[], None]]) -> Mount:
     """Mount ``spec`` (a `unionfs.mount.MountSpec`) as ``unionfs mount``
     does and return the `Mount`. On any failure ``cleanup`` runs, nothing
     stays mounted, and a `MountError` carries the CLI's message."""
     from unionfs.mount import mount as daemon_mount
-    cleanup = list(cleanup)
     try:
-        try:
+        with narrowed(MountError):
             pid = daemon_mount(spec, mountpoint)
-        except MountError:
-            raise
-        except UnionfsError as e:
-            raise MountError(str(e)) from None
     except BaseException:
-        # Interrupted while the daemon was starting: it may have mounted.
-        if is_mounted(mountpoint):
-            Mount(os.path.realpath(mountpoint), [], None, None).detach()
+        detach(mountpoint)      # interrupted while the daemon was starting: it may have mounted
         for undo in reversed(cleanup):
             undo()
         raise
-    def absolute(d):
+
+    def absolute(d: str | None) -> str | None:
         return None if d is None else os.path.abspath(d)
-    return Mount(os.path.realpath(mountpoint), [absolute(d) for d in spec.lowerdirs],
-                 absolute(spec.upperdir), absolute(spec.workdir), pid=pid, name=name, cleanup=cleanup)
+    return Mount(os.path.realpath(mountpoint), [os.path.abspath(d) for d in spec.lowerdirs],
+                 absolute(spec.upperdir), absolute(spec.workdir), pid=pid, cleanup=cleanup)
 
 
 def mount(lowers: StrPath | Iterable[StrPath], upper: StrPath | None = None,
@@ -220,12 +230,8 @@ def mount(lowers: StrPath | Iterable[StrPath], upper: StrPath | None = None,
     if isinstance(lowers, (str, os.PathLike)):
         lowers = [lowers]
     lower_dirs = [os.fspath(d) for d in lowers]     # as given: errors name them so
-    try:
+    with narrowed(MountError):
         spec = parse_options(option_items(options), strict=True, lowerdirs=lower_dirs)
-    except MountError:
-        raise
-    except UnionfsError as e:
-        raise MountError(str(e)) from None
     cleanup: list[Callable[[], None]] = []
     try:
         if upper is None and work is None:
@@ -243,7 +249,7 @@ def mount(lowers: StrPath | Iterable[StrPath], upper: StrPath | None = None,
         raise MountError(f"cannot create a temporary directory: {e.strerror}") from None
     spec.upperdir = None if upper is None else os.fspath(upper)
     spec.workdir = None if work is None else os.fspath(work)
-    return mount_spec(spec, os.fspath(mountpoint), cleanup=cleanup)
+    return _mount_spec(spec, os.fspath(mountpoint), cleanup)
 
 
 __all__ = ["Change", "Mount", "mount"]

@@ -12,29 +12,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Literal
 
-from unionfs.api import Mount, StrPath, is_mounted, mount_spec
-from unionfs.errors import ImageError, MountError, UnionfsError
+from unionfs.api import Mount, StrPath, detach, narrowed
+from unionfs.errors import ImageError, MountError
 from unionfs.image import commands
 from unionfs.image.progress import Progress
 from unionfs.image.store import Image, default_store_path
 from unionfs.image.store import Store as _Store
 
 __all__ = ["Image", "Store"]
-
-
-@contextmanager
-def _as(error: type[UnionfsError]) -> Iterator[None]:
-    """Narrow the CLI's errors to `error`, keeping the message."""
-    try:
-        yield
-    except error:
-        raise
-    except UnionfsError as e:
-        raise error(str(e)) from None
 
 
 class Store:
@@ -60,18 +48,18 @@ class Store:
     def load(self, path: StrPath, tag: str | None = None) -> list[Image]:
         """Load a ``docker save`` archive or an OCI layout (dir or tar), as
         ``unionfs image load [--tag TAG]``; returns the images loaded."""
-        with _as(ImageError):
+        with narrowed(ImageError):
             loaded = commands.load_images(self._store, os.fspath(path), tag, self._progress())
         return [image for image, _ in loaded]
 
     def images(self) -> list[Image]:
         """Every image in the store, as ``unionfs image ls`` lists them."""
-        with _as(ImageError):
+        with narrowed(ImageError):
             return self._store.images()
 
     def image(self, ref: str) -> Image:
         """The image named (or with the ID) ``ref``."""
-        with _as(ImageError):
+        with narrowed(ImageError):
             return self._store.resolve(ref)
 
     def mount(self, image: str, mountpoint: StrPath | None = None, name: str | None = None,
@@ -91,11 +79,10 @@ class Store:
             cleanup.append(lambda: os.rmdir(temp_mountpoint))
         mnt = os.fspath(mountpoint)
         try:
-            with _as(MountError):
+            with narrowed(MountError):
                 container, spec, pid = commands.mount_image(self._store, image, mnt, name)
         except BaseException:
-            if is_mounted(mnt):             # interrupted once the daemon had mounted
-                Mount(os.path.realpath(mnt), [], None, None).detach()
+            detach(mnt)         # interrupted while the daemon was starting: it may have mounted
             for undo in reversed(cleanup):
                 undo()
             raise
@@ -118,12 +105,12 @@ class Store:
             target = container_or_mount.name
         else:
             target = os.fspath(container_or_mount)
-        with _as(ImageError):
+        with narrowed(ImageError):
             return commands.commit_container(self._store, target, ref, message, self._progress())
 
     def save(self, image: str, path: StrPath, format: Literal["docker", "oci"] = "docker") -> None:
         """Write ``image`` to the file ``path``, as ``unionfs image save``:
         ``docker`` (docker load, skopeo docker-archive:) or ``oci`` (an OCI
         layout tar: skopeo oci-archive:, umoci)."""
-        with _as(ImageError):
+        with narrowed(ImageError):
             commands.save_image(self._store, image, os.fspath(path), format, self._progress())
