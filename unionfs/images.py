@@ -68,7 +68,8 @@ class Store:
         a new container (named ``name``, or after the image) or the container
         ``name`` remounted. Without ``mountpoint`` a temporary one is made and
         removed at unmount. The container (its upper) stays in the store after
-        unmount, for `commit`, unless ``remove`` is true.
+        unmount, for `commit`, unless ``remove`` is true (then it is removed
+        at unmount, an existing container ``name`` too, as ``unionfs rm``).
 
         Raises `ImageError` for an unknown image, `MountError` if mounting
         fails (a container made for it is then removed again)."""
