@@ -82,7 +82,8 @@ class _LiveMounts:
 
     def _restore(self) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            if signal.getsignal(sig) == self._on_signal:    # else someone replaced ours: keep theirs
+                signal.signal(sig, previous)
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: object) -> None:
