@@ -3,6 +3,7 @@ the UnionfsError hierarchy, on real mounts; each test compares with what the
 CLI prints or leaves behind for the same input."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import unionfs
-from conftest import UNIONFS, force_unmount, is_mounted, run
+from conftest import UNIONFS, force_unmount, is_mounted, run, wait_for
 from image_helpers import D, F, docker_archive, layer_tar
 from reliability_helpers import alive, daemon_pid
 from unionfs.images import Store
@@ -214,6 +215,26 @@ def test_a_daemon_holds_nothing_of_its_maker(tree, unmount_after):
     a.unmount()
     assert not is_mounted(a.path) and b.mounted
     b.unmount()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_daemon_ends_cleanly_on_signal_whatever_its_maker_handled(sig, tree, tmp_path, unmount_after):
+    """The daemon is forked from the caller, whose Python handlers it must
+    not run: SIGTERM/SIGINT to it unmount cleanly (libfuse's handlers)."""
+    ran = tmp_path / "caller's handler ran"
+    previous = signal.signal(sig, lambda *_: ran.write_text(str(os.getpid())))
+    try:
+        m = unionfs.mount(tree)
+    finally:
+        signal.signal(sig, previous)
+    unmount_after.append(m.path)
+    pid = daemon_pid(m.path)
+    os.kill(pid, sig)
+    assert wait_for(lambda: not is_mounted(m.path), timeout=10)
+    assert wait_for(lambda: not alive(pid), timeout=10)
+    assert not ran.exists()
+    m.unmount()
+    assert not os.path.exists(m.upper)
 
 
 def test_unmounted_from_outside_is_fine(tree, unmount_after):
