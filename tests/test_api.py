@@ -36,11 +36,16 @@ def tree(tmp_path):
 
 @pytest.fixture
 def unmount_after():
-    """Mount points a test made: unmounted whatever happened."""
-    paths = []
-    yield paths
-    for p in paths:
-        force_unmount(p)
+    """Mounts a test made: unmounted (and their temporary dirs removed)
+    whatever happened."""
+    mounts = []
+    yield mounts
+    for m in reversed(mounts):
+        try:
+            m.unmount()
+        except unionfs.UnionfsError:
+            m.detach()
+        force_unmount(m.path)
 
 
 def change_things(root):
@@ -53,7 +58,7 @@ def change_things(root):
 
 def test_mount_changes_unmount_temp_dirs(tree, unmount_after):
     with unionfs.mount(tree) as m:
-        unmount_after.append(m.path)
+        unmount_after.append(m)
         assert is_mounted(m.path)
         pid = daemon_pid(m.path)
         assert sorted(os.listdir(m.path)) == ["etc", "var"]
@@ -77,7 +82,7 @@ def test_mount_changes_unmount_temp_dirs(tree, unmount_after):
 def test_context_manager_unmounts_on_exception(tree, unmount_after):
     with pytest.raises(RuntimeError, match="inside"):
         with unionfs.mount(tree) as m:
-            unmount_after.append(m.path)
+            unmount_after.append(m)
             pid = daemon_pid(m.path)
             (Path(m.path) / "f").write_text("x")
             raise RuntimeError("inside the with block")
@@ -91,7 +96,7 @@ def test_exception_with_a_file_left_open_still_unmounts(tree, unmount_after):
     __exit__, and is detached lazily so the block's own exception shows."""
     with pytest.raises(ValueError, match="the block's"):
         with unionfs.mount(tree) as m:
-            unmount_after.append(m.path)
+            unmount_after.append(m)
             kept = open(Path(m.path) / "etc" / "motd")  # noqa: F841 (held by the frame)
             raise ValueError("the block's own error")
     assert not is_mounted(m.path) and not m.mounted
@@ -102,7 +107,7 @@ def test_given_dirs_are_kept_and_options_apply(tree, tmp_path, unmount_after):
     for d in (upper, work, mnt):
         d.mkdir()
     m = unionfs.mount(tree, upper, work, mnt, whiteout="oci", volatile=True, threaded=False)
-    unmount_after.append(mnt)
+    unmount_after.append(m)
     assert m.path == str(mnt) and m.upper == str(upper)
     os.unlink(mnt / "etc" / "gone")
     assert (upper / "etc" / ".wh.gone").exists()        # whiteout="oci" reached the daemon
@@ -115,7 +120,7 @@ def test_given_dirs_are_kept_and_options_apply(tree, tmp_path, unmount_after):
 
 def test_read_only_option(tree, unmount_after):
     with unionfs.mount(tree, ro=True) as m:
-        unmount_after.append(m.path)
+        unmount_after.append(m)
         with pytest.raises(OSError) as e:
             (Path(m.path) / "x").write_text("x")
         assert e.value.errno == 30      # EROFS
@@ -191,7 +196,7 @@ def test_fuse_unavailable_error_without_dev_fuse(tree):
 
 def test_busy_unmount_raises_unmount_error_and_keeps_the_mount(tree, unmount_after):
     m = unionfs.mount(tree)
-    unmount_after.append(m.path)
+    unmount_after.append(m)
     f = open(Path(m.path) / "etc" / "motd")
     try:
         with pytest.raises(unionfs.UnmountError, match="busy"):
@@ -207,10 +212,10 @@ def test_a_daemon_holds_nothing_of_its_maker(tree, unmount_after):
     """A file open in mount A while mount B is made must not keep A busy
     once it is closed (B's daemon is forked from this process)."""
     a = unionfs.mount(tree)
-    unmount_after.append(a.path)
+    unmount_after.append(a)
     f = open(Path(a.path) / "etc" / "motd")
     b = unionfs.mount(tree)
-    unmount_after.append(b.path)
+    unmount_after.append(b)
     f.close()
     a.unmount()
     assert not is_mounted(a.path) and b.mounted
@@ -227,7 +232,7 @@ def test_daemon_ends_cleanly_on_signal_whatever_its_maker_handled(sig, tree, tmp
         m = unionfs.mount(tree)
     finally:
         signal.signal(sig, previous)
-    unmount_after.append(m.path)
+    unmount_after.append(m)
     pid = daemon_pid(m.path)
     os.kill(pid, sig)
     assert wait_for(lambda: not is_mounted(m.path), timeout=10)
@@ -239,7 +244,7 @@ def test_daemon_ends_cleanly_on_signal_whatever_its_maker_handled(sig, tree, tmp
 
 def test_unmounted_from_outside_is_fine(tree, unmount_after):
     m = unionfs.mount(tree)
-    unmount_after.append(m.path)
+    unmount_after.append(m)
     r = run([UNIONFS, "umount", m.path])
     assert r.returncode == 0, r.stderr
     assert not m.mounted
@@ -284,7 +289,7 @@ def test_store_load_mount_commit_save(archive, tmp_path, unmount_after):
     assert image.names == ["apitest:v1"]
     assert [i.id for i in store.images()] == [image.id]
     with store.mount("apitest:v1", name="c1") as m:
-        unmount_after.append(m.path)
+        unmount_after.append(m)
         assert m.name == "c1"
         root = Path(m.path)
         assert (root / "app" / "VERSION").read_text() == "1\n"
@@ -304,7 +309,7 @@ def test_store_load_mount_commit_save(archive, tmp_path, unmount_after):
     [again] = other.load(out)
     assert again.id == new.id
     with other.mount("apitest:v2", remove=True) as m2:
-        unmount_after.append(m2.path)
+        unmount_after.append(m2)
         assert (Path(m2.path) / "app" / "VERSION").read_text() == "2\n"
         assert not (Path(m2.path) / "etc" / "hostname").exists()
         container = m2.name
