@@ -42,19 +42,19 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
-    from types import ModuleType
+    from types import ModuleType as _ModuleType
 else:
-    ModuleType = type(sys)      # types.ModuleType, without importing types
+    _ModuleType = type(sys)     # types.ModuleType, without importing types
 
 
-class _Package(ModuleType):
+class _Package(_ModuleType):
     """``unionfs.mount`` is the public function, while the CLI's internal
     module of the same name (unionfs/mount.py) is imported as
     ``from unionfs.mount import ...``: loading that module must not replace
     the function on the package, as the import system otherwise would."""
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name == "mount" and isinstance(value, ModuleType):
+        if name == "mount" and isinstance(value, _ModuleType):
             return
         super().__setattr__(name, value)
 
