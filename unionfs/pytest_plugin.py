@@ -2,7 +2,8 @@
 ``image_rootfs``.
 
 The plugin is on whenever unionfs is installed (the ``pytest11`` entry point
-``unionfs``); ``-p no:unionfs`` turns it off. It is on rather than opt-in
+``unionfs``); ``-p no:unionfs`` turns it off (and ``-p unionfs`` on, where
+``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` is set). It is on rather than opt-in
 because it costs nothing until a test asks for one of its fixtures: loading
 it imports neither FUSE nor the image code, and it changes nothing about a
 test run (no options, hooks or signal handlers) until a mount exists.
