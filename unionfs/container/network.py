@@ -257,7 +257,7 @@ def _check_ports(ports):
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     raise UserError(f"-p {p}: host port {p.host_ip or '*'}:{p.host_port}/{p.proto} "
-                                    f"is already in use on the host") from None
+                                    f"is already in use") from None
                 raise UserError(f"-p {p}: cannot listen there: {e.strerror}") from None
 
 
