@@ -87,7 +87,7 @@ class Container:
 
     def runc(self, *argv, **kw):
         kw.setdefault("capture_output", True)
-        return subprocess.run(["runc", "--root", str(self.root), *argv], text=True, timeout=20, **kw)
+        return subprocess.run(["runc", "--root", str(self.root), *argv], text=True, timeout=60, **kw)
 
     def create(self):
         # The container's stdio is runc create's: a file, so that nothing
@@ -194,41 +194,63 @@ def http_get(port, timeout=15) -> str:
 
 # -- private -------------------------------------------------------------------
 
-@requires_runc
-def test_private_has_an_interface_a_route_and_forwards(container, state_dir, helper, token):
-    tcp = PortMapping("127.0.0.1", free_port(), CTR_TCP_PORT, "tcp")
-    udp = PortMapping("127.0.0.1", free_port(socket.SOCK_DGRAM), CTR_UDP_PORT, "udp")
-    network.attach("private", container.pid, [tcp, udp], state_dir)
-    container.start()
+# What the pasta of Debian 12 (passt 0.0~git20230309) gets wrong on this
+# kernel (see unionfs.container.network): marked so that a fixed pasta shows.
+PASTA_LOSES_CLOSE = "Debian 12's pasta loses the close of a connection from the container"
+PASTA_LOSES_UDP_REPLIES = "Debian 12's pasta loses the replies of forwarded UDP flows"
 
+
+def broken_in_pasta(request, helper, reason):
+    if helper == "pasta":
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
+
+
+@requires_runc
+def test_private_has_an_interface_and_a_default_route(container, state_dir, helper):
+    network.attach("private", container.pid, [], state_dir)
+    container.start()
     addrs = container.sh("ip -o -4 addr show")
     assert [line for line in addrs.splitlines() if " lo " not in line and " inet " in line], addrs
     assert container.sh("ip route").startswith("default via "), "no default route"
 
+
+@requires_runc
+def test_private_forwards_a_tcp_port(container, state_dir, helper, token):
+    tcp = PortMapping("127.0.0.1", free_port(), CTR_TCP_PORT, "tcp")
+    network.attach("private", container.pid, [tcp], state_dir)
+    container.start()
     container.sh_detached(f"exec httpd -f -p {CTR_TCP_PORT} -h /srv")
     assert http_get(tcp.host_port) == token
 
-    # UDP: busybox has no UDP server, so the host's python listens inside the
-    # container's network namespace (and only there) and says what arrived.
-    # One way only: the pasta of Debian 12 (0.0~git20230309) loses the
-    # replies of loopback UDP flows, slirp4netns returns them.
+
+@requires_runc
+def test_private_forwards_a_udp_port(request, container, state_dir, helper, token):
+    broken_in_pasta(request, helper, PASTA_LOSES_UDP_REPLIES)
+    udp = PortMapping("127.0.0.1", free_port(socket.SOCK_DGRAM), CTR_UDP_PORT, "udp")
+    network.attach("private", container.pid, [udp], state_dir)
+    container.start()
+    # busybox has no UDP server, so the host's python listens inside the
+    # container's network namespace (and only there) and answers.
     server = subprocess.Popen(
         ["nsenter", f"--net=/proc/{container.pid}/ns/net", sys.executable, "-c",
          "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
          f"s.bind(('0.0.0.0', {CTR_UDP_PORT})); print('ready', flush=True); "
-         "print(s.recv(100).decode(), flush=True)"],
+         "data, peer = s.recvfrom(100); s.sendto(b'echo ' + data, peer)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline() == "ready\n"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for _ in range(50):     # UDP may be lost: send until one arrives
+            s.settimeout(0.2)
+            for _ in range(25):     # UDP may be lost: send until an answer comes
                 s.sendto(token.encode(), ("127.0.0.1", udp.host_port))
                 try:
-                    server.wait(timeout=0.2)
+                    reply = s.recv(100)
                     break
-                except subprocess.TimeoutExpired:
+                except socket.timeout:
                     continue
-        assert server.stdout.read() == token + "\n"
+            else:
+                raise AssertionError("no UDP answer through the forward")
+        assert reply == b"echo " + token.encode()
     finally:
         server.kill()
         server.wait()
@@ -236,13 +258,13 @@ def test_private_has_an_interface_a_route_and_forwards(container, state_dir, hel
 
 class _TokenHandler(socketserver.BaseRequestHandler):
     def handle(self):
-        self.request.sendall(self.server.token.encode() + b"\n")
+        self.request.sendall(self.server.token.encode())
 
 
 @pytest.fixture
 def host_server(token):
-    """A TCP server on the host's 127.0.0.1 only that sends a line, `token`,
-    to each client and closes."""
+    """A TCP server on the host's 127.0.0.1 only that sends `token` to each
+    client and closes."""
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _TokenHandler)
     server.token = token
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -255,17 +277,16 @@ def host_server(token):
 
 
 @requires_runc
-def test_private_reaches_the_hosts_loopback_through_the_gateway(container, state_dir, helper,
-                                                                host_server, token):
+def test_private_reaches_the_hosts_loopback_through_the_gateway(request, container, state_dir,
+                                                                helper, host_server, token):
+    broken_in_pasta(request, helper, PASTA_LOSES_CLOSE)
     network.attach("private", container.pid, [], state_dir)
     container.start()
-    # busybox nc, not wget: the static wget crashes looking up names. The
-    # first line is read through a fifo and nc then killed: with Debian 12's
-    # pasta, nc in the container did not see the server's close.
-    reply = container.sh("gw=$(ip route | awk '/^default/ {print $3}'); mkfifo /tmp/reply; "
-                         f"nc $gw {host_server} </dev/null >/tmp/reply & "
-                         "head -n 1 /tmp/reply; kill $! 2>/dev/null; true")
-    assert reply == token + "\n"
+    # busybox nc, not wget: the static wget crashes looking up names.
+    # `timeout`: a lost close fails the test in seconds, not at runc's timeout.
+    reply = container.sh("gw=$(ip route | awk '/^default/ {print $3}'); "
+                         f"timeout 5 nc $gw {host_server} </dev/null")
+    assert reply == token
 
 
 @requires_runc
@@ -445,7 +466,7 @@ def test_modes():
 def test_private_without_a_helper_is_refused(monkeypatch):
     monkeypatch.delenv(network.HELPER_ENV, raising=False)
     monkeypatch.setattr(network.shutil, "which", lambda name: None)
-    with pytest.raises(UserError, match="needs pasta .* or slirp4netns"):
+    with pytest.raises(UserError, match="needs slirp4netns or pasta"):
         network.check_mode("private")
 
 

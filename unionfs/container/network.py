@@ -2,7 +2,7 @@
 
 `private` gives the container its own network namespace (the runtime makes
 it) and connects it to the host with an existing user-space network stack:
-pasta (Debian package `passt`, preferred) or slirp4netns. The helper brings
+slirp4netns or pasta (Debian package `passt`). The helper brings
 up an interface with an address and a default route in the namespace, offers
 a DNS forwarder, carries outbound connections from its own sockets on the
 host, and listens on the host for each `-p` forward. Connections from the
@@ -17,8 +17,12 @@ directory, so `detach` stops exactly that process, even after the caller
 crashed and its pid went to someone else. The helper never holds the
 caller's stdout or stderr: a detached `run` returns while it keeps going.
 
-UNIONFS_NETWORK_HELPER=pasta|slirp4netns picks one helper when both are
-installed.
+UNIONFS_NETWORK_HELPER=slirp4netns|pasta picks one helper when both are
+installed. slirp4netns comes first: the pasta of Debian 12 (passt
+0.0~git20230309), on this project's test kernel (6.18), loses the close of
+connections from the container (a client waits forever), sometimes repeats
+their data, and loses the replies of forwarded UDP flows; slirp4netns does
+none of that. Forwards into the container work with both.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from unionfs.errors import UserError
 from unionfs.osutil import proc_start
 
 MODES = ("private", "host", "none")
-HELPERS = ("pasta", "slirp4netns")        # in order of preference
+HELPERS = ("slirp4netns", "pasta")        # in order of preference (see above)
 HELPER_ENV = "UNIONFS_NETWORK_HELPER"
 
 STATE_FILE = "network.json"               # {"helper", "pid", "start"} of the running helper
@@ -143,7 +147,7 @@ def _helper() -> str:
     for helper in HELPERS:
         if shutil.which(helper):
             return helper
-    raise UserError("--network private needs pasta (Debian package passt) or slirp4netns: "
+    raise UserError("--network private needs slirp4netns or pasta (Debian package passt): "
                     "install one, or use --network host or none")
 
 
