@@ -103,14 +103,16 @@ def parse_publish(spec: str) -> PortMapping:
     if proto not in PROTOS:
         raise bad("the protocol must be tcp or udp")
     parts = unsafe_ports.split(":")
-    if len(parts) not in (2, 3):
-        raise bad("a host port and a container port are needed")
-    host_ip = parts.pop(0) if len(parts) == 3 else ""
-    if len(parts) == 2 and unsafe_ports.count(":") == 2:
+    if len(parts) == 3:
+        host_ip = parts.pop(0)
         try:
             ipaddress.IPv4Address(host_ip)
         except ValueError:
             raise bad(f"{host_ip!r} is not an IPv4 address") from None
+    elif len(parts) == 2:
+        host_ip = ""
+    else:
+        raise bad("a host port and a container port are needed")
     host_port, container_port = (_port(p, bad) for p in parts)
     return PortMapping(host_ip, host_port, container_port, proto)
 
