@@ -87,7 +87,8 @@ class Container:
 
     def runc(self, *argv, **kw):
         kw.setdefault("capture_output", True)
-        return subprocess.run(["runc", "--root", str(self.root), *argv], text=True, timeout=60, **kw)
+        return subprocess.run(["runc", "--root", str(self.root), *argv], text=True, timeout=60,
+                              **kw)
 
     def create(self):
         # The container's stdio is runc create's: a file, so that nothing

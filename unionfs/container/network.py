@@ -52,9 +52,9 @@ PASTA_PIDFILE = "pasta.pid"               # pasta writes its daemon's pid here
 SLIRP_SOCKET = "slirp4netns.sock"         # slirp4netns's API socket, for the -p forwards
 LOG_SUFFIX = ".log"                       # the helper's own messages: <helper>.log
 
-PASTA_DNS = "169.254.1.1"                 # pasta forwards DNS queries sent here to the host's resolver
+PASTA_DNS = "169.254.1.1"                 # pasta relays DNS sent here to the host's resolver
 SLIRP_DNS = "10.0.2.3"                    # slirp4netns's built-in DNS forwarder
-SLIRP_MTU = 65520                         # as pasta's default: fewer, larger packets through the tap
+SLIRP_MTU = 65520                         # as pasta's: fewer, larger packets through the tap
 SLIRP_TAP = "tap0"
 
 READY_TIMEOUT = 30                        # seconds for a helper to configure the namespace
@@ -333,15 +333,20 @@ def _start_slirp4netns(netns_fd, ports, state_dir):
         with open(log, "w") as out:
             # cwd: the API socket's path is relative, as a state dir's own path
             # may be longer than a unix socket address allows.
-            proc = subprocess.Popen(argv, cwd=state_dir, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=out, pass_fds=(netns_fd, ready_w), start_new_session=True)
+            proc = subprocess.Popen(argv, cwd=state_dir, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, pass_fds=(netns_fd, ready_w),
+                                    start_new_session=True)
         _children[proc.pid] = proc
         _record(state_dir, "slirp4netns", proc.pid)
         os.close(ready_w)
         ready_w = None
         if not _wait_ready(ready_r, READY_TIMEOUT):
-            raise UserError("slirp4netns: " + (_last_message(log) if proc.poll() is not None
-                                               else f"not ready after {READY_TIMEOUT} seconds"))
+            try:
+                proc.wait(timeout=1)    # it closed the pipe as it died: let it finish
+                why = _last_message(log)
+            except subprocess.TimeoutExpired:
+                why = f"not ready after {READY_TIMEOUT} seconds"
+            raise UserError(f"slirp4netns: {why}")
     finally:
         os.close(ready_r)
         if ready_w is not None:
@@ -382,10 +387,11 @@ def _slirp_api(state_dir, request, what):
         answer = json.loads(reply)
     except ValueError:
         raise UserError(f"slirp4netns: {what}: unreadable reply {reply[:200]!r}") from None
-    if "error" in answer:
-        desc = answer["error"].get("desc", answer["error"]) if isinstance(answer["error"], dict) \
-            else answer["error"]
-        raise UserError(f"slirp4netns: {what}: {desc}")
+    error = answer.get("error") if isinstance(answer, dict) else answer
+    if isinstance(error, dict):
+        error = error.get("desc", error)
+    if error:
+        raise UserError(f"slirp4netns: {what}: {error}")
 
 
 def _record(state_dir, helper, pid):
