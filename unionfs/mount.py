@@ -17,6 +17,7 @@ import time
 
 from unionfs import whiteout as wh
 from unionfs.errors import FuseUnavailableError, UserError
+from unionfs.osutil import proc_start as _proc_start, proc_stat as _proc_stat
 
 # -- options ----------------------------------------------------------------
 
@@ -349,23 +350,6 @@ def _report(wfd, msg):
 # A pidfile holds "PID STARTTIME": the start time (field 22 of
 # /proc/PID/stat) tells this daemon from a later process that got its pid
 # after a crash left the file behind.
-
-def _proc_stat(pid):
-    """The fields of /proc/PID/stat after the command name (state first),
-    or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return fields if len(fields) > 19 else None
-
-
-def _proc_start(pid):
-    """The start time of process ``pid``, or None if there is none."""
-    fields = _proc_stat(pid)
-    return fields[19] if fields else None
-
 
 def _write_pidfile(path):
     pid = os.getpid()

@@ -46,3 +46,22 @@ def start_writeback(fd, off, count):
     available. A later fsync still makes the data durable."""
     if _sync_file_range is not None:
         _sync_file_range(fd, off, count, _SYNC_FILE_RANGE_WRITE)
+
+
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (state first),
+    or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields if len(fields) > 19 else None
+
+
+def proc_start(pid):
+    """The start time of process ``pid`` (field 22 of /proc/PID/stat, clock
+    ticks since boot), or None if there is none. With the pid it names one
+    process for good: a later process that gets the same pid starts later."""
+    fields = proc_stat(pid)
+    return fields[19] if fields else None

@@ -1,0 +1,1 @@
+"""Containers: running an image's process with an OCI runtime."""
