@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -291,30 +292,42 @@ def test_fuse_unionfs_takes_fuse_overlayfs_argv(layers):
     assert r.returncode == 0 and r.stdout.startswith("fuse-unionfs: version ")
 
 
-@pytest.fixture
-def fuse_unionfs_on_path():
-    """mount(8) runs helpers with a fixed PATH: make fuse-unionfs findable
-    there for the test, as the README tells users to."""
-    link = Path("/usr/local/bin/fuse-unionfs")
-    made = False
-    if not link.exists():
-        link.symlink_to(FUSE_UNIONFS)
-        made = True
-    try:
-        yield
-    finally:
-        if made:
-            link.unlink()
+# mount(8) runs its helpers without $PATH, so mount.fuse's /bin/sh searches
+# its default PATH, which starts with these two directories.
+MOUNT_HELPER_DIRS = ("/usr/local/sbin", "/usr/local/bin")
+
+# Runs in a private mount namespace: the checkout's fuse-unionfs (in "$1") is
+# bind-mounted over the helper directories, hiding whatever the host has there.
+MOUNT8_SCRIPT = """
+set -e
+for d in {dirs}; do mount --bind "$1" "$d"; done
+mount -t fuse.fuse-unionfs fuse-unionfs "$2" -o "$3"
+trap 'umount "$2" 2>/dev/null || true' EXIT
+ls "$2"
+cat "$2/etc/hosts"
+umount "$2"
+echo unmounted
+"""
 
 
 @requires_root
-def test_mount_through_mount_fuse(layers, fuse_unionfs_on_path):
+def test_mount_through_mount_fuse(layers, tmp_path):
+    """`mount -t fuse.fuse-unionfs` runs this checkout's fuse-unionfs: it is
+    put on mount(8)'s helper PATH inside a private mount namespace, so
+    nothing is installed on the host and no other copy can answer."""
+    if not shutil.which("unshare"):
+        pytest.fail("unshare not found: install util-linux")
     populate(layers)
-    r = run(["mount", "-t", "fuse.fuse-unionfs", "fuse-unionfs", str(layers.mnt),
-             "-o", layers.options()])
+    helper_dir = tmp_path / "helper-bin"
+    helper_dir.mkdir()
+    (helper_dir / "fuse-unionfs").symlink_to(FUSE_UNIONFS)
+    script = MOUNT8_SCRIPT.format(dirs=" ".join(d for d in MOUNT_HELPER_DIRS if os.path.isdir(d)))
+    r = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+             str(helper_dir), str(layers.mnt), layers.options()])
     try:
         assert r.returncode == 0, r.stderr
-        assert sorted(os.listdir(layers.mnt)) == ["bin", "etc", "var"]
+        assert r.stdout.splitlines() == ["bin", "etc", "var", "10.0.0.1 top", "unmounted"]
+        assert not is_mounted(layers.mnt)        # the mount lived in the namespace only
     finally:
         force_unmount(layers.mnt)
 
