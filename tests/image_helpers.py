@@ -136,6 +136,19 @@ def docker_archive(path, tars: list[bytes], tags=("test:latest",), style="classi
             [{"Config": config_name, "RepoTags": list(tags), "Layers": layer_names}]).encode())
 
 
+def replace_member(path, name: str, data: bytes):
+    """Rewrite the tar at `path` with member `name`'s content replaced by
+    `data` (to corrupt a blob while keeping the name that claims its digest)."""
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
+    assert name in [m.name for m, _ in members], f"{name} is not in {path}"
+    with tarfile.open(path, "w") as tf:
+        for m, content in members:
+            if m.name == name:
+                content, m.size = data, len(data)
+            tf.addfile(m, io.BytesIO(content) if content is not None else None)
+
+
 def oci_layout(path, tars: list[bytes], ref="v1", compression="gzip", config: bytes | None = None,
                as_tar=False, blobs: list[bytes] | None = None):
     """An OCI image layout directory (or tar, if `as_tar`)."""
