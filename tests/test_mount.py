@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (FUSE_UNIONFS, UNIONFS, force_unmount, is_mounted,
+from conftest import (FUSE_UNIONFS, UNIONFS, force_unmount, is_mounted, kernel_overlay_refusal,
                       requires_fuse, requires_root, run, wait_for)
 from reliability_helpers import daemon_pid
 
@@ -248,11 +248,13 @@ def test_kernel_overlayfs_reads_our_upper(layers, mounted, tmp_path):
     kmnt, kwork = tmp_path / "kmnt", tmp_path / "kwork"
     kmnt.mkdir()
     kwork.mkdir()
+    why = kernel_overlay_refusal(tmp_path / "probe")
+    if why:
+        pytest.skip(f"kernel overlayfs unavailable: {why}")
     lower = ":".join(map(str, layers.lowers))
     r = run(["mount", "-t", "overlay", "overlay", "-o",
              f"lowerdir={lower},upperdir={layers.upper},workdir={kwork}", str(kmnt)])
-    if r.returncode != 0:
-        pytest.skip(f"kernel overlayfs unavailable: {r.stderr.strip()}")
+    assert r.returncode == 0, f"kernel overlayfs refuses the upper unionfs wrote: {r.stderr}"
     try:
         assert tree_of(kmnt) == ours
     finally:
