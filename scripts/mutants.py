@@ -94,6 +94,11 @@ MUTANTS = [
       "\n\nclass CopyUp:",
       ["tests/test_core.py::test_write_copies_up_with_metadata"],
       "copy-up drops the times"),
+    M("unionfs/union.py",
+      "        os.chmod(self.upper_path(path), stat.S_IMODE(mode), follow_symlinks=False)",
+      "        self.upper_path(path)",
+      ["tests/test_image_mount.py::test_change_diff_commit_save_load_remount"],
+      "chmod through the mount copies up but keeps the old mode"),
     # -- image digests ----------------------------------------------------------
     M("unionfs/image/oci.py",
       "self.outer = VerifyingReader(blob, digest, what, size, progress)",
