@@ -99,6 +99,11 @@ MUTANTS = [
       "        self.upper_path(path)",
       ["tests/test_image_mount.py::test_change_diff_commit_save_load_remount"],
       "chmod through the mount copies up but keeps the old mode"),
+    M("unionfs/whiteout.py",
+      'OVL_OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")',
+      'OVL_OPAQUE_XATTRS = ("trusted.overlay.opaqueX", "user.overlay.opaqueX")',
+      ["tests/test_reliability_crash.py::test_kill_at_every_syscall_boundary[rmdir-mkdir-opaque-overlay]"],
+      "overlay-format opaque dirs use an xattr kernel overlayfs does not know"),
     # -- image digests ----------------------------------------------------------
     M("unionfs/image/oci.py",
       "self.outer = VerifyingReader(blob, digest, what, size, progress)",

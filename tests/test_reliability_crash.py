@@ -37,7 +37,7 @@ import time
 import pytest
 
 from conftest import requires_fuse
-from reliability_helpers import (PY, daemon_pid, describe_diff, kill_daemon, mount_cli,
+from reliability_helpers import (PY, daemon_pid, describe_diff, kernel_overlay_available, kill_daemon, mount_cli,
                                  quick_unmount, remove_dead_mount, snapshot,
                                  unmount_layers_after, work_leftovers)  # noqa: F401
 
@@ -520,6 +520,21 @@ def union_snapshot(layers, whiteout):
     return out
 
 
+def kernel_snapshot(layers, mnt):
+    """The merged tree as kernel overlayfs reads the layers (the upper as
+    the top lower layer of a read-only mount: nothing is written, and the
+    reader is independent of unionfs), in ``snapshot``'s format."""
+    lower = ":".join(map(str, [layers.upper, *layers.lowers]))
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"ro,lowerdir={lower},redirect_dir=follow", str(mnt)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"kernel overlayfs refuses the crashed upper: {r.stderr}"
+    try:
+        return snapshot(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+
+
 def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every):
     """Kill before every mutating syscall of scenario ``name``; check each
     crash state with a fresh Union, and every ``mount_every``-th one (and the
@@ -530,12 +545,21 @@ def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_eve
     states = _reference(tmp_path, steps)
     matched = collections.Counter()
     n = mounts = 0
+    # Overlay-format uppers are read by kernel overlayfs too, before unionfs
+    # touches them: an oracle that is not the code under test.
+    kernel = whiteout == "overlay" and kernel_overlay_available()
+    kmnt = tmp_path / "kernel-view"
+    kmnt.mkdir()
     while True:
         reset_upper(layers)
         died = run_until_crash(layers, whiteout, [s for s, _ in steps], n)
         where = f"scenario {name!r} (whiteout={whiteout}), killed before mutating syscall #{n}"
         try:
+            if kernel:
+                kidx = match_state(kernel_snapshot(layers, kmnt), states)
             idx = match_state(union_snapshot(layers, whiteout), states)
+            if kernel:
+                assert idx == kidx, f"kernel overlayfs reads state {kidx}, unionfs state {idx}"
             assert work_leftovers(layers) == [], "workdir temporaries survived"
             if not died or n % mount_every == 0:
                 assert check_recovered(layers, states, lower_before) == idx
@@ -550,7 +574,8 @@ def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_eve
     assert matched[0] >= 1 and n > len(steps)
     hist = ",".join(f"{k}:{v}" for k, v in sorted(matched.items()))
     line = (f"syscall-boundary kills, {name} (whiteout={whiteout}): {n} kill points, "
-            f"{mounts} checked through a real mount; states matched {hist}")
+            f"{mounts} checked through a real mount, {n + 1 if kernel else 0} read by kernel "
+            f"overlayfs; states matched {hist}")
     print("\n" + line)
     record_property("crash-boundaries", line)
 
