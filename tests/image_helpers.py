@@ -4,7 +4,6 @@ the image subcommands as the `unionfs` CLI does."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -15,7 +14,6 @@ import stat
 import subprocess
 import tarfile
 
-from unionfs.errors import UserError
 
 MTIME = 1_700_000_000
 
@@ -184,37 +182,16 @@ def oci_layout(path, tars: list[bytes], ref="v1", compression="gzip", config: by
 # -- running commands -----------------------------------------------------------
 
 def run_cli(*argv) -> tuple[int, str, str]:
-    """Run `unionfs ARGV` in-process: (exit code, stdout, stderr). Uses the
-    project's CLI when it wires in the image commands, else a local parser."""
+    """Run `unionfs ARGV` in-process, through the project's CLI: (exit code,
+    stdout, stderr)."""
+    from unionfs.cli import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            main = _cli_main()
             rc = main([str(a) for a in argv])
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 1
     return rc, out.getvalue(), err.getvalue()
-
-
-def _cli_main():
-    try:
-        from unionfs.cli import main
-        return main
-    except ImportError:
-        return _local_main
-
-
-def _local_main(argv):
-    from unionfs.image.commands import register
-    parser = argparse.ArgumentParser(prog="unionfs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"unionfs: {e}", file=__import__("sys").stderr)
-        return e.exit_code
 
 
 def tree(root: str, mtimes=True, owners=True, xattrs=True) -> dict:
