@@ -143,18 +143,46 @@ class Stats:
     def __init__(self, name):
         self.name = name
         self.kills = 0
-        self.in_work = 0            # work dir held a temporary at the kill
+        self.in_work = 0            # the work dir still held a temporary after the kill
+        self.mid = 0                # kills that landed inside the operations
         self.matched = collections.Counter()
 
     def line(self, nstates):
         hist = ",".join(f"{k}:{v}" for k, v in sorted(self.matched.items()))
-        return (f"{self.name}: {self.kills} kill points, {self.in_work} with a copy-up "
-                f"temporary in flight; states matched (index:count of 0..{nstates - 1}) {hist}")
+        return (f"{self.name}: {self.kills} kill points, {self.mid} inside the operations, "
+                f"{self.in_work} with a temporary in flight; states matched "
+                f"(index:count of 0..{nstates - 1}) {hist}")
+
+
+def bytes_in_work(layers):
+    """Bytes of the temporaries in the work directory (a copy-up's progress)."""
+    work = layers.work / "unionfs-work"
+    return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(work)
+               if e.is_file(follow_symlinks=False))
+
+
+def entries_in_upper(layers):
+    """Names at the top of the upper (whiteouts, new directories so far)."""
+    return len(os.listdir(layers.upper))
+
+
+def wait_until(pred, client, timeout):
+    """Poll ``pred`` until it holds, the client exits, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not pred() and client.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 def live_kill_run(tmp_path, layers, build_lower, ops, iterations, record_property,
-                  name, whiteout="auto", max_delay=None):
-    """Kill the daemon ``iterations`` times while ``ops`` run on a live mount."""
+                  name, whiteout="auto", max_delay=None, progress=None):
+    """Kill the daemon ``iterations`` times while ``ops`` run on a live mount.
+
+    Odd iterations kill as soon as the work directory holds a temporary;
+    even ones, given ``progress`` = (function of the layers, end value),
+    once that measure of progress reaches a random value below its end
+    (else after a random delay). A kill landed inside the operations when a
+    temporary survived it or the merged view matched neither the first nor
+    the last state: ``stats.mid`` counts those."""
     states = reference_states(tmp_path, build_lower, ops)
     build_lower(layers.lowers[0])
     lower_before = snapshot(layers.lowers[0], content=False)
@@ -180,16 +208,16 @@ def live_kill_run(tmp_path, layers, build_lower, ops, iterations, record_propert
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             if i % 2:
-                # Wait for a copy-up (or rename/whiteout) temporary, then a bit.
-                deadline = time.monotonic() + max(5.0, 3 * full)
-                while time.monotonic() < deadline and not os.listdir(work) \
-                        and client.poll() is None:
-                    time.sleep(0.0005)
-                time.sleep(rng.uniform(0, 0.02))
+                # A copy-up (or rename/whiteout) temporary exists: kill now.
+                wait_until(lambda: os.listdir(work), client, max(10.0, 5 * full))
+            elif progress:
+                measure, end = progress
+                target = rng.randint(1, end - 1)
+                wait_until(lambda: measure(layers) >= target, client, max(10.0, 5 * full))
             else:
                 time.sleep(rng.uniform(0.0, max_delay * 1.5))
-            in_flight = bool(os.listdir(work))
             kill_daemon(mnt, pid)
+            in_flight = bool(os.listdir(work))
         finally:
             try:
                 client.wait(timeout=60)     # it sees ENOTCONN once the daemon is gone
@@ -200,7 +228,9 @@ def live_kill_run(tmp_path, layers, build_lower, ops, iterations, record_propert
         stats.kills += 1
         stats.in_work += in_flight
         remove_dead_mount(mnt)
-        stats.matched[check_recovered(layers, states, lower_before)] += 1
+        idx = check_recovered(layers, states, lower_before)
+        stats.matched[idx] += 1
+        stats.mid += in_flight or 0 < idx < len(states) - 1
     line = stats.line(len(states)) + f"; undisturbed run {full:.2f}s"
     print("\n" + line)
     record_property("crash", line)
@@ -224,8 +254,11 @@ def big_file_builder(size):
 def _copy_up_big(tmp_path, layers, record_property, size, iterations):
     ops = [["append", "big", "appended line\n"]]
     stats = live_kill_run(tmp_path, layers, big_file_builder(size), ops, iterations,
-                          record_property, f"copy-up of a {size >> 20} MiB file")
+                          record_property, f"copy-up of a {size >> 20} MiB file",
+                          progress=(bytes_in_work, size))
     assert stats.kills == iterations
+    # Every kill waits for the copy-up's temporary (or part of its data).
+    assert stats.in_work >= iterations // 2, stats.line(2)
 
 
 @pytest.mark.timeout(240)
@@ -260,8 +293,9 @@ def many_files_builder(nfiles):
 @pytest.mark.parametrize("whiteout", ["overlay", "oci"])
 def test_kill_during_rename_of_lower_directory(tmp_path, layers, record_property, whiteout):
     ops = [["rename", "dir", "other/moved"]]
-    live_kill_run(tmp_path, layers, many_files_builder(200), ops, 6, record_property,
-                  "rename of a lower directory with 222 entries", whiteout)
+    stats = live_kill_run(tmp_path, layers, many_files_builder(200), ops, 6, record_property,
+                          "rename of a lower directory with 222 entries", whiteout)
+    assert stats.in_work >= 2, stats.line(2)
 
 
 def whiteout_ops_builder(ndirs):
@@ -291,8 +325,11 @@ def whiteout_ops(ndirs):
 @pytest.mark.parametrize("whiteout", ["overlay", "oci"])
 def test_kill_during_unlink_rmdir_mkdir(tmp_path, layers, record_property, whiteout):
     n = 40
-    live_kill_run(tmp_path, layers, whiteout_ops_builder(n), whiteout_ops(n), 6,
-                  record_property, f"{6 * n} unlink/rmdir/mkdir/create ops", whiteout)
+    # The upper ends with a whiteout per top file and a directory per dir.
+    stats = live_kill_run(tmp_path, layers, whiteout_ops_builder(n), whiteout_ops(n), 6,
+                          record_property, f"{6 * n} unlink/rmdir/mkdir/create ops", whiteout,
+                          progress=(entries_in_upper, 2 * n))
+    assert stats.mid >= 3, stats.line(6 * n + 1)
 
 
 @SLOW
@@ -300,8 +337,10 @@ def test_kill_during_unlink_rmdir_mkdir(tmp_path, layers, record_property, white
 @pytest.mark.parametrize("whiteout", ["overlay", "oci"])
 def test_kill_during_namespace_ops_long(tmp_path, layers, record_property, whiteout):
     n = 100
-    live_kill_run(tmp_path, layers, whiteout_ops_builder(n), whiteout_ops(n), 60,
-                  record_property, f"{6 * n} unlink/rmdir/mkdir/create ops", whiteout)
+    stats = live_kill_run(tmp_path, layers, whiteout_ops_builder(n), whiteout_ops(n), 60,
+                          record_property, f"{6 * n} unlink/rmdir/mkdir/create ops", whiteout,
+                          progress=(entries_in_upper, 2 * n))
+    assert stats.mid >= 30, stats.line(6 * n + 1)
     reset_upper(layers)
     shutil.rmtree(layers.lowers[0])
     layers.lowers[0].mkdir()
