@@ -94,6 +94,7 @@ MUTANTS = [
       "\n\nclass CopyUp:",
       ["tests/test_core.py::test_write_copies_up_with_metadata"],
       "copy-up drops the times"),
+    # -- through a mount: independent oracles, dead daemons, bad set-ups --------
     M("unionfs/union.py",
       "        os.chmod(self.upper_path(path), stat.S_IMODE(mode), follow_symlinks=False)",
       "        self.upper_path(path)",
@@ -215,8 +216,21 @@ def run_tests(copy: str, python: str, tests) -> subprocess.CompletedProcess:
     # -o addopts= : the node ids are run even when marked slow.
     cmd = [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=",
            *tests]
-    return subprocess.run(cmd, cwd=copy, env=copy_env(copy), capture_output=True, text=True,
-                          timeout=TEST_TIMEOUT)
+    try:
+        return subprocess.run(cmd, cwd=copy, env=copy_env(copy), capture_output=True, text=True,
+                              timeout=TEST_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, -1, "", f"timed out after {TEST_TIMEOUT}s")
+
+
+def unmount_under(top: str):
+    """Lazily unmount whatever a killed test run left mounted below ``top``."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for mp in reversed(points):
+        if mp.startswith(top + os.sep):
+            cmd = ["umount", "-l", mp] if os.geteuid() == 0 else ["fusermount", "-u", "-z", mp]
+            subprocess.run(cmd, capture_output=True, timeout=60)
 
 
 def apply(copy: str, m: Mutant) -> str:
@@ -248,6 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--python", default=sys.executable, help="the venv's python (default: this one)")
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)      # progress shows through pipes
     mutants = [m for m in MUTANTS
                if not args.select or args.select in m.what or args.select in m.file]
     if args.list:
@@ -260,7 +275,8 @@ def main(argv=None) -> int:
 
     start = time.monotonic()
     survivors, errors = [], []
-    with tempfile.TemporaryDirectory(prefix="unionfs-mutants-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="unionfs-mutants-")
+    try:
         os.chmod(tmp, 0o755)                  # tests that run as another user read it
         copy = os.path.join(tmp, "checkout")
         copy_checkout(ROOT, copy)
@@ -297,6 +313,9 @@ def main(argv=None) -> int:
             else:                              # collection error, no tests, interrupted
                 errors.append(label)
                 print(f"{label}: ERROR pytest exit {r.returncode}: {last_line(r)}")
+    finally:
+        unmount_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"{len(mutants)} mutants, {len(mutants) - len(survivors) - len(errors)} caught, "
           f"{len(survivors)} survived, {len(errors)} errors, in {time.monotonic() - start:.0f}s")
