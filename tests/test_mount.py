@@ -6,6 +6,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -193,7 +194,6 @@ def test_concurrent_appends_to_one_lower_file(layers, mounted):
 @pytest.fixture
 def shared_layers(mounter):
     """Layers under a directory every user may traverse (tmp_path is 0700)."""
-    import tempfile
     from conftest import Layers
     base = tempfile.mkdtemp(prefix="unionfs-shared-")
     os.chmod(base, 0o755)
@@ -352,6 +352,9 @@ def test_bad_input_is_one_line_and_mounts_nothing(layers, case):
     lo = ":".join(map(str, layers.lowers))
     up, wk, mnt = layers.upper, layers.work, layers.mnt
     (layers.base / "file").write_text("x")
+    # A workdir on another filesystem: a directory of our own on /dev/shm.
+    other_fs = Path(tempfile.mkdtemp(prefix="unionfs-otherfs-", dir="/dev/shm")) \
+        if case == "work-other-fs" else None
     opts, target, needle = {
         "missing-lower": (f"lowerdir={layers.base}/nope,upperdir={up},workdir={wk}", mnt, "no such directory"),
         "lower-is-file": (f"lowerdir={layers.base}/file", mnt, "not a directory"),
@@ -361,7 +364,7 @@ def test_bad_input_is_one_line_and_mounts_nothing(layers, case):
         "no-lowerdir": (f"upperdir={up},workdir={wk}", mnt, "lowerdir"),
         "missing-mountpoint": (f"lowerdir={lo}", layers.base / "nomnt", "no such directory"),
         "mnt-in-lower": (f"lowerdir={lo}", layers.lowers[0], "overlaps"),
-        "work-other-fs": (f"lowerdir={lo},upperdir={up},workdir=/dev/shm", mnt, "same filesystem"),
+        "work-other-fs": (f"lowerdir={lo},upperdir={up},workdir={other_fs}", mnt, "same filesystem"),
         "bad-whiteout": (f"lowerdir={lo},whiteout=aufs", mnt, "whiteout"),
     }[case]
     before = sorted(os.listdir(up)), sorted(os.listdir(wk))
@@ -370,8 +373,11 @@ def test_bad_input_is_one_line_and_mounts_nothing(layers, case):
         assert_user_error(r, needle)
         assert not is_mounted(target)
         assert (sorted(os.listdir(up)), sorted(os.listdir(wk))) == before
+        assert other_fs is None or os.listdir(other_fs) == []
     finally:
         force_unmount(target)
+        if other_fs is not None:
+            shutil.rmtree(other_fs)
 
 
 def test_cli_usage_errors_are_one_line(layers):
