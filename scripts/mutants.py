@@ -2,7 +2,8 @@
 """A small mutation check: break one critical behaviour at a time and make
 sure the tests that claim it notice.
 
-Each mutant below is a one-line change to the package: a file, a snippet
+Each mutant below is a one-line change to the checkout (the package, or a
+script it ships): a file, a snippet
 that must occur in it exactly once, the replacement, and the tests that
 must fail with it applied. For every mutant the script
 
@@ -20,8 +21,10 @@ must fail with it applied. For every mutant the script
 It exits 0 only when every mutant is caught. A snippet that is missing or
 not unique is an error too (exit 2): the code moved, update the mutant.
 
-Adding a mutant (new features add theirs here): append a ``Mutant(...)`` to
-MUTANTS with
+Adding a mutant (new features add theirs here): append
+``M(file, old, new, tests, what)`` to MUTANTS -- in a group of your own at
+the end, under a ``# -- feature`` comment, so parallel additions merge --
+with
 
 - ``file``: path from the checkout root, e.g. ``"unionfs/union.py"``;
 - ``old``: an exact snippet of that file, unique in it (include enough of
