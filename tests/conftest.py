@@ -60,6 +60,24 @@ def force_unmount(path):
             timeout=30)
 
 
+def kernel_overlay_refusal(base, extra=""):
+    """Why kernel overlayfs cannot mount a fresh, empty tree under ``base``
+    (with the options ``extra``), or None if it can. Tests that hand kernel
+    overlayfs an upper that unionfs wrote ask this first: a refusal here is
+    the environment's; a refusal of our upper after it is our bug."""
+    base = Path(base)
+    dirs = {n: base / n for n in ("lower", "upper", "work", "mnt")}
+    for d in dirs.values():
+        d.mkdir(parents=True)
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    r = run(["mount", "-t", "overlay", "overlay", "-o", opts + ("," + extra if extra else ""),
+             str(dirs["mnt"])])
+    if r.returncode != 0:
+        return r.stderr.strip() or f"mount exit {r.returncode}"
+    run(["umount", str(dirs["mnt"])], check=True)
+    return None
+
+
 class Layers:
     """A tmp_path tree: lowers l0 (top) .. lN, upper, work, mnt."""
 

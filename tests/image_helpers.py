@@ -4,7 +4,6 @@ the image subcommands as the `unionfs` CLI does."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -15,7 +14,6 @@ import stat
 import subprocess
 import tarfile
 
-from unionfs.errors import UserError
 
 MTIME = 1_700_000_000
 
@@ -136,6 +134,19 @@ def docker_archive(path, tars: list[bytes], tags=("test:latest",), style="classi
             [{"Config": config_name, "RepoTags": list(tags), "Layers": layer_names}]).encode())
 
 
+def replace_member(path, name: str, data: bytes):
+    """Rewrite the tar at `path` with member `name`'s content replaced by
+    `data` (to corrupt a blob while keeping the name that claims its digest)."""
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isfile() else None) for m in tf.getmembers()]
+    assert name in [m.name for m, _ in members], f"{name} is not in {path}"
+    with tarfile.open(path, "w") as tf:
+        for m, content in members:
+            if m.name == name:
+                content, m.size = data, len(data)
+            tf.addfile(m, io.BytesIO(content) if content is not None else None)
+
+
 def oci_layout(path, tars: list[bytes], ref="v1", compression="gzip", config: bytes | None = None,
                as_tar=False, blobs: list[bytes] | None = None):
     """An OCI image layout directory (or tar, if `as_tar`)."""
@@ -171,37 +182,16 @@ def oci_layout(path, tars: list[bytes], ref="v1", compression="gzip", config: by
 # -- running commands -----------------------------------------------------------
 
 def run_cli(*argv) -> tuple[int, str, str]:
-    """Run `unionfs ARGV` in-process: (exit code, stdout, stderr). Uses the
-    project's CLI when it wires in the image commands, else a local parser."""
+    """Run `unionfs ARGV` in-process, through the project's CLI: (exit code,
+    stdout, stderr)."""
+    from unionfs.cli import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            main = _cli_main()
             rc = main([str(a) for a in argv])
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 1
     return rc, out.getvalue(), err.getvalue()
-
-
-def _cli_main():
-    try:
-        from unionfs.cli import main
-        return main
-    except ImportError:
-        return _local_main
-
-
-def _local_main(argv):
-    from unionfs.image.commands import register
-    parser = argparse.ArgumentParser(prog="unionfs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"unionfs: {e}", file=__import__("sys").stderr)
-        return e.exit_code
 
 
 def tree(root: str, mtimes=True, owners=True, xattrs=True) -> dict:

@@ -157,14 +157,17 @@ def test_commit_then_save_and_reload_round_trip(container, tmp_path):
 def test_saved_archives_are_deterministic(container, tmp_path):
     s, _ = container
     for fmt in ("docker", "oci"):
-        run_cli("image", "save", "--store", s.root, "base:1", "-o", tmp_path / "1.tar", "--format", fmt)
-        run_cli("image", "save", "--store", s.root, "base:1", "-o", tmp_path / "2.tar", "--format", fmt)
-        assert (tmp_path / "1.tar").read_bytes() == (tmp_path / "2.tar").read_bytes()
+        first, second = tmp_path / f"{fmt}-1.tar", tmp_path / f"{fmt}-2.tar"
+        for out in (first, second):
+            rc, _, err = run_cli("image", "save", "--store", s.root, "base:1", "-o", out, "--format", fmt)
+            assert (rc, err) == (0, ""), err
+        assert first.read_bytes() == second.read_bytes()
 
 
 def test_docker_save_layout(container, tmp_path):
     s, _ = container
-    run_cli("image", "save", "--store", s.root, "base:1", "-o", tmp_path / "d.tar")
+    rc, _, err = run_cli("image", "save", "--store", s.root, "base:1", "-o", tmp_path / "d.tar")
+    assert (rc, err) == (0, ""), err
     with tarfile.open(tmp_path / "d.tar") as tf:
         manifest = json.load(tf.extractfile("manifest.json"))
         assert manifest[0]["RepoTags"] == ["base:1"]

@@ -115,6 +115,13 @@ def test_change_diff_commit_save_load_remount(env, tmp_path):
     # By mount point too.
     assert unionfs("diff", "--store", store, mnt).stdout.splitlines() == diff
     changed = tree(str(mnt), owners=IS_ROOT)
+    # The same changes on the layers applied to a plain directory: what the
+    # mount shows (mtimes aside: the two were changed moments apart).
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    apply_layers(LAYERS, str(reference))
+    change_things(reference)
+    assert tree(str(mnt), owners=IS_ROOT, mtimes=False) == tree(str(reference), owners=IS_ROOT, mtimes=False)
 
     unionfs("commit", "--store", store, mnt, "test/img:2", "-m", "container changes")
     unionfs("umount", mnt)

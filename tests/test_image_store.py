@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from image_helpers import D, F, H, L, config_for, docker_archive, layer_tar, oci_layout, run_cli, sha
+from image_helpers import (D, F, H, L, config_for, docker_archive, layer_tar, oci_layout, replace_member,
+                           run_cli, sha)
 from unionfs.image import oci
 from unionfs.image.store import Store
 
@@ -139,6 +140,49 @@ def test_oci_blob_digest_mismatch_leaves_store_unchanged(tmp_path):
     top_blob = src / "blobs/sha256" / sha(gzip.compress(TOP, mtime=0))[7:]
     top_blob.write_bytes(gzip.compress(TOP + b"\0" * 512, mtime=0))
     _assert_refused(tmp_path, src, "digest mismatch")
+
+
+def _recompressed(tar: bytes) -> tuple[bytes, bytes]:
+    """Two gzip blobs of the same tar, of the same size, differing only in
+    the header's mtime: one diff_id, two blob digests."""
+    named, served = gzip.compress(tar, mtime=0), gzip.compress(tar, mtime=1)
+    assert len(named) == len(served) and named != served
+    return named, served
+
+
+def _assert_blob_refused(tmp_path, src, named):
+    """Refused for the blob's own digest (not the diff_id, not the size)."""
+    _assert_refused(tmp_path, src, f"layer {oci.short(sha(named))}: digest mismatch: "
+                                   f"expected {oci.short(sha(named))}")
+
+
+def test_oci_blob_recompressed_is_refused_by_the_blob_digest(tmp_path):
+    src = tmp_path / "bad"
+    named, served = _recompressed(TOP)
+    oci_layout(src, [BASE, TOP], blobs=[gzip.compress(BASE, mtime=0), named])
+    (src / "blobs/sha256" / sha(named)[7:]).write_bytes(served)
+    _assert_blob_refused(tmp_path, src, named)
+
+
+def test_docker_25_blob_recompressed_is_refused_by_the_blob_digest(tmp_path):
+    src = tmp_path / "bad.tar"
+    named, served = _recompressed(TOP)
+    docker_archive(src, [BASE, TOP], style="oci", blobs=[BASE, named])
+    replace_member(src, "blobs/sha256/" + sha(named)[7:], served)
+    _assert_blob_refused(tmp_path, src, named)
+
+
+@pytest.mark.parametrize("style,config_name", [
+    ("oci", "blobs/sha256/{hex}"), ("classic", "{hex}.json")])
+def test_docker_archive_config_digest_mismatch(tmp_path, style, config_name):
+    """The config's file name claims its digest: a config edited in place is
+    refused (Docker 25+ blobs/sha256/HEX and classic HEX.json alike)."""
+    src = tmp_path / "bad.tar"
+    config = config_for([BASE])
+    docker_archive(src, [BASE], style=style, config=config)
+    name = config_name.format(hex=sha(config)[7:])
+    replace_member(src, name, config.replace(b"/bin/sh", b"/bin/xx"))
+    _assert_refused(tmp_path, src, f"config {name}: digest mismatch")
 
 
 def test_config_digest_mismatch(tmp_path):

@@ -66,12 +66,30 @@ def test_parents_are_created_and_later_dir_entries_apply(tmp_path):
     assert int(os.lstat(root / "x").st_mtime) == MTIME - 1
 
 
+def can_make_device_nodes(where) -> bool:
+    """Whether this process may create a device node here (root outside a
+    user namespace; a container may still deny it). Probed on a fresh path."""
+    probe = where / "mknod-probe"
+    try:
+        os.mknod(probe, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    except PermissionError:
+        return False
+    os.unlink(probe)
+    return True
+
+
 def test_device_nodes(tmp_path):
     warnings = []
+    allowed = can_make_device_nodes(tmp_path)
     root = unpack(tmp_path, layer_tar(CHR("null", 1, 3), CHR("zero", 1, 5), F("after", b"")), warnings)
     assert (root / "after").exists()
-    if IS_ROOT and not warnings:
-        assert os.major(os.lstat(root / "null").st_rdev) == 1
+    if allowed:
+        assert warnings == []
+        for name, (major, minor) in {"null": (1, 3), "zero": (1, 5)}.items():
+            st = os.lstat(root / name)
+            assert stat.S_ISCHR(st.st_mode), name
+            assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (major, minor), name
+            assert stat.S_IMODE(st.st_mode) == 0o600, name
     else:
         assert not (root / "null").exists() and len(warnings) == 1
         assert '"null"' in warnings[0]
@@ -82,36 +100,63 @@ def test_empty_blob_is_an_empty_layer(tmp_path):
     assert os.listdir(root) == []
 
 
+# Hostile entries, each aimed at the sentinel directory beside the layer:
+# (id, function of the sentinel's absolute path -> (tar, expected message)).
+# Relative escapes climb out of tmp_path/layer into tmp_path/sentinel.
 HOSTILE = [
-    ("absolute", layer_tar(F("/etc/passwd", b"x")), '"/etc/passwd" is an absolute path'),
-    ("dotdot", layer_tar(F("../etc/passwd", b"x")), '"../etc/passwd" escapes the layer'),
-    ("dotdot-inner", layer_tar(F("a/../../x", b"x")), '"a/../../x" escapes the layer'),
-    ("symlink-parent", layer_tar(L("a", "/etc"), F("a/passwd", b"x")), '"a/passwd" goes through "a", which is a symlink'),
-    ("symlink-rel", layer_tar(L("up", ".."), F("up/escaped", b"x")), '"up/escaped" goes through "up", which is a symlink'),
-    ("symlink-dir-entry", layer_tar(L("d", "/tmp"), D("d/sub")), '"d/sub" goes through "d"'),
-    ("file-parent", layer_tar(F("f", b""), F("f/x", b"")), '"f/x" goes through "f", which is not a directory'),
-    ("hardlink-abs", layer_tar(H("h", "/etc/passwd")), '"h" is a hardlink to "/etc/passwd", which points outside'),
-    ("hardlink-dotdot", layer_tar(H("h", "../outside")), '"h" is a hardlink to "../outside"'),
-    ("hardlink-missing", layer_tar(H("h", "not/here")), '"h" is a hardlink to "not/here"'),
-    ("hardlink-dir", layer_tar(D("d"), H("h", "d")), '"h" is a hardlink to "d"'),
-    ("hardlink-via-symlink", layer_tar(L("s", "/etc"), H("h", "s/passwd")), '"h" is a hardlink to "s/passwd"'),
-    ("duplicate-file", layer_tar(F("a", b"1"), F("a", b"2")), '"a" appears twice'),
-    ("duplicate-normalized", layer_tar(F("a/b", b"1"), F("./a//b", b"2")), '"./a//b" appears twice'),
-    ("duplicate-dir", layer_tar(D("d"), D("d/")), 'appears twice'),
-    ("file-over-implicit-dir", layer_tar(F("d/x", b""), F("d", b"")), '"d" is not a directory, but earlier'),
-    ("root-not-dir", layer_tar(F("./", b"")), 'names the layer root'),
+    ("absolute", lambda s: (layer_tar(F(f"{s}/passwd", b"x")), f'"{s}/passwd" is an absolute path')),
+    ("dotdot", lambda s: (layer_tar(F("../sentinel/passwd", b"x")), '"../sentinel/passwd" escapes the layer')),
+    ("dotdot-inner", lambda s: (layer_tar(F("a/../../sentinel/x", b"x")),
+                                '"a/../../sentinel/x" escapes the layer')),
+    ("symlink-parent", lambda s: (layer_tar(L("a", s), F("a/passwd", b"x")),
+                                  '"a/passwd" goes through "a", which is a symlink')),
+    ("symlink-rel", lambda s: (layer_tar(L("up", "../sentinel"), F("up/escaped", b"x")),
+                               '"up/escaped" goes through "up", which is a symlink')),
+    ("symlink-dir-entry", lambda s: (layer_tar(L("d", s), D("d/sub")), '"d/sub" goes through "d"')),
+    ("file-parent", lambda s: (layer_tar(F("f", b""), F("f/x", b"")),
+                               '"f/x" goes through "f", which is not a directory')),
+    ("hardlink-abs", lambda s: (layer_tar(H("h", f"{s}/passwd")),
+                                f'"h" is a hardlink to "{s}/passwd", which points outside')),
+    ("hardlink-dotdot", lambda s: (layer_tar(H("h", "../sentinel/passwd")),
+                                   '"h" is a hardlink to "../sentinel/passwd"')),
+    ("hardlink-missing", lambda s: (layer_tar(H("h", "not/here")), '"h" is a hardlink to "not/here"')),
+    ("hardlink-dir", lambda s: (layer_tar(D("d"), H("h", "d")), '"h" is a hardlink to "d"')),
+    ("hardlink-via-symlink", lambda s: (layer_tar(L("s", s), H("h", "s/passwd")),
+                                        '"h" is a hardlink to "s/passwd"')),
+    ("duplicate-file", lambda s: (layer_tar(F("a", b"1"), F("a", b"2")), '"a" appears twice')),
+    ("duplicate-normalized", lambda s: (layer_tar(F("a/b", b"1"), F("./a//b", b"2")), '"./a//b" appears twice')),
+    ("duplicate-dir", lambda s: (layer_tar(D("d"), D("d/")), 'appears twice')),
+    ("file-over-implicit-dir", lambda s: (layer_tar(F("d/x", b""), F("d", b"")), '"d" is not a directory, but earlier')),
+    ("root-not-dir", lambda s: (layer_tar(F("./", b"")), 'names the layer root')),
 ]
 
 
-@pytest.mark.parametrize("case,tar,message", HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_entries_are_refused(tmp_path, case, tar, message):
-    outside = tmp_path / "outside"
-    outside.mkdir()
+def sentinel_state(tmp_path):
+    """What a write outside the layer would change: tmp_path's names, and
+    the sentinel directory's entries (inode, links, size, mtime, content)."""
+    sentinel = tmp_path / "sentinel"
+    entries = {}
+    for p in [sentinel, *sorted(sentinel.iterdir())]:
+        st = os.lstat(p)
+        entries[p.name] = (st.st_ino, st.st_nlink, st.st_size, st.st_mtime_ns,
+                           p.read_bytes() if p.is_file() else None)
+    return sorted(os.listdir(tmp_path)), entries
+
+
+@pytest.mark.parametrize("case,build", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_entries_are_refused(tmp_path, case, build):
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "passwd").write_text("sentinel\n")
+    tar, message = build(str(sentinel))
+    before = sentinel_state(tmp_path)
     with pytest.raises(UserError) as e:
         unpack(tmp_path, tar)
     assert message in str(e.value)
     assert str(e.value).startswith("layer sha256:test: ")
-    assert os.listdir(outside) == []
+    names, entries = sentinel_state(tmp_path)
+    assert names == sorted(before[0] + ["layer"])         # nothing new beside the layer
+    assert entries == before[1], "the sentinel outside the layer changed"
 
 
 def test_nothing_written_through_a_symlink(tmp_path):

@@ -2,14 +2,16 @@
 
 import errno
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import (FUSE_UNIONFS, UNIONFS, force_unmount, is_mounted,
+from conftest import (FUSE_UNIONFS, UNIONFS, force_unmount, is_mounted, kernel_overlay_refusal,
                       requires_fuse, requires_root, run, wait_for)
 from reliability_helpers import daemon_pid
 
@@ -192,7 +194,6 @@ def test_concurrent_appends_to_one_lower_file(layers, mounted):
 @pytest.fixture
 def shared_layers(mounter):
     """Layers under a directory every user may traverse (tmp_path is 0700)."""
-    import tempfile
     from conftest import Layers
     base = tempfile.mkdtemp(prefix="unionfs-shared-")
     os.chmod(base, 0o755)
@@ -247,11 +248,13 @@ def test_kernel_overlayfs_reads_our_upper(layers, mounted, tmp_path):
     kmnt, kwork = tmp_path / "kmnt", tmp_path / "kwork"
     kmnt.mkdir()
     kwork.mkdir()
+    why = kernel_overlay_refusal(tmp_path / "probe")
+    if why:
+        pytest.skip(f"kernel overlayfs unavailable: {why}")
     lower = ":".join(map(str, layers.lowers))
     r = run(["mount", "-t", "overlay", "overlay", "-o",
              f"lowerdir={lower},upperdir={layers.upper},workdir={kwork}", str(kmnt)])
-    if r.returncode != 0:
-        pytest.skip(f"kernel overlayfs unavailable: {r.stderr.strip()}")
+    assert r.returncode == 0, f"kernel overlayfs refuses the upper unionfs wrote: {r.stderr}"
     try:
         assert tree_of(kmnt) == ours
     finally:
@@ -291,30 +294,42 @@ def test_fuse_unionfs_takes_fuse_overlayfs_argv(layers):
     assert r.returncode == 0 and r.stdout.startswith("fuse-unionfs: version ")
 
 
-@pytest.fixture
-def fuse_unionfs_on_path():
-    """mount(8) runs helpers with a fixed PATH: make fuse-unionfs findable
-    there for the test, as the README tells users to."""
-    link = Path("/usr/local/bin/fuse-unionfs")
-    made = False
-    if not link.exists():
-        link.symlink_to(FUSE_UNIONFS)
-        made = True
-    try:
-        yield
-    finally:
-        if made:
-            link.unlink()
+# mount(8) runs its helpers without $PATH, so mount.fuse's /bin/sh searches
+# its default PATH, which starts with these two directories.
+MOUNT_HELPER_DIRS = ("/usr/local/sbin", "/usr/local/bin")
+
+# Runs in a private mount namespace: the checkout's fuse-unionfs (in "$1") is
+# bind-mounted over the helper directories, hiding whatever the host has there.
+MOUNT8_SCRIPT = """
+set -e
+for d in {dirs}; do mount --bind "$1" "$d"; done
+mount -t fuse.fuse-unionfs fuse-unionfs "$2" -o "$3"
+trap 'umount "$2" 2>/dev/null || true' EXIT
+ls "$2"
+cat "$2/etc/hosts"
+umount "$2"
+echo unmounted
+"""
 
 
 @requires_root
-def test_mount_through_mount_fuse(layers, fuse_unionfs_on_path):
+def test_mount_through_mount_fuse(layers, tmp_path):
+    """`mount -t fuse.fuse-unionfs` runs this checkout's fuse-unionfs: it is
+    put on mount(8)'s helper PATH inside a private mount namespace, so
+    nothing is installed on the host and no other copy can answer."""
+    if not shutil.which("unshare"):
+        pytest.fail("unshare not found: install util-linux")
     populate(layers)
-    r = run(["mount", "-t", "fuse.fuse-unionfs", "fuse-unionfs", str(layers.mnt),
-             "-o", layers.options()])
+    helper_dir = tmp_path / "helper-bin"
+    helper_dir.mkdir()
+    (helper_dir / "fuse-unionfs").symlink_to(FUSE_UNIONFS)
+    script = MOUNT8_SCRIPT.format(dirs=" ".join(d for d in MOUNT_HELPER_DIRS if os.path.isdir(d)))
+    r = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+             str(helper_dir), str(layers.mnt), layers.options()])
     try:
         assert r.returncode == 0, r.stderr
-        assert sorted(os.listdir(layers.mnt)) == ["bin", "etc", "var"]
+        assert r.stdout.splitlines() == ["bin", "etc", "var", "10.0.0.1 top", "unmounted"]
+        assert not is_mounted(layers.mnt)        # the mount lived in the namespace only
     finally:
         force_unmount(layers.mnt)
 
@@ -337,6 +352,9 @@ def test_bad_input_is_one_line_and_mounts_nothing(layers, case):
     lo = ":".join(map(str, layers.lowers))
     up, wk, mnt = layers.upper, layers.work, layers.mnt
     (layers.base / "file").write_text("x")
+    # A workdir on another filesystem: a directory of our own on /dev/shm.
+    other_fs = Path(tempfile.mkdtemp(prefix="unionfs-otherfs-", dir="/dev/shm")) \
+        if case == "work-other-fs" else None
     opts, target, needle = {
         "missing-lower": (f"lowerdir={layers.base}/nope,upperdir={up},workdir={wk}", mnt, "no such directory"),
         "lower-is-file": (f"lowerdir={layers.base}/file", mnt, "not a directory"),
@@ -346,7 +364,7 @@ def test_bad_input_is_one_line_and_mounts_nothing(layers, case):
         "no-lowerdir": (f"upperdir={up},workdir={wk}", mnt, "lowerdir"),
         "missing-mountpoint": (f"lowerdir={lo}", layers.base / "nomnt", "no such directory"),
         "mnt-in-lower": (f"lowerdir={lo}", layers.lowers[0], "overlaps"),
-        "work-other-fs": (f"lowerdir={lo},upperdir={up},workdir=/dev/shm", mnt, "same filesystem"),
+        "work-other-fs": (f"lowerdir={lo},upperdir={up},workdir={other_fs}", mnt, "same filesystem"),
         "bad-whiteout": (f"lowerdir={lo},whiteout=aufs", mnt, "whiteout"),
     }[case]
     before = sorted(os.listdir(up)), sorted(os.listdir(wk))
@@ -355,8 +373,11 @@ def test_bad_input_is_one_line_and_mounts_nothing(layers, case):
         assert_user_error(r, needle)
         assert not is_mounted(target)
         assert (sorted(os.listdir(up)), sorted(os.listdir(wk))) == before
+        assert other_fs is None or os.listdir(other_fs) == []
     finally:
         force_unmount(target)
+        if other_fs is not None:
+            shutil.rmtree(other_fs)
 
 
 def test_cli_usage_errors_are_one_line(layers):

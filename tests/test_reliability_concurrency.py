@@ -351,11 +351,13 @@ def test_parallel_workers_long(layers, record_property, whiteout):
     _workers_test(layers, record_property, 90, writers=8, readers=2, whiteout=whiteout)
 
 
+# Each appender says it is ready, then waits for the go (stdin closing):
+# all first opens at one moment, however slowly the processes started.
 APPENDER = r"""
-import os, sys, time
-path, wid, n, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-while time.time() < start:
-    pass
+import os, sys
+path, wid, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.write(1, b"ready\n")
+sys.stdin.read()
 for i in range(n):
     with open(path, "a") as f:
         f.write(f"{wid}:{i}\n")
@@ -371,10 +373,14 @@ def _appenders(layers, rounds, writers, lines, lower_mib):
         heads[r] = head
     mnt = mount_cli(layers)
     for r in range(rounds):
-        start = time.time() + 0.5           # all first opens at one moment
-        procs = [subprocess.Popen([PY, "-c", APPENDER, str(mnt / f"log{r}"), str(w), str(lines),
-                                   str(start)]) for w in range(writers)]
+        procs = [subprocess.Popen([PY, "-c", APPENDER, str(mnt / f"log{r}"), str(w), str(lines)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                 for w in range(writers)]
         try:
+            for p in procs:                 # a blocking read, ended by the test's timeout
+                assert p.stdout.readline() == b"ready\n", "an appender died before the start"
+            for p in procs:
+                p.stdin.close()             # go
             for p in procs:
                 assert p.wait(timeout=120) == 0
         finally:

@@ -6,18 +6,22 @@ Two ways of choosing the moment:
 - *live kills*: a real mount through the CLI, a client process runs a
   sequence of operations (copy-up of a large file, rename of a lower
   directory with many files, unlinks leaving whiteouts, rmdir+mkdir making
-  opaque directories) and the daemon is SIGKILLed after a random delay or
-  as soon as its work directory holds a temporary (so some kills are sure to
-  land inside a copy-up). The dead mount is removed with ``unionfs umount``
-  (which must report the dead daemon), the layers are mounted again, and the
-  merged tree must equal the reference tree after some prefix of the
-  operations (computed by running the same operations on a plain directory).
+  opaque directories) and the daemon is SIGKILLed as soon as its work
+  directory holds a temporary, or once a measure of progress (bytes copied
+  up, names in the upper) reaches a random value, or after a random delay;
+  each test asserts how many kills landed inside the operations. The dead
+  mount is removed with ``unionfs umount`` (which must report the dead
+  daemon), the layers are mounted again, and the merged tree must equal
+  the reference tree after some prefix of the operations (computed by
+  running the same operations on a plain directory).
 - *syscall-boundary kills*: the same union code runs in a forked child with
   every syscall that changes the upper or work directory counted; the child
   dies (``os._exit``, no cleanup handlers run, like SIGKILL) right before
   the N-th one, for every N until the operation completes. Each resulting
-  upper is mounted through the CLI and checked the same way. This visits
-  every kill point of an operation exhaustively and deterministically.
+  upper is read by a fresh Union (and, in the overlay format, first by
+  kernel overlayfs) and mounted through the CLI, and checked the same way.
+  This visits every kill point of an operation exhaustively and
+  deterministically.
 
 Numbers (kill points, where they landed) are printed with ``-s`` and recorded
 as test properties.
@@ -37,8 +41,8 @@ import time
 import pytest
 
 from conftest import requires_fuse
-from reliability_helpers import (PY, daemon_pid, describe_diff, kill_daemon, mount_cli,
-                                 quick_unmount, remove_dead_mount, snapshot,
+from reliability_helpers import (PY, daemon_pid, describe_diff, kernel_overlay_available,
+                                 kill_daemon, mount_cli, quick_unmount, remove_dead_mount, snapshot,
                                  unmount_layers_after, work_leftovers)  # noqa: F401
 
 pytestmark = [requires_fuse, pytest.mark.fuse]
@@ -143,18 +147,50 @@ class Stats:
     def __init__(self, name):
         self.name = name
         self.kills = 0
-        self.in_work = 0            # work dir held a temporary at the kill
+        self.in_work = 0            # the work dir still held a temporary after the kill
+        self.mid = 0                # kills that landed inside the operations
         self.matched = collections.Counter()
 
     def line(self, nstates):
         hist = ",".join(f"{k}:{v}" for k, v in sorted(self.matched.items()))
-        return (f"{self.name}: {self.kills} kill points, {self.in_work} with a copy-up "
-                f"temporary in flight; states matched (index:count of 0..{nstates - 1}) {hist}")
+        return (f"{self.name}: {self.kills} kill points, {self.mid} inside the operations, "
+                f"{self.in_work} with a temporary in flight; states matched "
+                f"(index:count of 0..{nstates - 1}) {hist}")
+
+
+def bytes_in_work(layers):
+    """Bytes of the temporaries in the work directory (a copy-up's progress)."""
+    total = 0
+    for e in os.scandir(layers.work / "unionfs-work"):
+        try:
+            total += e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False) else 0
+        except FileNotFoundError:       # published (renamed away) meanwhile
+            pass
+    return total
+
+
+def entries_in_upper(layers):
+    """Names at the top of the upper (whiteouts, new directories so far)."""
+    return len(os.listdir(layers.upper))
+
+
+def wait_until(pred, client, timeout):
+    """Poll ``pred`` until it holds, the client exits, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not pred() and client.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 def live_kill_run(tmp_path, layers, build_lower, ops, iterations, record_property,
-                  name, whiteout="auto", max_delay=None):
-    """Kill the daemon ``iterations`` times while ``ops`` run on a live mount."""
+                  name, whiteout="auto", max_delay=None, progress=None):
+    """Kill the daemon ``iterations`` times while ``ops`` run on a live mount.
+
+    Odd iterations kill as soon as the work directory holds a temporary;
+    even ones, given ``progress`` = (function of the layers, end value),
+    once that measure of progress reaches a random value below its end
+    (else after a random delay). A kill landed inside the operations when a
+    temporary survived it or the merged view matched neither the first nor
+    the last state: ``stats.mid`` counts those."""
     states = reference_states(tmp_path, build_lower, ops)
     build_lower(layers.lowers[0])
     lower_before = snapshot(layers.lowers[0], content=False)
@@ -180,16 +216,16 @@ def live_kill_run(tmp_path, layers, build_lower, ops, iterations, record_propert
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             if i % 2:
-                # Wait for a copy-up (or rename/whiteout) temporary, then a bit.
-                deadline = time.monotonic() + max(5.0, 3 * full)
-                while time.monotonic() < deadline and not os.listdir(work) \
-                        and client.poll() is None:
-                    time.sleep(0.0005)
-                time.sleep(rng.uniform(0, 0.02))
+                # A copy-up (or rename/whiteout) temporary exists: kill now.
+                wait_until(lambda: os.listdir(work), client, max(10.0, 5 * full))
+            elif progress:
+                measure, end = progress
+                target = rng.randint(1, end - 1)
+                wait_until(lambda: measure(layers) >= target, client, max(10.0, 5 * full))
             else:
                 time.sleep(rng.uniform(0.0, max_delay * 1.5))
-            in_flight = bool(os.listdir(work))
             kill_daemon(mnt, pid)
+            in_flight = bool(os.listdir(work))
         finally:
             try:
                 client.wait(timeout=60)     # it sees ENOTCONN once the daemon is gone
@@ -200,7 +236,9 @@ def live_kill_run(tmp_path, layers, build_lower, ops, iterations, record_propert
         stats.kills += 1
         stats.in_work += in_flight
         remove_dead_mount(mnt)
-        stats.matched[check_recovered(layers, states, lower_before)] += 1
+        idx = check_recovered(layers, states, lower_before)
+        stats.matched[idx] += 1
+        stats.mid += bool(in_flight or 0 < idx < len(states) - 1)
     line = stats.line(len(states)) + f"; undisturbed run {full:.2f}s"
     print("\n" + line)
     record_property("crash", line)
@@ -224,8 +262,11 @@ def big_file_builder(size):
 def _copy_up_big(tmp_path, layers, record_property, size, iterations):
     ops = [["append", "big", "appended line\n"]]
     stats = live_kill_run(tmp_path, layers, big_file_builder(size), ops, iterations,
-                          record_property, f"copy-up of a {size >> 20} MiB file")
+                          record_property, f"copy-up of a {size >> 20} MiB file",
+                          progress=(bytes_in_work, size))
     assert stats.kills == iterations
+    # Every kill waits for the copy-up's temporary (or part of its data).
+    assert stats.in_work >= iterations // 2, stats.line(2)
 
 
 @pytest.mark.timeout(240)
@@ -260,8 +301,9 @@ def many_files_builder(nfiles):
 @pytest.mark.parametrize("whiteout", ["overlay", "oci"])
 def test_kill_during_rename_of_lower_directory(tmp_path, layers, record_property, whiteout):
     ops = [["rename", "dir", "other/moved"]]
-    live_kill_run(tmp_path, layers, many_files_builder(200), ops, 6, record_property,
-                  "rename of a lower directory with 222 entries", whiteout)
+    stats = live_kill_run(tmp_path, layers, many_files_builder(200), ops, 6, record_property,
+                          "rename of a lower directory with 222 entries", whiteout)
+    assert stats.in_work >= 2, stats.line(2)
 
 
 def whiteout_ops_builder(ndirs):
@@ -291,8 +333,11 @@ def whiteout_ops(ndirs):
 @pytest.mark.parametrize("whiteout", ["overlay", "oci"])
 def test_kill_during_unlink_rmdir_mkdir(tmp_path, layers, record_property, whiteout):
     n = 40
-    live_kill_run(tmp_path, layers, whiteout_ops_builder(n), whiteout_ops(n), 6,
-                  record_property, f"{6 * n} unlink/rmdir/mkdir/create ops", whiteout)
+    # The upper ends with a whiteout per top file and a directory per dir.
+    stats = live_kill_run(tmp_path, layers, whiteout_ops_builder(n), whiteout_ops(n), 6,
+                          record_property, f"{6 * n} unlink/rmdir/mkdir/create ops", whiteout,
+                          progress=(entries_in_upper, 2 * n))
+    assert stats.mid >= 3, stats.line(7 * n + 1)
 
 
 @SLOW
@@ -300,8 +345,10 @@ def test_kill_during_unlink_rmdir_mkdir(tmp_path, layers, record_property, white
 @pytest.mark.parametrize("whiteout", ["overlay", "oci"])
 def test_kill_during_namespace_ops_long(tmp_path, layers, record_property, whiteout):
     n = 100
-    live_kill_run(tmp_path, layers, whiteout_ops_builder(n), whiteout_ops(n), 60,
-                  record_property, f"{6 * n} unlink/rmdir/mkdir/create ops", whiteout)
+    stats = live_kill_run(tmp_path, layers, whiteout_ops_builder(n), whiteout_ops(n), 60,
+                          record_property, f"{6 * n} unlink/rmdir/mkdir/create ops", whiteout,
+                          progress=(entries_in_upper, 2 * n))
+    assert stats.mid >= 30, stats.line(7 * n + 1)
     reset_upper(layers)
     shutil.rmtree(layers.lowers[0])
     layers.lowers[0].mkdir()
@@ -520,6 +567,21 @@ def union_snapshot(layers, whiteout):
     return out
 
 
+def kernel_snapshot(layers, mnt):
+    """The merged tree as kernel overlayfs reads the layers (the upper as
+    the top lower layer of a read-only mount: nothing is written, and the
+    reader is independent of unionfs), in ``snapshot``'s format."""
+    lower = ":".join(map(str, [layers.upper, *layers.lowers]))
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"ro,lowerdir={lower},redirect_dir=follow", str(mnt)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"kernel overlayfs refuses the crashed upper: {r.stderr}"
+    try:
+        return snapshot(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+
+
 def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every):
     """Kill before every mutating syscall of scenario ``name``; check each
     crash state with a fresh Union, and every ``mount_every``-th one (and the
@@ -530,12 +592,21 @@ def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_eve
     states = _reference(tmp_path, steps)
     matched = collections.Counter()
     n = mounts = 0
+    # Overlay-format uppers are read by kernel overlayfs too, before unionfs
+    # touches them: an oracle that is not the code under test.
+    kernel = whiteout == "overlay" and kernel_overlay_available()
+    kmnt = tmp_path / "kernel-view"
+    kmnt.mkdir()
     while True:
         reset_upper(layers)
         died = run_until_crash(layers, whiteout, [s for s, _ in steps], n)
         where = f"scenario {name!r} (whiteout={whiteout}), killed before mutating syscall #{n}"
         try:
+            if kernel:
+                kidx = match_state(kernel_snapshot(layers, kmnt), states)
             idx = match_state(union_snapshot(layers, whiteout), states)
+            if kernel:
+                assert idx == kidx, f"kernel overlayfs reads state {kidx}, unionfs state {idx}"
             assert work_leftovers(layers) == [], "workdir temporaries survived"
             if not died or n % mount_every == 0:
                 assert check_recovered(layers, states, lower_before) == idx
@@ -550,7 +621,8 @@ def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_eve
     assert matched[0] >= 1 and n > len(steps)
     hist = ",".join(f"{k}:{v}" for k, v in sorted(matched.items()))
     line = (f"syscall-boundary kills, {name} (whiteout={whiteout}): {n} kill points, "
-            f"{mounts} checked through a real mount; states matched {hist}")
+            f"{mounts} checked through a real mount, {n + 1 if kernel else 0} read by kernel "
+            f"overlayfs; states matched {hist}")
     print("\n" + line)
     record_property("crash-boundaries", line)
 

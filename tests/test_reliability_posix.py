@@ -161,8 +161,16 @@ def changed(before, p):
     after = times(p)
     return {"mtime": after[0] != before[0], "ctime": after[1] != before[1]}
 
-def tick():
-    time.sleep(0.03)            # past the filesystem clock's granularity
+CLOCK_REALTIME_COARSE = 5      # linux/time.h: the clock file timestamps come from
+
+def tick(*stamps):
+    # Wait until the timestamp clock is past every stamp (ns), so that a
+    # change made now gets a newer time: polled, with a deadline.
+    deadline = time.monotonic() + 10
+    while time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= max(stamps):
+        if time.monotonic() > deadline:
+            raise SystemExit("the clock did not pass the file's timestamps in 10 s")
+        time.sleep(0.001)
 
 def c_perm():
     out = {}
@@ -337,7 +345,7 @@ def c_times():
     out = {}
     def t(label, path, fn, *a, parent=None):
         b, bp = times(path), times(parent) if parent else None
-        tick()
+        tick(*b, *(bp or ()))
         out[label + ": result"] = res(fn, *a)
         if os.path.lexists(path):
             out[label + ": file"] = changed(b, path)
