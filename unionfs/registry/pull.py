@@ -1,0 +1,197 @@
+"""Pull: manifest (through an index to one platform), config, layers.
+
+Nothing reaches the store before every byte is verified: the manifest and
+config are fetched and checked first, then layers stream in parallel through
+`Staging.import_layer` (blob digest and diff_id checked while the layer is
+stored and unpacked in the store's tmp/), and only then `add_image` renames
+it all in. Any failure (network, digest, disk, Ctrl-C) throws the staging
+away: the store is as it was.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import platform as host_platform
+import threading
+from dataclasses import dataclass
+
+from unionfs.errors import UserError
+from unionfs.image import oci
+from unionfs.image.progress import size_text
+from unionfs.image.store import Image, Staging, Store
+from unionfs.registry import manifest as mf
+from unionfs.registry.client import Client, Transient
+from unionfs.registry.reference import Reference
+
+PARALLEL_LAYERS = 4
+# Download attempts of one layer facing transient network failures.
+LAYER_ATTEMPTS = 3
+
+# platform.machine() -> OCI architecture and variant (as Go's GOARCH spells them).
+_MACHINE_ARCH = {
+    "x86_64": ("amd64", None), "amd64": ("amd64", None), "i686": ("386", None), "i386": ("386", None),
+    "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8"), "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"), "ppc64le": ("ppc64le", None), "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def __str__(self):
+        return "/".join(x for x in (self.os, self.architecture, self.variant) if x)
+
+
+def parse_platform(unsafe: str) -> Platform:
+    parts = unsafe.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UserError(f"--platform {unsafe!r}: expected OS/ARCH[/VARIANT], e.g. linux/arm64")
+    return Platform(*parts)
+
+
+def host() -> Platform:
+    arch, variant = _MACHINE_ARCH.get(host_platform.machine(), (host_platform.machine(), None))
+    return Platform("linux", arch, variant)
+
+
+def choose(index: mf.Index, want: Platform, explicit: bool, what: str) -> mf.Descriptor:
+    """The index entry for `want`. The host's variant is a preference (an
+    arm64 image without a variant runs on arm64/v8); an explicit one must match."""
+    candidates = [d for d in index.manifests
+                  if d.platform and d.platform.get("os") == want.os
+                  and d.platform.get("architecture") == want.architecture]
+    if want.variant:
+        exact = [d for d in candidates if d.platform.get("variant") == want.variant]
+        if exact or explicit:
+            candidates = exact
+    if not candidates:
+        have = ", ".join(sorted({mf.platform_str(d.platform) for d in index.manifests if d.platform})) or "none"
+        raise UserError(f"{what}: no image for {want} (the index has: {have}); choose one with --platform")
+    return candidates[0]
+
+
+class _Cancelled(Exception):
+    """Another layer failed or the user pressed Ctrl-C: stop reading."""
+
+
+class _BlobStream:
+    """A readable stream of one blob's HTTP response body (no decoding)."""
+
+    def __init__(self, response, cancel: threading.Event, what: str):
+        self._r, self._cancel, self._what = response, cancel, what
+        self._chunks = response.iter_raw(oci.CHUNK)
+        self._rest = b""
+
+    def read(self, n=-1):
+        if self._cancel.is_set():
+            raise _Cancelled()
+        if not self._rest:
+            try:
+                self._rest = next(self._chunks, b"")
+            except Exception as e:           # httpx's stream errors: try the layer again
+                if type(e).__module__.startswith(("httpx", "httpcore")):
+                    raise Transient(f"{self._what}: connection lost: {e or type(e).__name__}") from None
+                raise
+        if n is None or n < 0 or n >= len(self._rest):
+            data, self._rest = self._rest, b""
+        else:
+            data, self._rest = self._rest[:n], self._rest[n:]
+        return data
+
+    def close(self):
+        self._r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def pull(store: Store, client: Client, ref: Reference, want: Platform | None, progress) -> Image:
+    scopes = (f"repository:{ref.repo}:pull",)
+    what = f"pull {ref}"
+    client.ping()
+    image_manifest, _ = mf.fetch_manifest(client, ref.repo, ref.ref, scopes, ref.digest, what)
+    if isinstance(image_manifest, mf.Index):
+        entry = choose(image_manifest, want or host(), want is not None, what)
+        image_manifest, _ = mf.fetch_manifest(client, ref.repo, entry.digest, scopes, entry.digest, what)
+        if not isinstance(image_manifest, mf.Manifest):
+            raise UserError(f"{what}: the index entry for {mf.platform_str(entry.platform)} is not an image manifest")
+    config_bytes = mf.fetch_small_blob(client, ref.repo, image_manifest.config, scopes, f"{what}: config")
+    config = oci.parse_json(config_bytes, f"{what}: config")
+    diff_ids = oci.config_diff_ids(config, f"{what}: config")
+    if len(diff_ids) != len(image_manifest.layers):
+        raise UserError(f"{what}: the manifest has {len(image_manifest.layers)} layers, "
+                        f"the config {len(diff_ids)} diff_ids")
+    for desc in image_manifest.layers:
+        if desc.media_type not in oci.LAYER_MEDIA_TYPES + (oci.MT_DOCKER_LAYER_GZIP,):
+            raise UserError(f"{what}: layer {oci.short(desc.digest)} has media type {desc.media_type!r}, "
+                            "which unionfs cannot unpack")
+    names = [ref.name] if ref.tag else []
+    with store.locked():
+        staging = Staging(store, progress.warn, progress)
+        try:
+            layers = _fetch_layers(client, ref, scopes, staging, image_manifest.layers, diff_ids, progress)
+            image = store.add_image(staging, config_bytes, layers, names)
+            store.note_blob_sources([image_manifest.config.digest] + [d.digest for d in image_manifest.layers],
+                                    f"{ref.registry}/{ref.repo}")
+        except OSError as e:
+            raise UserError(f"{what}: {e.filename or store.root}: {e.strerror}") from None
+        finally:
+            staging.cleanup()
+    return image
+
+
+def _fetch_layers(client, ref, scopes, staging, descs, diff_ids, progress):
+    """Import every layer (in parallel); in manifest order."""
+    cancel = threading.Event()
+    todo = {}                    # (digest, diff_id) -> descriptor: one download per blob
+    for desc, diff_id in zip(descs, diff_ids):
+        todo.setdefault((desc.digest, diff_id), desc)
+
+    def one(key):
+        desc = todo[key]
+        digest, diff_id = key
+        label = f"Copying blob {oci.short(digest)}"
+        if staging.has_blob(digest) and staging.has_layer(diff_id):
+            progress.line(f"{label}: already in the store")
+            return staging.import_layer(None, digest, desc.size, diff_id, label)
+        task = progress.task(label, desc.size)
+        for attempt in range(LAYER_ATTEMPTS):
+            try:
+                info = staging.import_layer(
+                    lambda: _BlobStream(client.request("GET", f"/v2/{ref.repo}/blobs/{digest}", scopes,
+                                                       what=f"pull {ref}: layer {oci.short(digest)}",
+                                                       stream=True), cancel, f"layer {oci.short(digest)}"),
+                    digest, desc.size, diff_id, f"pull {ref}: layer {oci.short(digest)}", task)
+                break
+            except Transient as e:
+                if attempt + 1 == LAYER_ATTEMPTS:
+                    raise UserError(f"pull {ref}: {e}") from None
+                task.reset()
+        task.done(f"done ({size_text(desc.size)})")
+        return info
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(PARALLEL_LAYERS, len(todo)) or 1)
+    futures = {key: pool.submit(one, key) for key in todo}
+    try:
+        pending = set(futures.values())
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=0.5,
+                                                    return_when=concurrent.futures.FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    raise f.exception()
+    except BaseException:
+        cancel.set()             # the other layers stop at their next read
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.finish()
+    infos = {key: f.result() for key, f in futures.items()}
+    return [infos[(desc.digest, diff_id)] for desc, diff_id in zip(descs, diff_ids)]
