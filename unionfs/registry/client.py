@@ -133,8 +133,7 @@ class Client:
         """One request, asking again once after a 401 the authenticator can
         answer. `body` is a callable returning fresh content (bytes or an
         iterator), so a request can be sent twice."""
-        sent = None
-        for _ in range(2):
+        for attempt in range(2):
             h = dict(headers or {})
             sent = self.auth.header(scopes)
             if sent:
@@ -147,11 +146,12 @@ class Client:
                 raise UserError(self._connect_message(e)) from None
             except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as e:
                 raise Transient(f"registry {self.registry}: {type(e).__name__}: {e or 'no response'}") from None
-            if r.status_code == 401 and self.auth.challenge(r.headers.get("WWW-Authenticate"), scopes, sent):
+            if attempt == 0 and r.status_code == 401 and \
+                    self.auth.challenge(r.headers.get("WWW-Authenticate"), scopes, sent):
                 r.close()
                 continue
             return r
-        return r
+        raise AssertionError("unreachable")
 
     def _connect_message(self, e: httpx.ConnectError) -> str:
         text = str(e)
