@@ -337,3 +337,71 @@ def store_snapshot(store: Path) -> dict:
             else:
                 out[rel] = sha_file(p)
     return out
+
+
+class FaultyProxy:
+    """An http front for a plain registry that spoils the download of one
+    blob: "drop" sends half of it and closes the connection; "stall" sends
+    half and then waits (until stopped), setting `stalled`. Everything else
+    passes through unchanged. `hits` counts the spoiled downloads."""
+
+    def __init__(self, upstream: Registry, digest: str, mode: str):
+        import http.client
+        self.digest, self.mode = digest, mode
+        self.hits = 0
+        self.stalled = threading.Event()
+        self._stop = threading.Event()
+        self.port = free_port()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self, method):
+                conn = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                conn.request(method, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                spoil = method == "GET" and self.path.endswith(f"/blobs/{proxy.digest}") and r.status == 200
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not spoil:
+                    if method != "HEAD":
+                        self.wfile.write(data)
+                    return
+                proxy.hits += 1
+                self.wfile.write(data[:len(data) // 2])
+                self.wfile.flush()
+                if proxy.mode == "stall":
+                    proxy.stalled.set()
+                    proxy._stop.wait(60)
+                self.close_connection = True
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_HEAD(self):
+                self._forward("HEAD")
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()

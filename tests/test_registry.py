@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from image_helpers import D, F, L, apply_layers, config_for, force_unmount, fuse_available, layer_tar, tree
-from registry_helpers import (PASSWORD, REGISTRY_BIN, USER, free_port, image_manifest, index_of, oci_layout,
+from registry_helpers import (PASSWORD, REGISTRY_BIN, USER, FaultyProxy, free_port, image_manifest, index_of, oci_layout,
                               start_registry, store_snapshot)
 
 SKOPEO = shutil.which("skopeo")
@@ -350,3 +351,78 @@ def test_tag_and_image_tag(env, plain):
     assert sorted(inspect(env, "other:2")["RepoTags"]) == sorted(["app:1", "other:2", f"{plain.host}/tagged/app:latest"])
     env.ok("push", *plain.tls_args, f"{plain.host}/tagged/app")           # the destination is the name
     assert "no such image" in env.fails("tag", "nothing:1", "x:1")
+
+
+@pytest.fixture
+def faulty(plain):
+    proxies = []
+
+    def make(digest, mode):
+        proxies.append(FaultyProxy(plain, digest, mode))
+        return proxies[-1]
+    yield make
+    for p in proxies:
+        p.stop()
+
+
+def _pushed_with_a_store(env, plain, repo):
+    """Push the test image to `repo`; make another store holding one image."""
+    image = env.load()
+    env.ok("push", *plain.tls_args, "app:1", f"{plain.host}/{repo}:v1")
+    store = env.tmp / "other"
+    env.load(tars=[layer_tar(F("keep", b"me"))], compressions=("gzip",), name="keep:1", store=store)
+    return image["Layers"][0]["digest"], store
+
+
+def test_a_connection_lost_mid_layer_is_retried_then_fails_with_the_store_unchanged(env, plain, faulty):
+    layer, store = _pushed_with_a_store(env, plain, "dropped/app")
+    proxy = faulty(layer, "drop")
+    before = store_snapshot(store)
+    line = env.fails("pull", "--tls-verify=false", f"{proxy.host}/dropped/app:v1", store=store)
+    assert "connection lost" in line and layer[:19] in line, line
+    assert proxy.hits == 3                                  # tried three times
+    assert store_snapshot(store) == before
+
+
+def test_ctrl_c_during_a_pull_leaves_the_store_unchanged(env, plain, faulty):
+    layer, store = _pushed_with_a_store(env, plain, "interrupted/app")
+    proxy = faulty(layer, "stall")
+    before = store_snapshot(store)
+    p = subprocess.Popen([sys.executable, "-m", "unionfs", "pull", "--tls-verify=false",
+                          f"{proxy.host}/interrupted/app:v1"], env=dict(env.env, UNIONFS_STORE=str(store)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proxy.stalled.wait(60), "the pull never reached the layer"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "unionfs: interrupted" and "Traceback" not in err
+    assert store_snapshot(store) == before
+
+
+@requires_fuse
+def test_migration_commit_push_then_pull_elsewhere_shows_the_same_files(env, plain, mounts):
+    """One machine changes a container and commits it, pushes; another pulls
+    and mounts it. (`run` replaces the mounts once it exists.)"""
+    env.load()
+    mnt = env.tmp / "mnt-a"
+    mnt.mkdir()
+    env.ok("image", "mount", "--name", "work", "app:1", mnt)
+    mounts.append(mnt)
+    (mnt / "etc/motd").write_text("migrated\n")
+    (mnt / "srv").unlink()
+    os.makedirs(mnt / "home/user")
+    (mnt / "home/user/notes").write_bytes(os.urandom(50_000))
+    dest = f"{plain.host}/migrate/app:v2"
+    env.ok("commit", "work", dest, "-m", "changes made on machine A")
+    before = tree(str(mnt), owners=IS_ROOT, xattrs=False)
+    env.ok("push", *plain.tls_args, dest)
+
+    other = env.tmp / "machine-b"
+    env.ok("pull", *plain.tls_args, dest, store=other)
+    assert mounted_tree(env, dest, mounts, store=other) == before
+    assert inspect(env, dest, store=other)["Id"] == inspect(env, dest)["Id"]

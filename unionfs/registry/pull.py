@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import platform as host_platform
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -78,21 +79,62 @@ class _Cancelled(Exception):
     """Another layer failed or the user pressed Ctrl-C: stop reading."""
 
 
+class _Transfers:
+    """The layer downloads of one pull, and a way to stop them all at once:
+    shutting a socket down wakes a thread blocked reading it, so a stalled
+    download cannot hold up Ctrl-C or the failure of another layer."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+        self._open: set = set()
+        self._lock = threading.Lock()
+
+    def opened(self, response):
+        with self._lock:
+            self._open.add(response)
+        if self.cancelled.is_set():
+            self._shutdown(response)
+
+    def closed(self, response):
+        with self._lock:
+            self._open.discard(response)
+
+    def cancel(self):
+        self.cancelled.set()
+        with self._lock:
+            responses = list(self._open)
+        for r in responses:
+            self._shutdown(r)
+
+    @staticmethod
+    def _shutdown(response):
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass             # already closed
+
+
 class _BlobStream:
     """A readable stream of one blob's HTTP response body (no decoding)."""
 
-    def __init__(self, response, cancel: threading.Event, what: str):
-        self._r, self._cancel, self._what = response, cancel, what
+    def __init__(self, response, transfers: _Transfers, what: str):
+        self._r, self._transfers, self._what = response, transfers, what
         self._chunks = response.iter_raw(oci.CHUNK)
         self._rest = b""
+        transfers.opened(response)
 
     def read(self, n=-1):
-        if self._cancel.is_set():
+        if self._transfers.cancelled.is_set():
             raise _Cancelled()
         if not self._rest:
             try:
                 self._rest = next(self._chunks, b"")
             except Exception as e:           # httpx's stream errors: try the layer again
+                if self._transfers.cancelled.is_set():
+                    raise _Cancelled() from None
                 if type(e).__module__.startswith(("httpx", "httpcore")):
                     raise Transient(f"{self._what}: connection lost: {e or type(e).__name__}") from None
                 raise
@@ -103,6 +145,7 @@ class _BlobStream:
         return data
 
     def close(self):
+        self._transfers.closed(self._r)
         self._r.close()
 
     def __enter__(self):
@@ -149,7 +192,7 @@ def pull(store: Store, client: Client, ref: Reference, want: Platform | None, pr
 
 def _fetch_layers(client, ref, scopes, staging, descs, diff_ids, progress):
     """Import every layer (in parallel); in manifest order."""
-    cancel = threading.Event()
+    transfers = _Transfers()
     todo = {}                    # (digest, diff_id) -> descriptor: one download per blob
     for desc, diff_id in zip(descs, diff_ids):
         todo.setdefault((desc.digest, diff_id), desc)
@@ -163,11 +206,13 @@ def _fetch_layers(client, ref, scopes, staging, descs, diff_ids, progress):
             return staging.import_layer(None, digest, desc.size, diff_id, label)
         task = progress.task(label, desc.size)
         for attempt in range(LAYER_ATTEMPTS):
+            if transfers.cancelled.is_set():
+                raise _Cancelled()
             try:
                 info = staging.import_layer(
                     lambda: _BlobStream(client.request("GET", f"/v2/{ref.repo}/blobs/{digest}", scopes,
                                                        what=f"pull {ref}: layer {oci.short(digest)}",
-                                                       stream=True), cancel, f"layer {oci.short(digest)}"),
+                                                       stream=True), transfers, f"layer {oci.short(digest)}"),
                     digest, desc.size, diff_id, f"pull {ref}: layer {oci.short(digest)}", task)
                 break
             except Transient as e:
@@ -188,7 +233,7 @@ def _fetch_layers(client, ref, scopes, staging, descs, diff_ids, progress):
                 if f.exception() is not None:
                     raise f.exception()
     except BaseException:
-        cancel.set()             # the other layers stop at their next read
+        transfers.cancel()       # the other layers stop now
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
