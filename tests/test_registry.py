@@ -426,3 +426,40 @@ def test_migration_commit_push_then_pull_elsewhere_shows_the_same_files(env, pla
     env.ok("pull", *plain.tls_args, dest, store=other)
     assert mounted_tree(env, dest, mounts, store=other) == before
     assert inspect(env, dest, store=other)["Id"] == inspect(env, dest)["Id"]
+
+
+SNAPSHOT = 'import json, sys; sys.path.insert(0, "{tests}"); from registry_helpers import store_snapshot; ' \
+           'from pathlib import Path; print(json.dumps(store_snapshot(Path("{store}"))))'
+
+
+@pytest.mark.skipif(not IS_ROOT or not shutil.which("unshare"), reason="needs root (a tmpfs in a private mount namespace)")
+def test_a_full_disk_fails_with_one_line_and_leaves_the_store_unchanged(env, plain):
+    env.load()
+    dest = f"{plain.host}/full/app:v1"
+    env.ok("push", *plain.tls_args, "app:1", dest)
+    layout = env.tmp / "small-layout"
+    oci_layout(layout, "x", image_manifest(layout, [(layer_tar(F("keep", b"me")), "gzip")],
+                                           config_for([layer_tar(F("keep", b"me"))])))
+    store = env.tmp / "small-store"
+    store.mkdir()
+    py, tests = sys.executable, str(Path(__file__).parent)
+    snap = SNAPSHOT.format(tests=tests, store=str(store))
+    # The image needs ~800 KB in the store; the tmpfs has 600 KB.
+    script = f"""
+set -e
+mount --make-rprivate /
+mount -t tmpfs -o size=600k tmpfs {store}
+{py} -m unionfs image load -q --store {store} --tag keep:1 {layout}
+{py} -c '{snap}' > {env.tmp}/before.json
+set +e
+{py} -m unionfs pull --store {store} --tls-verify=false {dest} 2> {env.tmp}/err
+echo $? > {env.tmp}/rc
+{py} -c '{snap}' > {env.tmp}/after.json
+"""
+    env.tool("unshare", "--mount", "sh", "-c", script)
+    err = (env.tmp / "err").read_text().strip().splitlines()
+    assert int((env.tmp / "rc").read_text()) != 0
+    assert err[-1].startswith("unionfs: ") and "No space left on device" in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    before = json.loads((env.tmp / "before.json").read_text())
+    assert before and json.loads((env.tmp / "after.json").read_text()) == before

@@ -166,7 +166,10 @@ class _Tee:
     def read(self, n=-1):
         data = self._raw.read(n)
         if data:
-            self._sink.write(data)
+            try:
+                self._sink.write(data)
+            except OSError as e:     # e.g. a full disk: the store's failure, not the blob's
+                raise UserError(f"store: cannot write {self._sink.name}: {e.strerror}") from None
         return data
 
 

@@ -1,6 +1,6 @@
-"""The registry subcommands: `login`, `logout`, `push`, `pull`, and `tag`
-(also `image tag`). `register(subparsers)` adds them to the top-level
-argparse subparsers; each sets `func(args) -> int`."""
+"""The registry subcommands: `login`, `logout`, `push`, `pull`.
+`register(subparsers)` adds them to the top-level argparse subparsers; each
+sets `func(args) -> int`."""
 
 from __future__ import annotations
 
@@ -69,35 +69,20 @@ def register(subparsers):
     p.add_argument("ref", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
     p.set_defaults(func=cmd_pull)
 
-    tag_help = "give an image another name"
-    for parent in (subparsers, _image_subparsers(subparsers)):
-        if parent is None:
-            continue
-        p = parent.add_parser("tag", parents=[store], help=tag_help)
-        p.add_argument("image", metavar="IMAGE")
-        p.add_argument("name", metavar="NEWNAME[:TAG]")
-        p.set_defaults(func=cmd_tag)
-
-
-def _image_subparsers(subparsers):
-    """The `image` command's subparsers, if image/commands.py added them."""
-    image = subparsers.choices.get("image")
-    if image is None:
-        return None
-    for action in image._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return None
-
 
 def _store(args) -> Store:
     return Store(args.store or default_store_path())
 
 
-def _client(args, ref_or_registry):
-    from unionfs.registry.client import Client
+def _use_authfile(args):
+    """--authfile stands for $REGISTRY_AUTH_FILE, as in podman and skopeo."""
     if args.authfile:
         os.environ[auth.ENV_AUTH_FILE] = args.authfile
+
+
+def _client(args, ref_or_registry):
+    from unionfs.registry.client import Client
+    _use_authfile(args)
     if isinstance(ref_or_registry, reference.Reference):
         return Client(ref_or_registry.registry, ref_or_registry.api_host, args.tls_verify, args.cert_dir)
     return Client(ref_or_registry, None, args.tls_verify, args.cert_dir)
@@ -106,8 +91,7 @@ def _client(args, ref_or_registry):
 def cmd_login(args) -> int:
     from unionfs.registry.client import Client
     registry = reference.registry_host(args.registry)
-    if args.authfile:
-        os.environ[auth.ENV_AUTH_FILE] = args.authfile
+    _use_authfile(args)
     username = args.username
     if username is None:
         if not sys.stdin.isatty() or args.password_stdin:
@@ -136,8 +120,7 @@ def cmd_login(args) -> int:
 
 def cmd_logout(args) -> int:
     registry = reference.registry_host(args.registry)
-    if args.authfile:
-        os.environ[auth.ENV_AUTH_FILE] = args.authfile
+    _use_authfile(args)
     if not auth.remove(registry):
         raise UserError(f"logout {registry}: not logged in (no entry in {auth.auth_file()})")
     print(f"Removed login credentials for {registry}")
@@ -173,14 +156,4 @@ def cmd_pull(args) -> int:
     finally:
         progress.finish()
     print(image.id)
-    return EXIT_OK
-
-
-def cmd_tag(args) -> int:
-    from unionfs.image.commands import normalize_name
-    store = _store(args)
-    name = normalize_name(args.name)
-    with store.locked():
-        image = store.resolve(args.image)
-        store.tag(image, name)
     return EXIT_OK
