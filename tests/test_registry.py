@@ -254,7 +254,8 @@ def test_a_two_platform_index_pulls_the_host_platform_or_the_one_asked(env, plai
 # -- failures leave the store as it was ----------------------------------------
 
 def test_a_corrupted_blob_on_the_registry_is_refused_and_the_store_is_unchanged(env, plain):
-    image = env.load()
+    # Blobs of its own: the registry shares blobs between repositories.
+    image = env.load(tars=[layer_tar(F("own", os.urandom(200_000)))], compressions=("gzip",))
     dest = f"{plain.host}/corrupt/app:v1"
     env.ok("push", *plain.tls_args, "app:1", dest)
     store = env.tmp / "other"

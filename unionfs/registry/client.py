@@ -77,12 +77,12 @@ class Client:
     """The v2 API of one registry (`host[:port]`), for one command."""
 
     def __init__(self, registry: str, api_host: str | None = None, tls_verify: bool = True,
-                 cert_dir: str | None = None, creds: auth.Credentials | None = None,
-                 use_stored_creds: bool = True):
+                 cert_dir: str | None = None, creds: auth.Credentials | None = None):
+        """`creds` default to those stored for `registry` (login gives new ones)."""
         self.registry = registry
         self.host = api_host or registry
         self.tls_verify = tls_verify
-        if creds is None and use_stored_creds:
+        if creds is None:
             creds = auth.lookup(registry)
         self.auth = auth.Authenticator(registry, creds, self._fetch_token)
         verify = ssl_context(registry, cert_dir) if tls_verify else False

@@ -122,7 +122,7 @@ class _BlobStream:
 
     def __init__(self, response, transfers: _Transfers, what: str):
         self._r, self._transfers, self._what = response, transfers, what
-        self._chunks = response.iter_raw(oci.CHUNK)
+        self._chunks = response.iter_raw()    # as they arrive: re-chunking would copy every byte
         self._rest = b""
         transfers.opened(response)
 
