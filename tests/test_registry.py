@@ -190,12 +190,17 @@ def test_skopeo_pushes_unionfs_pulls_identical(env, plain, mounts):
 def test_image_id_and_layers_survive_push_and_pull_and_a_second_push_uploads_nothing(env, plain):
     image = env.load()
     dest = f"{plain.host}/ids/app:v1"
-    env.ok("push", *plain.tls_args, "app:1", dest)
+    digest = env.ok("push", *plain.tls_args, "app:1", dest).strip()
     env.ok("pull", *plain.tls_args, dest, store=env.tmp / "other")
     pulled = inspect(env, dest, store=env.tmp / "other")
     assert pulled["Id"] == image["Id"]
     assert pulled["Layers"] == image["Layers"]
     assert pulled["RootFS"] == image["RootFS"]
+    # by the digest push printed
+    out = env.ok("pull", *plain.tls_args, f"{plain.host}/ids/app@{digest}", store=env.tmp / "by-digest")
+    assert out.strip() == image["Id"]
+    wrong = "sha256:" + "0" * 64
+    assert "not found" in env.fails("pull", *plain.tls_args, f"{plain.host}/ids/app@{wrong}")
 
     uploads, puts = plain.requests("POST", "/v2/ids/app/blobs/uploads/"), plain.requests("PUT", "/v2/ids/app/blobs/")
     r = env.run("push", *plain.tls_args, "app:1", dest)
@@ -280,6 +285,8 @@ def test_errors_a_user_meets_are_one_line(env, plain, basic):
     assert "unknown host" in env.fails("pull", "no-such-registry.invalid/x/y:1")
     assert "does not speak https" in env.fails("pull", f"{plain.host}/x/y:1")
     assert "not trusted" in env.fails("pull", f"{basic.host}/x/y:1")
+    # --tls-verify=false gets past the certificate (to the missing credentials)
+    assert "unauthorized" in env.fails("pull", "--tls-verify=false", f"{basic.host}/x/y:1")
     assert "not found" in env.fails("pull", *plain.tls_args, f"{plain.host}/nothing/here:v1")
     assert "name the registry" in env.fails("push", "app:1", "just/a/repo")
     assert "no such image" in env.fails("push", *plain.tls_args, "missing:1", f"{plain.host}/x/y:1")
