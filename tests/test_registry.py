@@ -168,6 +168,8 @@ def test_push_then_skopeo_reads_it_back_identical(env, plain, fmt):
     assert [x["digest"] for x in manifest["layers"]] == [x["digest"] for x in image["Layers"]]
     env.skopeo("copy", "-q", "--src-tls-verify=false", f"docker://{dest}", f"oci:{env.tmp / 'back'}:v1")
     assert unpacked(env, f"{env.tmp / 'back'}:v1", env.tmp / "bundle") == reference_tree(env.tmp, TARS)
+    # and unionfs reads its own manifest back (the docker one names an uncompressed layer .diff.tar)
+    assert env.ok("pull", *plain.tls_args, dest, store=env.tmp / "other").strip() == image["Id"]
 
 
 @requires_fuse

@@ -25,6 +25,9 @@ from unionfs.registry.client import Client, Transient
 from unionfs.registry.reference import Reference
 
 PARALLEL_LAYERS = 4
+# Layer media types a pull takes: what the store unpacks, and Docker's
+# uncompressed layer (the store sniffs the compression from the bytes).
+LAYER_MEDIA_TYPES = oci.LAYER_MEDIA_TYPES + (mf.MT_DOCKER_LAYER,)
 # Download attempts of one layer facing transient network failures.
 LAYER_ATTEMPTS = 3
 
@@ -172,7 +175,7 @@ def pull(store: Store, client: Client, ref: Reference, want: Platform | None, pr
         raise UserError(f"{what}: the manifest has {len(image_manifest.layers)} layers, "
                         f"the config {len(diff_ids)} diff_ids")
     for desc in image_manifest.layers:
-        if desc.media_type not in oci.LAYER_MEDIA_TYPES + (oci.MT_DOCKER_LAYER_GZIP,):
+        if desc.media_type not in LAYER_MEDIA_TYPES:
             raise UserError(f"{what}: layer {oci.short(desc.digest)} has media type {desc.media_type!r}, "
                             "which unionfs cannot unpack")
     names = [ref.name] if ref.tag else []
@@ -203,21 +206,22 @@ def _fetch_layers(client, ref, scopes, staging, descs, diff_ids, progress):
         label = f"Copying blob {oci.short(digest)}"
         if staging.has_blob(digest) and staging.has_layer(diff_id):
             progress.line(f"{label}: already in the store")
-            return staging.import_layer(None, digest, desc.size, diff_id, label)
+            return staging.layer_info(digest, diff_id)
+        what = f"pull {ref}: layer {oci.short(digest)}"
+
+        def open_blob():
+            r = client.request("GET", f"/v2/{ref.repo}/blobs/{digest}", scopes, what=what, stream=True)
+            return _BlobStream(r, transfers, what)
         task = progress.task(label, desc.size)
         for attempt in range(LAYER_ATTEMPTS):
             if transfers.cancelled.is_set():
                 raise _Cancelled()
             try:
-                info = staging.import_layer(
-                    lambda: _BlobStream(client.request("GET", f"/v2/{ref.repo}/blobs/{digest}", scopes,
-                                                       what=f"pull {ref}: layer {oci.short(digest)}",
-                                                       stream=True), transfers, f"layer {oci.short(digest)}"),
-                    digest, desc.size, diff_id, f"pull {ref}: layer {oci.short(digest)}", task)
+                info = staging.import_layer(open_blob, digest, desc.size, diff_id, what, task)
                 break
-            except Transient as e:
+            except Transient:
                 if attempt + 1 == LAYER_ATTEMPTS:
-                    raise UserError(f"pull {ref}: {e}") from None
+                    raise
                 task.reset()
         task.done(f"done ({size_text(desc.size)})")
         return info
