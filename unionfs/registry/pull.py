@@ -10,7 +10,6 @@ away: the store is as it was.
 
 from __future__ import annotations
 
-import concurrent.futures
 import platform as host_platform
 import socket
 import threading
@@ -22,6 +21,7 @@ from unionfs.image.progress import size_text
 from unionfs.image.store import Image, Staging, Store
 from unionfs.registry import manifest as mf
 from unionfs.registry.client import Client, Transient
+from unionfs.registry.parallel import run_all
 from unionfs.registry.reference import Reference
 
 PARALLEL_LAYERS = 4
@@ -226,21 +226,9 @@ def _fetch_layers(client, ref, scopes, staging, descs, diff_ids, progress):
         task.done(f"done ({size_text(desc.size)})")
         return info
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(PARALLEL_LAYERS, len(todo)) or 1)
-    futures = {key: pool.submit(one, key) for key in todo}
     try:
-        pending = set(futures.values())
-        while pending:
-            done, pending = concurrent.futures.wait(pending, timeout=0.5,
-                                                    return_when=concurrent.futures.FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    raise f.exception()
-    except BaseException:
-        transfers.cancel()       # the other layers stop now
-        raise
+        results = run_all([lambda key=key: one(key) for key in todo], PARALLEL_LAYERS, transfers.cancel)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         progress.finish()
-    infos = {key: f.result() for key, f in futures.items()}
+    infos = dict(zip(todo, results))
     return [infos[(desc.digest, diff_id)] for desc, diff_id in zip(descs, diff_ids)]

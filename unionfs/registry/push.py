@@ -12,7 +12,6 @@ the tag never names an image whose blobs are not all there.
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 from urllib.parse import quote
 
@@ -22,6 +21,7 @@ from unionfs.image.progress import size_text
 from unionfs.image.store import Image, Store
 from unionfs.registry import manifest as mf
 from unionfs.registry.client import Client, Transient
+from unionfs.registry.parallel import run_all
 from unionfs.registry.reference import Reference
 
 PARALLEL_BLOBS = 4
@@ -43,32 +43,19 @@ def push(store: Store, client: Client, image: Image, ref: Reference, fmt: str, p
     cancel = threading.Event()
 
     def send(digest: str, size: int, open_blob, kind="blob"):
-        label = f"Copying {kind} {oci.short(digest)}"
-        status = _send_blob(client, store, ref, repository, scopes, digest, size, open_blob, label,
-                            progress, cancel)
-        return digest, status
+        _send_blob(client, store, ref, repository, scopes, digest, size, open_blob,
+                   f"Copying {kind} {oci.short(digest)}", progress, cancel)
 
     blobs = {}
     for layer in image.layers:
-        blobs.setdefault(layer.digest, (layer.size, lambda layer=layer: store.open_blob(layer)))
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(PARALLEL_BLOBS, len(blobs)) or 1)
+        blobs.setdefault(layer.digest, lambda layer=layer: send(layer.digest, layer.size,
+                                                                lambda: store.open_blob(layer)))
     try:
-        futures = [pool.submit(send, d, size, opener) for d, (size, opener) in blobs.items()]
-        pending = set(futures)
-        while pending:
-            done, pending = concurrent.futures.wait(pending, timeout=0.5,
-                                                    return_when=concurrent.futures.FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    raise f.exception()
+        run_all(list(blobs.values()), PARALLEL_BLOBS, cancel.set)
         send(image.id, len(config_bytes), lambda: _BytesReader(config_bytes), "config")
         r = client.request("PUT", f"/v2/{ref.repo}/manifests/{ref.ref}", scopes, what=f"{what}: manifest",
                            ok=(201,), headers={"Content-Type": media_type}, body=lambda: manifest_bytes)
-    except BaseException:
-        cancel.set()
-        raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         progress.finish()
     digest = oci.sha256_digest(manifest_bytes)
     said = r.headers.get("Docker-Content-Digest")
@@ -98,12 +85,12 @@ class _BytesReader:
         pass
 
 
-def _send_blob(client, store, ref, repository, scopes, digest, size, open_blob, label, progress, cancel) -> str:
+def _send_blob(client, store, ref, repository, scopes, digest, size, open_blob, label, progress, cancel):
     what = f"push {ref}: blob {oci.short(digest)}"
     blob_path = f"/v2/{ref.repo}/blobs/{digest}"
     if client.request("HEAD", blob_path, scopes, what=what, missing_ok=True).status_code == 200:
         progress.line(f"{label}: already exists")
-        return "exists"
+        return
     location = None
     for source in store.blob_sources(digest):
         registry, _, from_repo = source.partition("/")
@@ -113,7 +100,7 @@ def _send_blob(client, store, ref, repository, scopes, digest, size, open_blob, 
                            scopes + (f"repository:{from_repo}:pull",), what=what, ok=(201, 202))
         if r.status_code == 201:
             progress.line(f"{label}: mounted from {from_repo}")
-            return "mounted"
+            return
         location = r.headers.get("Location")   # the registry opened an upload instead
         break
     task = progress.task(label, size)
@@ -138,7 +125,6 @@ def _send_blob(client, store, ref, repository, scopes, digest, size, open_blob, 
     if said and said != digest:
         raise UserError(f"{what}: the registry stored it as {said}")
     task.done(f"done ({size_text(size)})")
-    return "uploaded"
 
 
 def _chunks(open_blob, task, cancel):
