@@ -80,12 +80,10 @@ def _use_authfile(args):
         os.environ[auth.ENV_AUTH_FILE] = args.authfile
 
 
-def _client(args, ref_or_registry):
+def _client(args, ref: reference.Reference):
     from unionfs.registry.client import Client
     _use_authfile(args)
-    if isinstance(ref_or_registry, reference.Reference):
-        return Client(ref_or_registry.registry, ref_or_registry.api_host, args.tls_verify, args.cert_dir)
-    return Client(ref_or_registry, None, args.tls_verify, args.cert_dir)
+    return Client(ref.registry, ref.api_host, args.tls_verify, args.cert_dir)
 
 
 def cmd_login(args) -> int:
@@ -110,8 +108,7 @@ def cmd_login(args) -> int:
     if not username or not password:
         raise UserError(f"login {registry}: empty user name or password")
     creds = auth.Credentials(username, password)
-    api_host = reference.DOCKER_HUB_API if registry == reference.DOCKER_HUB else None
-    with Client(registry, api_host, args.tls_verify, args.cert_dir, creds=creds) as client:
+    with Client(registry, reference.api_host(registry), args.tls_verify, args.cert_dir, creds=creds) as client:
         client.check_login()
     auth.store(registry, creds)
     print("Login Succeeded!")

@@ -32,8 +32,7 @@ class Reference:
 
     @property
     def api_host(self) -> str:
-        """Where the v2 API is served."""
-        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+        return api_host(self.registry)
 
     @property
     def ref(self) -> str:
@@ -52,6 +51,11 @@ class Reference:
         if self.digest:
             s += f"@{self.digest}"
         return s
+
+
+def api_host(registry: str) -> str:
+    """Where a registry's v2 API is served (Docker Hub's is not at docker.io)."""
+    return DOCKER_HUB_API if registry == DOCKER_HUB else registry
 
 
 def split_registry(unsafe: str) -> tuple[str, str] | None:
