@@ -342,8 +342,11 @@ def store_snapshot(store: Path) -> dict:
 class FaultyProxy:
     """An http front for a plain registry that spoils the download of one
     blob: "drop" sends half of it and closes the connection; "stall" sends
-    half and then waits (until stopped), setting `stalled`. Everything else
-    passes through unchanged. `hits` counts the spoiled downloads."""
+    half and then waits (until stopped), setting `stalled`; or, in mode
+    "503-once", answers the first blob upload (PUT) with 503 Service
+    Unavailable. Everything else passes through unchanged (the Host header
+    too, so the registry's upload Locations point at the proxy). `hits`
+    counts the spoiled requests."""
 
     def __init__(self, upstream: Registry, digest: str, mode: str):
         import http.client
@@ -359,9 +362,16 @@ class FaultyProxy:
 
             def _forward(self, method):
                 conn = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers = dict(self.headers.items())
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy.mode == "503-once" and method == "PUT" and "/blobs/uploads/" in self.path \
+                        and proxy.hits == 0:
+                    proxy.hits += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 conn.request(method, self.path, body=body, headers=headers)
                 r = conn.getresponse()
                 data = r.read()
@@ -389,6 +399,12 @@ class FaultyProxy:
 
             def do_HEAD(self):
                 self._forward("HEAD")
+
+            def do_POST(self):
+                self._forward("POST")
+
+            def do_PUT(self):
+                self._forward("PUT")
 
             def log_message(self, *a):
                 pass

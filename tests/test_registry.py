@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from image_helpers import D, F, L, apply_layers, config_for, force_unmount, fuse_available, layer_tar, tree
+from image_helpers import (D, F, L, apply_layers, config_for, force_unmount, fuse_available, layer_tar, sha,
+                           tree)
 from registry_helpers import (PASSWORD, REGISTRY_BIN, USER, FaultyProxy, free_port, image_manifest, index_of, oci_layout,
                               start_registry, store_snapshot)
 
@@ -160,7 +161,7 @@ def test_push_then_skopeo_reads_it_back_identical(env, plain, fmt):
     digest = out.strip().splitlines()[-1]
     raw = env.skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{dest}").stdout
     manifest = json.loads(raw)
-    assert "sha256:" + __import__("hashlib").sha256(raw.encode()).hexdigest() == digest
+    assert sha(raw.encode()) == digest
     assert manifest["mediaType"] == {"oci": "application/vnd.oci.image.manifest.v1+json",
                                      "docker": "application/vnd.docker.distribution.manifest.v2+json"}[fmt]
     assert manifest["config"]["digest"] == image["Id"]
@@ -180,7 +181,7 @@ def test_skopeo_pushes_unionfs_pulls_identical(env, plain, mounts):
     env.skopeo("copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{dest}")
     out = env.ok("pull", *plain.tls_args, dest)
     image = inspect(env, dest)
-    assert out.strip().splitlines()[-1] == image["Id"] == "sha256:" + __import__("hashlib").sha256(config).hexdigest()
+    assert out.strip().splitlines()[-1] == image["Id"] == sha(config)
     blobs = json.loads((layout / "blobs/sha256" / json.loads((layout / "index.json").read_text())
                         ["manifests"][0]["digest"][7:]).read_text())["layers"]
     assert [x["digest"] for x in image["Layers"]] == [b["digest"] for b in blobs]
@@ -248,7 +249,6 @@ def test_a_two_platform_index_pulls_the_host_platform_or_the_one_asked(env, plai
     dest = f"{plain.host}/multi/app:v1"
     env.skopeo("copy", "-q", "--all", "--dest-tls-verify=false", f"oci:{layout}:multi", f"docker://{dest}")
 
-    sha = lambda b: "sha256:" + __import__("hashlib").sha256(b).hexdigest()  # noqa: E731
     assert env.ok("pull", *plain.tls_args, dest).strip().splitlines()[-1] == sha(cfg_host)
     out = env.ok("pull", *plain.tls_args, "--platform", f"linux/{other}", dest, store=env.tmp / "s2")
     assert out.strip().splitlines()[-1] == sha(cfg_other)
@@ -472,3 +472,13 @@ echo $? > {env.tmp}/rc
     assert "Traceback" not in "\n".join(err)
     before = json.loads((env.tmp / "before.json").read_text())
     assert before and json.loads((env.tmp / "after.json").read_text()) == before
+
+
+def test_a_transient_failure_of_an_upload_is_retried(env, plain, faulty):
+    image = env.load(tars=[layer_tar(F("retry", os.urandom(100_000)))], compressions=("gzip",))
+    proxy = faulty(None, "503-once")
+    digest = env.ok("push", "--tls-verify=false", "app:1", f"{proxy.host}/retry/app:v1").strip()
+    assert proxy.hits == 1
+    raw = env.skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{plain.host}/retry/app:v1").stdout
+    assert sha(raw.encode()) == digest
+    assert json.loads(raw)["config"]["digest"] == image["Id"]
