@@ -73,6 +73,11 @@ def _error_detail(r: httpx.Response) -> str:
         return r.reason_phrase or f"HTTP {r.status_code}"
 
 
+def _titled(word: str, detail: str) -> str:
+    """`detail`, led by `word` unless the registry's words already are."""
+    return detail if detail.lower().startswith(word) else f"{word}: {detail}"
+
+
 class Client:
     """The v2 API of one registry (`host[:port]`), for one command."""
 
@@ -205,9 +210,9 @@ class Client:
         if r.status_code == 401:
             hint = (" (wrong username or password?)" if self.auth.creds
                     else f" (log in with: unionfs login {self.registry})")
-            return f"{what}: {self.registry}: unauthorized: {detail}{hint}"
+            return f"{what}: {self.registry}: {_titled('unauthorized', detail)}{hint}"
         if r.status_code == 403:
-            return f"{what}: {self.registry}: access denied: {detail}"
+            return f"{what}: {self.registry}: {_titled('denied', detail)}"
         if r.status_code == 404:
             return f"{what}: not found: {detail}"
         return f"{what}: {self.registry} answered HTTP {r.status_code}: {detail}"
@@ -241,9 +246,10 @@ class Client:
         except httpx.HTTPError as e:
             raise UserError(f"{what}: {type(e).__name__}: {e}") from None
         if r.status_code in (401, 403):
-            raise UserError(f"{what}: {_error_detail(r)} "
-                            + ("(wrong username or password?)" if creds else
-                               f"(log in with: unionfs login {self.registry})"))
+            if creds:
+                raise UserError(f"registry {self.registry}: wrong username or password "
+                                f"(the token server {realm} said: {_error_detail(r)})")
+            raise UserError(f"{what}: {_error_detail(r)} (log in with: unionfs login {self.registry})")
         if r.status_code != 200:
             raise UserError(f"{what}: HTTP {r.status_code}: {_error_detail(r)}")
         try:
