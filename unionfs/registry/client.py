@@ -75,7 +75,9 @@ def _error_detail(r: httpx.Response) -> str:
 
 def _titled(word: str, detail: str) -> str:
     """`detail`, led by `word` unless the registry's words already are."""
-    return detail if detail.lower().startswith(word) else f"{word}: {detail}"
+    if detail.lower().startswith(word):          # "Unauthorized", "unauthorized: ..."
+        return word + detail[len(word):]
+    return f"{word}: {detail}"
 
 
 class Client:
