@@ -346,6 +346,12 @@ def test_bearer_tokens_are_scoped_reused_and_refused_without_login(env, token):
     token.issuer.requests.clear()
     env.ok("pull", *token.tls_args, dest, store=env.tmp / "other")
     assert [r["scopes"] for r in token.issuer.requests] == [["repository:tok/app:pull"]]
+
+    # A mount from another repository needs a token for both.
+    token.issuer.requests.clear()
+    r = env.run("push", *token.tls_args, "app:1", f"{token.host}/tok/copy:v1")
+    assert r.returncode == 0 and r.stderr.count("mounted from tok/app") == 3, r.stderr
+    assert ["repository:tok/copy:pull,push", "repository:tok/app:pull"] in [x["scopes"] for x in token.issuer.requests]
     assert inspect(env, dest, store=env.tmp / "other")["Id"] == inspect(env, "app:1")["Id"]
 
     env.ok("logout", token.host)
