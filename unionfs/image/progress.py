@@ -124,6 +124,7 @@ class Task:
         bars = self._progress._bars
         if self._id is not None and bars is not None:
             bars.remove_task(self._id)
+            bars.refresh()       # else the line below is drawn over the bars as they were
         self._progress.line(f"{self.label}: {status}")
 
 
