@@ -12,6 +12,8 @@ all: test
 # the fallback), fuse3 (fusermount3, mount.fuse3), and the peers/interop
 # tools the tests and benchmark compare against.
 APT_PKGS := libfuse3-3 libfuse2 fuse3 fuse-overlayfs attr busybox-static umoci skopeo podman runc passt slirp4netns
+# The registry tests: a real registry (distribution), htpasswd for Basic auth, openssl for its CA.
+APT_PKGS += docker-registry apache2-utils openssl
 
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

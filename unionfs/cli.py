@@ -58,6 +58,8 @@ def build_parser():
         image_commands = None
     if image_commands is not None:
         image_commands.register(sub)
+    from unionfs.registry import commands as registry_commands
+    registry_commands.register(sub)
     return p
 
 

@@ -1,5 +1,5 @@
-"""The image-related subcommands: `image load|ls|inspect|history|rm|mount|save`,
-`ps`, `rm`, `diff`, `commit`. `register(subparsers)` adds them to the
+"""The image-related subcommands: `image load|ls|inspect|history|rm|mount|save|tag`,
+`ps`, `rm`, `diff`, `commit`, `tag`. `register(subparsers)` adds them to the
 top-level argparse subparsers; each sets `func(args) -> int`."""
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def register(subparsers):
                    help="docker: docker-archive (docker load, skopeo docker-archive:); "
                         "oci: OCI image layout as a tar (skopeo oci-archive:, umoci)")
     p.set_defaults(func=cmd_save)
+
+    for parent in (image_sub, subparsers):
+        p = parent.add_parser("tag", parents=[common], help="give an image another name")
+        p.add_argument("image", metavar="IMAGE")
+        p.add_argument("name", metavar="NEWNAME[:TAG]")
+        p.set_defaults(func=cmd_tag)
 
     p = subparsers.add_parser("ps", parents=[common], help="list containers")
     p.set_defaults(func=cmd_ps)
@@ -366,6 +372,14 @@ def save_image(store: Store, ref: str, output: str, fmt: str, progress: Progress
         progress.finish()
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def cmd_tag(args) -> int:
+    store = _store(args)
+    name = normalize_name(args.name)
+    with store.locked():
+        store.tag(store.resolve(args.image), name)
+    return EXIT_OK
 
 
 # -- containers ----------------------------------------------------------------

@@ -9,6 +9,8 @@ Layout (everything under one root, so renames are atomic):
     layers/HEX/layer.json     {"diff_id", "tar_size"}
     images/HEX.json           an image (HEX = config digest = image ID): its layers
     tags.json                 {"name:tag": "sha256:..."}
+    blob-sources.json         {"sha256:...": ["REGISTRY/REPO", ...]}: where a blob was
+                              pulled from or pushed to (for cross-repository mounts)
     containers/NAME/          container.json, upper/, work/
 
 Invariants: a layer or blob exists under its final name only once complete
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -163,7 +166,10 @@ class _Tee:
     def read(self, n=-1):
         data = self._raw.read(n)
         if data:
-            self._sink.write(data)
+            try:
+                self._sink.write(data)
+            except OSError as e:     # e.g. a full disk: the store's failure, not the blob's
+                raise UserError(f"store: cannot write {self._sink.name}: {e.strerror}") from None
         return data
 
 
@@ -178,11 +184,10 @@ class Staging:
         self.dir = tempfile.mkdtemp(dir=store.tmp_dir, prefix=f"stage-{os.getpid()}-")
         self.blobs: dict[str, str] = {}     # digest -> staged file
         self.layers: dict[str, str] = {}    # diff_id -> staged layers/HEX dir
-        self._n = 0
+        self._n = itertools.count(1)        # next() is atomic: layers may be imported in parallel
 
     def _tmp(self, prefix: str) -> str:
-        self._n += 1
-        return os.path.join(self.dir, f"{prefix}{self._n}")
+        return os.path.join(self.dir, f"{prefix}{next(self._n)}")
 
     def has_blob(self, digest: str) -> bool:
         return digest in self.blobs or os.path.exists(self.store.blob_path(digest))
@@ -209,19 +214,23 @@ class Staging:
             tar_size = json.load(f)["tar_size"]
         return LayerInfo(digest, os.path.getsize(blob), oci.LAYER_MEDIA_TYPE_FOR[compression], diff_id, tar_size)
 
-    def import_layer(self, open_blob, digest: str | None, size: int | None, diff_id: str, what: str) -> LayerInfo:
+    def import_layer(self, open_blob, digest: str | None, size: int | None, diff_id: str, what: str,
+                     progress=None) -> LayerInfo:
         """Verify one layer blob (its digest, if given, and its diff_id) while
-        storing it and, unless that layer is already there, unpacking it."""
+        storing it and, unless that layer is already there, unpacking it.
+        Layers with different digests may be imported from several threads;
+        `progress` (default: the staging's) reports this one's bytes."""
+        progress = progress or self.progress
         if digest is not None and self.has_blob(digest) and self.has_layer(diff_id):
             return self.layer_info(digest, diff_id)
         blob_tmp = self._tmp("blob")
         layer_tmp = None if self.has_layer(diff_id) else self._tmp("layer")
         with open(blob_tmp, "wb") as sink, open_blob() as raw:
-            stream = oci.LayerStream(_Tee(raw, sink), digest, diff_id, what, size, self.progress)
+            stream = oci.LayerStream(_Tee(raw, sink), digest, diff_id, what, size, progress)
             if layer_tmp is not None:
                 os.mkdir(layer_tmp)
                 os.mkdir(os.path.join(layer_tmp, LAYER_ROOT))
-                unpack_layer(stream.tar, os.path.join(layer_tmp, LAYER_ROOT), what, self.warn, self.progress)
+                unpack_layer(stream.tar, os.path.join(layer_tmp, LAYER_ROOT), what, self.warn, progress)
             stream.finish()
         if layer_tmp is not None:
             with open(os.path.join(layer_tmp, LAYER_META), "w") as f:
@@ -261,6 +270,7 @@ class Store:
         self.images_dir = os.path.join(self.root, "images")
         self.containers_dir = os.path.join(self.root, "containers")
         self.tags_file = os.path.join(self.root, "tags.json")
+        self.blob_sources_file = os.path.join(self.root, "blob-sources.json")
 
     # -- paths -----------------------------------------------------------------
 
@@ -395,10 +405,40 @@ class Store:
             self._write_tags(tags)
         return self.image(image_id)
 
+    def tag(self, image: Image, name: str):
+        """Give `image` the name `name` (lock held); the name leaves any other image."""
+        tags = self.tags()
+        tags[name] = image.id
+        self._write_tags(tags)
+
     def untag(self, name: str):
         tags = self.tags()
         tags.pop(name, None)
         self._write_tags(tags)
+
+    # Remember at most this many repositories per blob.
+    MAX_BLOB_SOURCES = 8
+
+    def blob_sources(self, digest: str) -> list[str]:
+        """Repositories (REGISTRY/REPO) known to hold blob `digest`, newest first."""
+        try:
+            with open(self.blob_sources_file, "rb") as f:
+                sources = json.load(f).get(digest, [])
+        except (FileNotFoundError, ValueError):
+            return []
+        return [s for s in sources if isinstance(s, str)]
+
+    def note_blob_sources(self, digests, repository: str):
+        """Record that `repository` holds these blobs (lock held)."""
+        try:
+            with open(self.blob_sources_file, "rb") as f:
+                sources = json.load(f)
+        except (FileNotFoundError, ValueError):
+            sources = {}
+        for digest in digests:
+            known = [s for s in sources.get(digest, []) if s != repository]
+            sources[digest] = [repository, *known][:self.MAX_BLOB_SOURCES]
+        write_atomic(self.blob_sources_file, json.dumps(sources, indent=1, sort_keys=True).encode())
 
     def remove_image(self, image: Image):
         """Forget an image and its names (lock held); `gc()` frees its layers."""
