@@ -58,6 +58,7 @@ def build_parser():
         image_commands = None
     if image_commands is not None:
         image_commands.register(sub)
+    from unionfs import watch; watch.register(sub)  # noqa: E702  (which, events, stats)
     return p
 
 

@@ -216,6 +216,7 @@ def fuse_options_for(spec, ll):
 
 def serve(spec, mountpoint, debug=False, on_ready=None):
     """Run the filesystem in this process until it is unmounted."""
+    from unionfs import control, observe
     from unionfs.binding import common
     from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers, ll
     from unionfs.union import Union
@@ -226,8 +227,15 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     except OSError as e:
         raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
     os.umask(0)     # modes arrive from the kernel with the caller's umask applied
+    recorder = observe.Recorder()
+    if union.copyup is not None:
+        union.copyup.observer = recorder
     fs = UnionFS(union, timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
-                 on_init=on_ready)
+                 on_init=on_ready, watch=recorder)
+    control_server = control.Server(
+        control.socket_for(pidfile_for(mountpoint)), recorder, union,
+        extra=lambda: {"kernel_inodes": len(fs._inodes)})
+    control_server.start()
     options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec, ll).items()]
     if debug:
         options.append("debug")
@@ -240,6 +248,7 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     except common.MountError as e:
         raise RuntimeError(str(e))
     finally:
+        control_server.stop()
         if workers is not None:
             workers.stop()
 
@@ -374,6 +383,7 @@ def prune_pidfiles():
             path = os.path.join(base, name)
             if _read_pidfile(path) is None:
                 _remove(path)
+                _remove(path[:-len(".pid")] + ".sock")
 
 
 def _remove(path):
