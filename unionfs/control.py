@@ -30,6 +30,7 @@ from unionfs.errors import UserError
 SUFFIX = ".sock"
 _MAX_REQUEST = 64 << 10
 _IDLE_CHECK = 1.0       # seconds between checks that a follower is still there
+_REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
 
 
 def socket_for(pidfile):
@@ -107,11 +108,13 @@ class Server:
             with conn:
                 uid = peer_uid(conn)
                 if uid != self.owner:
-                    _send(conn, {"error": f"refused: uid {uid} is not the mount's owner"})
+                    _refuse(conn, f"refused: uid {uid} is not the mount's owner")
                     return
+                conn.settimeout(_REQUEST_TIMEOUT)
                 request = self._read_request(conn)
                 if request is None:
                     return
+                conn.settimeout(None)
                 cmd = request.get("cmd")
                 if cmd == "stats":
                     _send(conn, self.stats())
@@ -223,6 +226,20 @@ class Server:
         out["from"] = _layer_obj(below.top) if below is not None else None
         out["opaque"] = bool(node.is_dir and top.upper and self.union.upper.is_opaque(path))
         return out
+
+
+def _refuse(conn, why):
+    """Say ``why`` and hang up without reading the request. What it sent
+    is drained first (briefly): closing a unix socket with unread data
+    resets it, and the client could lose the reason."""
+    _send(conn, {"error": why})
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(_REQUEST_TIMEOUT)
+    try:
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
 
 
 def _merged_path(path):

@@ -270,13 +270,13 @@ def _fetch_stats(sock, mnt):
 
 
 def cmd_stats(args):
+    if args.watch and (args.json or not sys.stdout.isatty()):
+        raise UserError("--watch needs a terminal (for programs: --json, repeatedly)")
     mnt, sock = resolve_target(args.target, args.store)
     if not args.watch:
         s = _fetch_stats(sock, mnt)
         print(json.dumps(s) if args.json else format_stats(mnt, s))
         return EXIT_OK
-    if args.json or not sys.stdout.isatty():
-        raise UserError("--watch needs a terminal (for programs: --json, repeatedly)")
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
