@@ -78,14 +78,15 @@ def _mount_holding(real):
 
 
 def resolve_target(target, store_dir=None):
-    """(mount point, socket path) for a MOUNTPOINT or container NAME."""
-    if os.path.isdir(target):
+    """(mount point, socket path) for a MOUNTPOINT or container NAME (a
+    mount point wins: a directory may have a container's name)."""
+    is_dir = os.path.isdir(target)
+    if is_dir:
         real = os.path.realpath(target)
         mnt, fstype = _mount_holding(real)
         sock = _socket_of(real) if mnt == real and fstype.startswith("fuse") else None
-        if sock is None:
-            raise UserError(f"{target}: not a unionfs mount point")
-        return real, sock
+        if sock is not None:
+            return real, sock
     if os.sep not in target:
         from unionfs.image.store import Store, default_store_path
         store = Store(store_dir or default_store_path())
@@ -98,6 +99,8 @@ def resolve_target(target, store_dir=None):
             if sock is None:
                 raise UserError(f"container {target} is not mounted")
             return mnt, sock
+    if is_dir:
+        raise UserError(f"{target}: not a unionfs mount point")
     raise UserError(f"{target}: no such mount point or container")
 
 
