@@ -283,8 +283,11 @@ def cmd_stats(args):
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
-    with Live(Text(format_stats(mnt, _fetch_stats(sock, mnt))), console=Console(),
-              auto_refresh=False) as live:
-        while True:
-            time.sleep(1)
-            live.update(Text(format_stats(mnt, _fetch_stats(sock, mnt))), refresh=True)
+    try:
+        with Live(Text(format_stats(mnt, _fetch_stats(sock, mnt))), console=Console(),
+                  auto_refresh=False) as live:
+            while True:
+                time.sleep(1)
+                live.update(Text(format_stats(mnt, _fetch_stats(sock, mnt))), refresh=True)
+    except KeyboardInterrupt:
+        return EXIT_OK          # how one stops watching
