@@ -58,7 +58,8 @@ def build_parser():
         image_commands = None
     if image_commands is not None:
         image_commands.register(sub)
-    from unionfs import watch; watch.register(sub)  # noqa: E702  (which, events, stats)
+    from unionfs.watch import register as register_watch   # which, events, stats
+    register_watch(sub)
     return p
 
 

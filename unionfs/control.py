@@ -20,12 +20,16 @@ filesystem is kept from waiting on it).
 
 import errno
 import json
+import logging
 import os
 import socket
 import struct
 import threading
 
 from unionfs.errors import UserError
+from unionfs.observe import event_dict
+
+log = logging.getLogger("unionfs")
 
 SUFFIX = ".sock"
 _MAX_REQUEST = 64 << 10
@@ -115,17 +119,28 @@ class Server:
                 if request is None:
                     return
                 conn.settimeout(None)
-                cmd = request.get("cmd")
-                if cmd == "stats":
-                    _send(conn, self.stats())
-                elif cmd == "events":
-                    self._events(conn, bool(request.get("follow")))
-                elif cmd == "which":
-                    _send(conn, self.which(request.get("path")))
-                else:
-                    _send(conn, {"error": f"unknown request {cmd!r}"})
+                self._answer(conn, request)
         except OSError:
             pass        # the client went away: nothing to tell it
+
+    def _answer(self, conn, request):
+        cmd = request.get("cmd")
+        try:
+            if cmd == "events":
+                self._events(conn, bool(request.get("follow")))
+                return
+            if cmd == "stats":
+                reply = self.stats()
+            elif cmd == "which":
+                reply = self.which(request.get("path"))
+            else:
+                reply = {"error": f"unknown request {cmd!r}"}
+        except OSError as e:        # reading a layer failed
+            reply = {"error": f"{cmd}: {e.strerror or e}"}
+        except Exception as e:      # a bug: say what, in one line
+            log.exception("unionfs: control request %r failed", cmd)
+            reply = {"error": f"internal error: {type(e).__name__}: {e}"}
+        _send(conn, reply)
 
     @staticmethod
     def _read_request(conn):
@@ -181,7 +196,7 @@ class Server:
             recent = rec.recent()
             seen = {id(e) for e in recent}
             for event in recent:
-                _send(conn, _event_obj(event))
+                _send(conn, event_dict(event))
             if listener is None:
                 return
             reported = 0
@@ -193,7 +208,7 @@ class Server:
                     event = queue.popleft()
                     if id(event) in seen:
                         continue        # sent from the ring already
-                    _send(conn, _event_obj(event))
+                    _send(conn, event_dict(event))
                 seen = ()
                 if listener.dropped != reported:
                     reported = listener.dropped
@@ -254,11 +269,6 @@ def _layer_obj(layer):
             "dir": layer.root}
 
 
-def _event_obj(event):
-    from unionfs.observe import event_dict
-    return event_dict(event)
-
-
 def _peer_closed(conn):
     """True if the client closed its end (it sends nothing after its request)."""
     try:
@@ -293,6 +303,13 @@ def _unlink(path):
 
 
 # -- the client side ---------------------------------------------------------------
+
+def request_one(path, obj, what):
+    """The one reply to request ``obj`` (see request)."""
+    for reply in request(path, obj, what):
+        return reply
+    raise UserError(f"{what}: the daemon closed the connection without an answer")
+
 
 def request(path, obj, what):
     """Send request ``obj`` to the control socket at ``path``; yield the

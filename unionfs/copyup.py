@@ -174,7 +174,6 @@ class CopyUp:
     def _report(self, path, st, data, t0):
         nbytes = st.st_size if data and stat.S_ISREG(st.st_mode) else 0
         self.observer.copied_up(path, nbytes, time.perf_counter_ns() - t0)
-        return nbytes
 
     def copy_up_file(self, path, lock, data=True):
         """Copy up a non-directory, copying its data *outside* ``lock`` (the

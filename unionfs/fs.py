@@ -163,6 +163,11 @@ class UnionFS:
                 return p
         return None
 
+    def stats(self):
+        """Figures for `unionfs stats`: the inodes the kernel holds (looked
+        up and not yet forgotten)."""
+        return {"kernel_inodes": len(self._inodes)}
+
     def _moved(self, old, new):
         """Rename in the table: ``old`` (and what is below it) is now ``new``."""
         with self._table:

@@ -11,9 +11,11 @@ import errno
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 import time
 
+from unionfs import control
 from unionfs import whiteout as wh
 from unionfs.errors import UserError
 
@@ -216,7 +218,7 @@ def fuse_options_for(spec, ll):
 
 def serve(spec, mountpoint, debug=False, on_ready=None):
     """Run the filesystem in this process until it is unmounted."""
-    from unionfs import control, observe
+    from unionfs import observe
     from unionfs.binding import common
     from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers, ll
     from unionfs.union import Union
@@ -232,10 +234,14 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
         union.copyup.observer = recorder
     fs = UnionFS(union, timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
                  on_init=on_ready, watch=recorder)
-    control_server = control.Server(
-        control.socket_for(pidfile_for(mountpoint)), recorder, union,
-        extra=lambda: {"kernel_inodes": len(fs._inodes)})
-    control_server.start()
+    control_server = control.Server(control.socket_for(pidfile_for(mountpoint)), recorder,
+                                    union, extra=fs.stats)
+    try:
+        control_server.start()
+    except OSError as e:
+        # The mount matters more than watching it: serve without.
+        print(f"unionfs: warning: no control socket ({e}); stats and events are off",
+              file=sys.stderr)
     options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec, ll).items()]
     if debug:
         options.append("debug")
@@ -383,7 +389,7 @@ def prune_pidfiles():
             path = os.path.join(base, name)
             if _read_pidfile(path) is None:
                 _remove(path)
-                _remove(path[:-len(".pid")] + ".sock")
+                _remove(control.socket_for(path))
 
 
 def _remove(path):

@@ -181,7 +181,7 @@ def cmd_which(args):
     for path in args.paths:
         try:
             mnt, sock, merged = _locate(path)
-            info = next(control.request(sock, {"cmd": "which", "path": merged}, mnt))
+            info = control.request_one(sock, {"cmd": "which", "path": merged}, mnt)
         except UserError as e:
             print(f"unionfs: {e}", file=sys.stderr)
             status = EXIT_ERROR
@@ -269,7 +269,7 @@ def format_stats(mnt, s):
 
 
 def _fetch_stats(sock, mnt):
-    return next(control.request(sock, {"cmd": "stats"}, mnt))
+    return control.request_one(sock, {"cmd": "stats"}, mnt)
 
 
 def cmd_stats(args):
