@@ -123,7 +123,8 @@ def test_which_names_the_layer_of_lower_upper_copied_up_and_new_files(tree, moun
     assert lines[1] == f"{mnt}/base.txt: upper {tree.upper} (copied up from lower 2 {tree.lowers[1]})"
     assert lines[2] == f"{mnt}/new.txt: upper {tree.upper} (new: nothing below it)"
     assert lines[3] == f"{mnt}/moved: lower 1 {tree.lowers[0]}; merged with lower 2"
-    info = [json.loads(x) for x in cli("which", "--json", mnt / "base.txt", mnt / "top.txt").stdout.splitlines()]
+    r = cli("which", "--json", mnt / "base.txt", mnt / "top.txt")
+    info = [json.loads(x) for x in r.stdout.splitlines()]
     assert info[0]["layer"] == "upper" and info[0]["copied_up"] is True
     assert info[0]["from"] == {"layer": "lower", "index": 2, "dir": str(tree.lowers[1])}
     assert (info[1]["layer"], info[1]["index"], info[1]["copied_up"]) == ("lower", 1, False)
@@ -294,6 +295,37 @@ def test_image_containers_by_name_with_diff_id_and_history(tmp_path):
     finally:
         force_unmount(str(mnt))
     assert "not mounted" in one_line_error(cli("stats", "--store", store, "web", check=False))
+
+
+@requires_fuse
+@pytest.mark.fuse
+@pytest.mark.timeout(120)
+def test_stats_watch_redraws_in_place_on_a_terminal(tree, mounted):
+    import pty
+    mnt = mounted()
+    (mnt / "top.txt").read_text()
+    pid, fd = pty.fork()
+    if pid == 0:                                    # the child: on the terminal
+        try:
+            os.execve(UNIONFS, [UNIONFS, "stats", "--watch", str(mnt)], dict(os.environ, TERM="xterm"))
+        finally:
+            os._exit(127)
+    out = b""
+    try:
+        deadline = time.monotonic() + 60
+        # Two screens: the first, then a redraw that moved the cursor up.
+        while out.count(b"request ") < 2 and time.monotonic() < deadline:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:
+                break
+    finally:
+        os.kill(pid, signal.SIGINT)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert text.count(f"{mnt}: up ") >= 2 and "\x1b[1A" in text, text[-2000:]
+    assert "lookup" in text
 
 
 def test_bad_input_gets_one_line(tmp_path):
