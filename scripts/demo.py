@@ -3,8 +3,9 @@
 
 Part 1 mounts two plain directories under a fresh upper and shows a copy-up,
 a whiteout and an opaque directory. Part 2 builds the demo image, loads it
-into a temporary store, mounts it as a container rootfs, changes it, and
-shows diff, commit and save. Everything lives in a temporary directory that
+into a temporary store, mounts it as a container rootfs, shows which layer
+files come from, changes it, shows the copy-on-write events, and diff,
+commit and save. Everything lives in a temporary directory that
 is unmounted and removed at the end, whatever happens.
 """
 
@@ -89,9 +90,15 @@ def part2(tmp):
         if os.geteuid() == 0:
             say("the rootfs runs its own busybox (chroot)")
             sh("chroot", mnt, "/bin/sh", "-c", "echo hello from $(cat /etc/hostname); ls /app")
+        say("which layer each file comes from (its diff_id and the step that made it)")
+        sh(UNIONFS, "which", mnt / "etc/motd", mnt / "app/VERSION", mnt / "app/data")
         say("a change in the container")
-        sh("sh", "-c", f"echo 2.0 > {mnt}/app/VERSION; rm {mnt}/app/README; "
+        sh("sh", "-c", f"echo 2.0 > {mnt}/app/VERSION; echo edited >> {mnt}/etc/motd; "
+                       f"rm {mnt}/app/README; "
                        f"mkdir -p {mnt}/srv && echo served > {mnt}/srv/index.html")
+        say("what copy-on-write did: events (by container name), and which again")
+        sh(UNIONFS, "events", *st, "demo")
+        sh(UNIONFS, "which", mnt / "app/VERSION", mnt / "srv/index.html")
         sh(UNIONFS, "diff", *st, "demo")
         sh(UNIONFS, "commit", *st, "demo", "unionfs-demo:changed", "-m", "make demo: edit")
         sh(UNIONFS, "image", "history", *st, "unionfs-demo:changed")

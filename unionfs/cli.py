@@ -60,6 +60,8 @@ def build_parser():
         image_commands.register(sub)
     from unionfs.registry import commands as registry_commands
     registry_commands.register(sub)
+    from unionfs.watch import register as register_watch   # which, events, stats
+    register_watch(sub)
     return p
 
 

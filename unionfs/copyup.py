@@ -10,6 +10,9 @@ Leftover temporaries are removed when the next mount starts.
 Callers hold the union's mutation lock, except that ``copy_up_file`` copies
 a file's data without it (see there); lookups run concurrently and see the
 lower entry until the rename publishes the copy.
+
+Each published copy is reported to ``observer`` (see observe.py): what was
+copied, how many bytes of data, how long it took.
 """
 
 import errno
@@ -17,10 +20,12 @@ import itertools
 import os
 import stat
 import threading
+import time
 
 from unionfs import osutil
 from unionfs import whiteout as wh
 from unionfs.layers import DIR, split_path
+from unionfs.observe import NO_OBSERVER
 
 _COPY_CHUNK = 1 << 20
 _WRITEBACK_CHUNK = 8 << 20
@@ -128,6 +133,7 @@ class CopyUp:
         self.writer = writer
         self.fsync = fsync
         self.on_publish = None      # called with each path a copy-up published
+        self.observer = NO_OBSERVER
         self._seq = itertools.count()
         self._stripes = [threading.Lock() for _ in range(64)]
 
@@ -159,9 +165,15 @@ class CopyUp:
         self.ensure_dir(parent)
         src = node.top.real(path)
         st = os.lstat(src)
+        t0 = time.perf_counter_ns()
         tmp = self._build_copy(src, st, data)
         self.publish(tmp, path)
+        self._report(path, st, data, t0)
         return self.stack.lookup(path)
+
+    def _report(self, path, st, data, t0):
+        nbytes = st.st_size if data and stat.S_ISREG(st.st_mode) else 0
+        self.observer.copied_up(path, nbytes, time.perf_counter_ns() - t0)
 
     def copy_up_file(self, path, lock, data=True):
         """Copy up a non-directory, copying its data *outside* ``lock`` (the
@@ -180,7 +192,9 @@ class CopyUp:
                     return self.copy_up(path, node, data)
                 self.ensure_dir(split_path(path)[0])
             src = node.top.real(path)
-            tmp = self._build_copy(src, os.lstat(src), data)
+            st = os.lstat(src)
+            t0 = time.perf_counter_ns()
+            tmp = self._build_copy(src, st, data)
             with lock:
                 now = self.stack.lookup(path)
                 if now is None or now.in_upper or now.top is not node.top:
@@ -189,6 +203,7 @@ class CopyUp:
                         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                     return self.copy_up(path, now, data)
                 self.publish(tmp, path)
+                self._report(path, st, data, t0)
                 return self.stack.lookup(path)
 
     def publish(self, tmp, path):
@@ -253,22 +268,36 @@ class CopyUp:
         Used before a directory that lower layers contribute to is renamed:
         afterwards the upper directory alone holds the merged contents, so it
         can move anywhere (no redirect xattrs, no EXDEV). ``listing(path)``
-        yields the merged (name, kind) entries of a directory.
+        yields the merged (name, kind) entries of a directory. Reported as
+        one dir-copy (after the copy-ups of what it held).
         """
+        t0 = time.perf_counter_ns()
+        node, nbytes = self._copy_tree(path, listing)
+        if nbytes is not None:
+            self.observer.dir_copied(path, nbytes, time.perf_counter_ns() - t0)
+        return node
+
+    def _copy_tree(self, path, listing):
+        """copy_up_tree's work: (node, data bytes copied), or (node, None)
+        if the directory was upper-only (nothing to do)."""
         node = self.ensure_dir(path)
         if len(node.layers) == 1:
-            return node             # upper-only: nothing below to copy
+            return node, None       # upper-only: nothing below to copy
+        nbytes = 0
         for name, kind in listing(path):
             child = path.rstrip("/") + "/" + name
             cnode = self.stack.lookup(child)
             if cnode is None:
                 continue
             if kind == DIR:
-                self.copy_up_tree(child, listing)
+                nbytes += self._copy_tree(child, listing)[1] or 0
             elif not cnode.in_upper:
+                cst = os.lstat(cnode.top.real(child))
                 self.copy_up(child, cnode)
+                nbytes += cst.st_size if stat.S_ISREG(cst.st_mode) else 0
         real = self.upper.real(path)
         self.writer.set_opaque(real)
+        self.observer.opaque(path)
         # Opaque and complete, the directory needs no whiteouts any more; and
         # it must not keep them: kernel overlayfs lists a directory nothing
         # merges with straight from disk, whiteouts included.
@@ -287,7 +316,7 @@ class CopyUp:
         if removed:
             os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         self.stack.invalidate(path, tree=True)
-        return self.stack.lookup(path)
+        return self.stack.lookup(path), nbytes
 
 
 def remove_tree(path):

@@ -77,8 +77,9 @@ def _fill_stat(cst, st, ino, merged=False):
 class UnionFS:
     """Serves a ``Union`` over FUSE (see the module doc)."""
 
-    def __init__(self, union, timeout=DEFAULT_TIMEOUT, on_init=None):
+    def __init__(self, union, timeout=DEFAULT_TIMEOUT, on_init=None, watch=None):
         self.union = union
+        self.watch = watch      # an observe.Recorder timing every request, or None
         self.timeout = float(timeout)
         self.on_init = on_init
         # The reply to a lookup of a missing name: ino 0 is a "no such
@@ -161,6 +162,11 @@ class UnionFS:
             if other is inode and p != gone:
                 return p
         return None
+
+    def stats(self):
+        """Figures for `unionfs stats`: the inodes the kernel holds (looked
+        up and not yet forgotten)."""
+        return {"kernel_inodes": len(self._inodes)}
 
     def _moved(self, old, new):
         """Rename in the table: ``old`` (and what is below it) is now ``new``."""
@@ -672,11 +678,16 @@ class UnionFS:
         # forget has no reply to send, not even an error.
         out = {"init": self.init, "forget": self.forget}
         for name in self.QUICK:
-            out[name] = self._dispatch(name, getattr(self, name))
+            out[name] = self._dispatch(name, self._method(name))
         for name, (copy, blocks) in self.MAY_BLOCK.items():
-            call = self._dispatch(name, getattr(self, name))
+            call = self._dispatch(name, self._method(name))
             out[name] = self._deferring(call, copy, blocks, workers)
         return out
+
+    def _method(self, name):
+        """The handler of request ``name``, timed if stats are kept."""
+        method = getattr(self, name)
+        return method if self.watch is None else self.watch.timed(name, method)
 
     def _deferring(self, call, copy, blocks, workers):
         if workers is None:

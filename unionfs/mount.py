@@ -12,9 +12,11 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
+from unionfs import control
 from unionfs import whiteout as wh
 from unionfs.errors import FuseUnavailableError, UserError
 from unionfs.osutil import proc_start as _proc_start, proc_stat as _proc_stat
@@ -219,6 +221,7 @@ def fuse_options_for(spec, ll):
 
 def serve(spec, mountpoint, debug=False, on_ready=None):
     """Run the filesystem in this process until it is unmounted."""
+    from unionfs import observe
     from unionfs.binding import common
     from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers, ll
     from unionfs.union import Union
@@ -229,8 +232,19 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     except OSError as e:
         raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
     os.umask(0)     # modes arrive from the kernel with the caller's umask applied
+    recorder = observe.Recorder()
+    if union.copyup is not None:
+        union.copyup.observer = recorder
     fs = UnionFS(union, timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
-                 on_init=on_ready)
+                 on_init=on_ready, watch=recorder)
+    control_server = control.Server(control.socket_for(pidfile_for(mountpoint)), recorder,
+                                    union, extra=fs.stats)
+    try:
+        control_server.start()
+    except OSError as e:
+        # The mount matters more than watching it: serve without.
+        print(f"unionfs: warning: no control socket ({e}); stats and events are off",
+              file=sys.stderr)
     options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec, ll).items()]
     if debug:
         options.append("debug")
@@ -243,6 +257,7 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     except common.MountError as e:
         raise RuntimeError(str(e))
     finally:
+        control_server.stop()
         if workers is not None:
             workers.stop()
 
@@ -386,6 +401,7 @@ def prune_pidfiles():
             path = os.path.join(base, name)
             if _read_pidfile(path) is None:
                 _remove(path)
+                _remove(control.socket_for(path))
 
 
 def _remove(path):

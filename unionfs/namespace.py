@@ -10,7 +10,9 @@ mutation lock. The rules (DESIGN.md §3):
 - rename copies the source up first (a directory with lower parts as a whole,
   made opaque), then moves it inside the upper: never EXDEV.
 
-Every change ends with ``stack.invalidate`` for the paths it touched.
+Every change ends with ``stack.invalidate`` for the paths it touched, and
+each whiteout or opaque directory made is reported to ``u.copyup.observer``
+(observe.py) once it is in place.
 """
 
 import errno
@@ -127,6 +129,8 @@ def _publish_over_whiteout(u, path, build, is_dir, owner):
         if isinstance(result, int):
             os.close(result)        # create's descriptor: nobody will get it
         raise
+    if is_dir:
+        u.copyup.observer.opaque(path)
     return result
 
 
@@ -173,7 +177,8 @@ def _remove_whiteout_needed(u, path):
 
 def _whiteout(u, path, is_dir):
     """Replace whatever the upper has at ``path`` (maybe nothing) by a
-    whiteout, atomically where the format allows."""
+    whiteout, atomically where the format allows. (The caller reports it:
+    a rename may take two steps to leave one.)"""
     parent, name = split_path(path)
     upper = u.upper
     dst = upper.real(path)
@@ -233,6 +238,7 @@ def _remove(u, path, node, is_dir):
         u.copyup.ensure_dir(split_path(path)[0])
         if _remove_whiteout_needed(u, path):
             _whiteout(u, path, is_dir and node.in_upper)
+            u.copyup.observer.whiteout(path)
         else:
             _remove_upper(u, u.upper.real(path), is_dir)
     finally:
@@ -308,10 +314,11 @@ def _rename_locked(u, old, new, src):
     old_needs_whiteout = _remove_whiteout_needed(u, old)
     below_new = u.stack.lookup_below(new)
     upper_old, upper_new = upper.real(old), upper.real(new)
-    if is_dir and below_new is not None and below_new.kind == DIR \
-            and not upper.is_opaque(old):
-        # Lower layers have a directory at the target: the moved directory
-        # must hide it, or its entries would merge into ours.
+    # Lower layers have a directory at the target: the moved directory
+    # must hide it, or its entries would merge into ours.
+    opaque_new = is_dir and below_new is not None and below_new.kind == DIR \
+        and not upper.is_opaque(old)
+    if opaque_new:
         u.writer.set_opaque(upper_old)
 
     overlay = u.writer.format == wh.FORMAT_OVERLAY
@@ -349,6 +356,10 @@ def _rename_locked(u, old, new, src):
         os.rename(upper_old, upper_new)
     if marker_new is not None:
         os.unlink(marker_new)
+    if old_needs_whiteout:
+        u.copyup.observer.whiteout(old)
+    if opaque_new:
+        u.copyup.observer.opaque(new)
 
 
 def exchange(u, a, b):
@@ -373,6 +384,7 @@ def exchange(u, a, b):
             sa, sb = os.lstat(u.upper.real(a)), os.lstat(u.upper.real(b))
             if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
                 return          # two links of one file: nothing to swap
+        made_opaque = []        # where directories made opaque will land
         try:
             for p, node in nodes.items():
                 if node.kind == DIR:
@@ -385,7 +397,10 @@ def exchange(u, a, b):
                 below = u.stack.lookup_below(there)
                 if below is not None and below.kind == DIR:
                     u.writer.set_opaque(u.upper.real(p))
+                    made_opaque.append(there)
             rename_exchange(u.upper.real(a), u.upper.real(b))
+            for p in made_opaque:
+                u.copyup.observer.opaque(p)
         finally:
             u.stack.invalidate(a, tree=True)
             u.stack.invalidate(b, tree=True)

@@ -250,18 +250,25 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-def cmd_history(args) -> int:
-    store = _store(args)
-    image = store.resolve(args.image)
-    config = store.config(image)
+def history_entries(config: dict, image) -> list[tuple[dict, object]]:
+    """The image's history, oldest first, each entry with the layer it made
+    (None for an empty_layer step); layers the history does not describe
+    come last, with an empty entry."""
     history = config.get("history") or [{} for _ in image.layers]
-    rows = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
     layers = iter(image.layers)
     entries = []
     for h in history:
         layer = None if h.get("empty_layer") else next(layers, None)
         entries.append((h, layer))
-    entries.extend(({}, layer) for layer in layers)  # layers the history does not describe
+    entries.extend(({}, layer) for layer in layers)
+    return entries
+
+
+def cmd_history(args) -> int:
+    store = _store(args)
+    image = store.resolve(args.image)
+    entries = history_entries(store.config(image), image)
+    rows = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
     for i, (h, layer) in enumerate(reversed(entries)):
         created_by = (h.get("created_by") or "").replace("\n", " ")
         if not args.no_trunc and len(created_by) > 45:
