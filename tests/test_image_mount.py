@@ -1,6 +1,7 @@
 """Images on real mounts, through the `unionfs` command line: mount an image
 as a container rootfs, change it, diff, commit, save, load again, remount."""
 
+import errno
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import tarfile
 
 import pytest
 
-from image_helpers import (D, F, FIFO, H, L, apply_layers, docker_archive, force_unmount, fuse_available,
+from image_helpers import (CHR, D, F, FIFO, H, L, apply_layers, docker_archive, force_unmount, fuse_available,
                            have_mount_api, layer_tar, tree)
 
 pytestmark = [
@@ -55,11 +56,12 @@ def env(tmp_path):
     docker_archive(tmp_path / "image.tar", LAYERS, tags=["test/img:1"])
     unionfs("image", "load", "--store", store, "-q", tmp_path / "image.tar")
 
-    def mount(image, name=None, store=store):
+    def mount(image, name=None, store=store, options=None):
         mnt = tmp_path / f"mnt{len(mounts)}"
         mnt.mkdir()
         mounts.append(str(mnt))
         extra = ["--name", name] if name else []
+        extra += ["-o", options] if options else []
         out = unionfs("image", "mount", "--store", store, image, mnt, *extra).stdout.strip()
         return mnt, out
     try:
@@ -183,3 +185,104 @@ def test_device_whiteouts_in_upper_are_committed_as_wh_files(env, tmp_path):
         top = tarfile.open(fileobj=io.BytesIO(tf.extractfile(manifest[0]["Layers"][-1]).read()))
     assert "etc/.wh.motd" in top.getnames() and ".wh.data" in top.getnames()
     assert not any(m.ischr() for m in top.getmembers())
+
+
+def mount_flags(mnt) -> set[str]:
+    """The per-mount flags /proc/self/mountinfo shows for ``mnt``."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mnt):
+                return set(fields[5].split(","))
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+DEVICES = layer_tar(D("dev"), CHR("dev/null", 1, 3, mode=0o666), D("bin"),
+                    F("bin/run", b"#!/bin/sh\necho ran\n", mode=0o755))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="device nodes in a layer need root")
+def test_image_rootfs_allows_its_devices_and_set_id_files_unless_told(env, tmp_path):
+    """The image's own /dev/null opens and takes writes in its rootfs (apt's
+    and dpkg's scripts need it); `-o nodev,nosuid,noexec,ro` turns each off."""
+    store, mount = env
+    docker_archive(tmp_path / "dev.tar", [DEVICES], tags=["test/dev:1"])
+    unionfs("image", "load", "--store", store, "-q", tmp_path / "dev.tar")
+    mnt, _ = mount("test/dev:1")
+    with open(mnt / "dev/null", "w") as f:
+        f.write("discarded\n")
+    assert (mnt / "dev/null").read_text() == ""
+    assert not {"nodev", "nosuid", "noexec", "ro"} & mount_flags(mnt)
+    assert subprocess.run([mnt / "bin/run"], capture_output=True, text=True).stdout == "ran\n"
+
+    locked, _ = mount("test/dev:1", options="nodev,nosuid,noexec,ro")
+    assert {"nodev", "nosuid", "noexec", "ro"} <= mount_flags(locked)
+    with pytest.raises(PermissionError):
+        open(locked / "dev/null", "w")
+    with pytest.raises(PermissionError):
+        subprocess.run([locked / "bin/run"])
+    with pytest.raises(OSError) as e:
+        (locked / "new").write_text("x")
+    assert e.value.errno == errno.EROFS
+
+
+def test_image_mount_refuses_unknown_options(env, tmp_path):
+    store, _ = env
+    p = unionfs("image", "mount", "--store", store, "-o", "nodev,lowerdir=/", "test/img:1", tmp_path,
+                check=False)
+    assert p.returncode == 1
+    assert p.stderr.startswith("unionfs: image mount: unknown option 'lowerdir=/'") and p.stderr.count("\n") == 1
+    assert "img-1" not in unionfs("ps", "--store", store).stdout
+
+
+TINY_POSTINST = b"#!/bin/sh\nset -e\necho configuring > /dev/null\necho ok > /var/lib/tiny-configured\n"
+TINY_CONTROL = b"""Package: tiny
+Version: 1.0
+Architecture: all
+Maintainer: unionfs tests <tests@example.invalid>
+Description: writes to /dev/null from its postinst
+"""
+
+
+def tiny_deb(tmp_path):
+    """A .deb whose postinst writes to /dev/null under `set -e`, as many do."""
+    pkg = tmp_path / "tiny"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_bytes(TINY_CONTROL)
+    (pkg / "DEBIAN/postinst").write_bytes(TINY_POSTINST)
+    (pkg / "DEBIAN/postinst").chmod(0o755)
+    (pkg / "usr/share/tiny").mkdir(parents=True)
+    (pkg / "usr/share/tiny/README").write_text("tiny\n")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", pkg, tmp_path / "tiny.deb"],
+                   check=True, capture_output=True, timeout=60)
+    return tmp_path / "tiny.deb"
+
+
+def debian_like_layer() -> bytes:
+    """A rootfs dpkg can install into: a shell, its own /dev/null, an empty dpkg database."""
+    with open("/bin/busybox", "rb") as f:
+        busybox = f.read()
+    return layer_tar(D("bin"), F("bin/busybox", busybox, mode=0o755), L("bin/sh", "busybox"),
+                     D("dev"), CHR("dev/null", 1, 3, mode=0o666), D("tmp", mode=0o1777),
+                     D("var"), D("var/lib"), D("var/lib/dpkg"), D("var/lib/dpkg/info"),
+                     D("var/lib/dpkg/updates"), F("var/lib/dpkg/status"))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="dpkg --root and device nodes need root")
+@pytest.mark.skipif(not shutil.which("dpkg") or not os.path.exists("/bin/busybox"),
+                    reason="needs dpkg and busybox-static")
+def test_dpkg_installs_into_a_mounted_rootfs_and_runs_its_maintainer_script(env, tmp_path):
+    """What apt-get install does in an image: dpkg unpacks a .deb into the
+    rootfs and runs its postinst chrooted there; the script's write to the
+    image's /dev/null must succeed, or dpkg fails the package."""
+    store, mount = env
+    deb = tiny_deb(tmp_path)
+    docker_archive(tmp_path / "debianish.tar", [debian_like_layer()], tags=["test/debianish:1"])
+    unionfs("image", "load", "--store", store, "-q", tmp_path / "debianish.tar")
+    mnt, name = mount("test/debianish:1")
+    p = subprocess.run(["dpkg", f"--root={mnt}", "-i", deb], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "/dev/null" not in p.stdout + p.stderr
+    assert (mnt / "var/lib/tiny-configured").read_text() == "ok\n"
+    diff = unionfs("diff", "--store", store, name).stdout.splitlines()
+    assert {"A /usr/share/tiny/README", "A /var/lib/tiny-configured"} <= set(diff)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from elf_helpers import EXIT_IF_NOBODY, EXIT_IF_ROOT, euid_program
 from podman_helpers import (
     DIR, LISTING_SCRIPT, MOUNT_PROGRAM_ENV, STATIC_BUSYBOX, PodmanSandbox, Symlink,
     busybox_rootfs_tar, docker_archive, expected_listing, is_static_executable,
@@ -283,6 +284,26 @@ def test_load_layers_with_whiteouts(podman, rootfs_tar, tmp_path):
     seen = sorted(podman.sh(LAYERED_IMAGE, changes_then_listing(LAYERED_CHANGES),
                             "/data").splitlines())
     assert_tree(seen, LAYERED_CHANGED_TREE, "container on it, after its changes")
+
+
+def test_set_uid_program_gets_root_for_a_non_root_user(podman, rootfs_tar, tmp_path):
+    """su, sudo and passwd need this: a set-uid root program run as
+    `--user 65534` runs with euid 0 (as on fuse-overlayfs and kernel
+    overlayfs); the same program without the bit keeps euid 65534."""
+    program = euid_program()
+    if program is None:
+        pytest.skip("no euid test program written for this architecture")
+    layer = tmp_path / "layer"
+    (layer / "bin").mkdir(parents=True)
+    for name, mode in (("euid-setuid", 0o4755), ("euid-plain", 0o755)):
+        (layer / "bin" / name).write_bytes(program)
+        (layer / "bin" / name).chmod(mode)
+    image = "localhost/unionfs-test/setuid:1"
+    podman.run("load", "--quiet", "--input",
+               str(docker_archive(tmp_path, [rootfs_tar, tar_tree(tmp_path / "layer.tar", layer)], image)))
+    out = podman.run("run", "--rm", "--user", "65534", image, "/bin/sh", "-c",
+                     "/bin/euid-setuid; echo $?; /bin/euid-plain; echo $?").stdout
+    assert out.split() == [str(EXIT_IF_ROOT), str(EXIT_IF_NOBODY)]
 
 
 # ------------------------------------------------------------ --version

@@ -61,6 +61,13 @@ DEFAULT_FUSE_OPTIONS = {
     "fsname": "unionfs",
     "subtype": "unionfs",
 }
+# Mounted by root, a union is a container rootfs for every user, and behaves
+# as kernel overlayfs does: set-id files and device nodes work (libfuse's own
+# default is nosuid,nodev). For other users fusermount3 forces nosuid,nodev.
+ROOT_FUSE_OPTIONS = {"allow_other": True, "suid": True, "dev": True}
+# Mount flags that cancel each other: the one the user gives replaces the default.
+_OPPOSITE_FLAGS = {"suid": "nosuid", "nosuid": "suid", "dev": "nodev", "nodev": "dev",
+                   "exec": "noexec", "noexec": "exec"}
 
 
 @dataclasses.dataclass
@@ -205,9 +212,11 @@ def fuse_options_for(spec, ll):
     opts = dict(DEFAULT_FUSE_OPTIONS)
     opts.update(ll.DEFAULT_OPTIONS)
     if os.geteuid() == 0:
-        opts["allow_other"] = True  # a container rootfs is for every user
+        opts.update(ROOT_FUSE_OPTIONS)
     if spec.upperdir is None:
         opts["ro"] = True
+    for key in spec.fuse_options:
+        opts.pop(_OPPOSITE_FLAGS.get(key), None)
     opts.update(spec.fuse_options)
     if opts.pop("rw", None) and spec.upperdir is None:
         opts["ro"] = True

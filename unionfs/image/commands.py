@@ -18,6 +18,8 @@ from unionfs.image.progress import Progress
 from unionfs.image.store import Store, default_store_path, mounted_paths, name_candidates
 
 FORMATS = ("docker", "oci")
+# The mount flags `image mount -o` takes (the layers come from the image).
+IMAGE_MOUNT_FLAGS = ("ro", "rw", "nodev", "dev", "nosuid", "suid", "noexec", "exec")
 
 
 def register(subparsers):
@@ -56,6 +58,9 @@ def register(subparsers):
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--name", help="container name (an existing container of that image is remounted)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                   help=f"mount flags, comma-separated: {', '.join(IMAGE_MOUNT_FLAGS)} "
+                        "(as root the default is suid,dev,exec,rw, as kernel overlayfs)")
     p.set_defaults(func=cmd_image_mount)
 
     p = image_sub.add_parser("save", parents=[common], help="write an image archive")
@@ -288,9 +293,20 @@ def _container_name(store: Store, image) -> str:
     return f"{base}-{n}"
 
 
+def _image_mount_flags(optstrings) -> dict:
+    from unionfs.mount import split_options
+    flags = {}
+    for item in split_options(optstrings or []):
+        if item not in IMAGE_MOUNT_FLAGS:
+            raise UserError(f"image mount: unknown option {item!r} (one of: {', '.join(IMAGE_MOUNT_FLAGS)})")
+        flags[item] = True
+    return flags
+
+
 def cmd_image_mount(args) -> int:
     from unionfs.mount import MountSpec, mount
     store = _store(args)
+    flags = _image_mount_flags(args.options)
     mnt = os.path.realpath(args.mountpoint)  # as /proc/self/mountinfo will show it
     if not os.path.isdir(mnt):
         raise UserError(f"mount point {args.mountpoint}: not a directory")
@@ -310,7 +326,8 @@ def cmd_image_mount(args) -> int:
         store.write_container(container)
         lowerdirs = store.lowerdirs(image)
     # Mount outside the lock: the daemon must not inherit it.
-    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto")
+    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto",
+                     fuse_options=flags)
     try:
         mount(spec, mnt)
     except BaseException:
