@@ -159,8 +159,6 @@ def test_mount_errors(env, tmp_path):
     store, mount = env
     p = unionfs("image", "mount", "--store", store, "nope", tmp_path, check=False)
     assert p.returncode == 1 and p.stderr == "unionfs: image nope: no such image\n"
-    p = unionfs("image", "mount", "--store", store, "test/img:1", tmp_path / "missing", check=False)
-    assert p.returncode == 1 and "not a directory" in p.stderr
     mnt, _ = mount("test/img:1", name="busy")
     other = tmp_path / "other"
     other.mkdir()
@@ -232,6 +230,28 @@ def test_image_mount_refuses_unknown_options(env, tmp_path):
                 check=False)
     assert p.returncode == 1
     assert p.stderr.startswith("unionfs: image mount: unknown option 'lowerdir=/'") and p.stderr.count("\n") == 1
+    assert "img-1" not in unionfs("ps", "--store", store).stdout
+
+
+@pytest.mark.parametrize("target, reason", [("missing", "no such directory"), ("file", "not a directory")])
+def test_every_mount_command_refuses_a_missing_mount_point_alike(env, tmp_path, target, reason):
+    """`image mount`, `unionfs mount` and `fuse-unionfs` neither create a
+    missing mount point nor call it something else: one line, the same words,
+    and no container left behind."""
+    store, _ = env
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "lower").mkdir()
+    mnt = tmp_path / target
+    fuse_unionfs = os.path.join(os.path.dirname(sys.executable), "fuse-unionfs")
+    commands = [
+        ("unionfs", [sys.executable, "-m", "unionfs", "image", "mount", "--store", store, "test/img:1", mnt]),
+        ("unionfs", [sys.executable, "-m", "unionfs", "mount", "-o", f"lowerdir={tmp_path / 'lower'}", mnt]),
+        ("fuse-unionfs", [fuse_unionfs, "-o", f"lowerdir={tmp_path / 'lower'}", mnt]),
+    ]
+    for prog, argv in commands:
+        p = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stderr) == (1, f"{prog}: mountpoint {mnt}: {reason}\n"), argv
+        assert not os.path.lexists(mnt) or target == "file"
     assert "img-1" not in unionfs("ps", "--store", store).stdout
 
 

@@ -152,10 +152,16 @@ def _existing_dir(role, path):
     return os.path.realpath(path)
 
 
+def existing_mountpoint(path):
+    """The real path of mount point ``path``. Every mount command requires
+    it to exist, as mount(8) does: a mistyped path is reported, not created."""
+    return _existing_dir("mountpoint", path)
+
+
 def validate(spec, mountpoint):
     """Check what the user gave before anything is created or mounted."""
     lowers = [_existing_dir("lowerdir", d) for d in spec.lowerdirs]
-    mnt = _existing_dir("mountpoint", mountpoint)
+    mnt = existing_mountpoint(mountpoint)
     named = [("lowerdir", d) for d in lowers]
     if (spec.upperdir is None) != (spec.workdir is None):
         raise UserError("upperdir and workdir must be given together")

@@ -304,12 +304,10 @@ def _image_mount_flags(optstrings) -> dict:
 
 
 def cmd_image_mount(args) -> int:
-    from unionfs.mount import MountSpec, mount
+    from unionfs.mount import MountSpec, existing_mountpoint, mount
     store = _store(args)
     flags = _image_mount_flags(args.options)
-    mnt = os.path.realpath(args.mountpoint)  # as /proc/self/mountinfo will show it
-    if not os.path.isdir(mnt):
-        raise UserError(f"mount point {args.mountpoint}: not a directory")
+    mnt = existing_mountpoint(args.mountpoint)  # real path, as /proc/self/mountinfo shows it
     with store.locked():
         image = store.resolve(args.image)
         container = store.container(args.name) if args.name else None
