@@ -13,7 +13,7 @@ import tarfile
 import pytest
 
 from image_helpers import (CHR, D, F, FIFO, H, L, apply_layers, docker_archive, force_unmount, fuse_available,
-                           have_mount_api, layer_tar, tree)
+                           have_mount_api, layer_tar, oci_layout, tree)
 
 pytestmark = [
     pytest.mark.fuse,
@@ -306,3 +306,19 @@ def test_dpkg_installs_into_a_mounted_rootfs_and_runs_its_maintainer_script(env,
     assert (mnt / "var/lib/tiny-configured").read_text() == "ok\n"
     diff = unionfs("diff", "--store", store, name).stdout.splitlines()
     assert {"A /usr/share/tiny/README", "A /var/lib/tiny-configured"} <= set(diff)
+
+
+def test_ps_shows_the_image_by_the_name_it_was_mounted_by(env, tmp_path):
+    """An image loaded as `base` (an OCI ref.name) and tagged `debian:base`,
+    mounted as `debian:base`: `ps` says `debian:base`, not another name."""
+    store, mount = env
+    oci_layout(tmp_path / "layout", [BASE], ref="base")
+    unionfs("image", "load", "--store", store, "-q", tmp_path / "layout")
+    unionfs("image", "load", "--store", store, "-q", "--tag", "debian:base", tmp_path / "layout")
+    mount("debian:base", name="deb")
+    rows = [line.split() for line in unionfs("ps", "--store", store).stdout.splitlines()]
+    assert ["deb", "debian:base"] in [r[:2] for r in rows]
+    # Once the name means another image, ps shows one that still fits.
+    unionfs("image", "load", "--store", store, "-q", "--tag", "debian:base", tmp_path / "image.tar")
+    rows = [line.split() for line in unionfs("ps", "--store", store).stdout.splitlines()]
+    assert ["deb", "base:latest"] in [r[:2] for r in rows]

@@ -111,8 +111,7 @@ def normalize_name(name: str) -> str:
     """NAME -> NAME:latest; NAME:TAG as is (a ':' before the last '/' is a port)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*", name):
         raise UserError(f"invalid image name {name!r}")
-    last = name.rsplit("/", 1)[-1]
-    return name if ":" in last or "@" in last else name + ":latest"
+    return oci.with_default_tag(name)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -321,6 +320,7 @@ def cmd_image_mount(args) -> int:
         else:
             container = store.create_container(args.name or _container_name(store, image), image)
         container.mountpoint = mnt
+        container.image_ref = args.image
         store.write_container(container)
         lowerdirs = store.lowerdirs(image)
     # Mount outside the lock: the daemon must not inherit it.
@@ -376,13 +376,25 @@ def cmd_ps(args) -> int:
         if args.quiet:
             print(c.name)
             continue
-        names = sorted(n for n, i in tags.items() if i == c.image)
         status = "mounted" if c.mountpoint and c.mountpoint in mounted else "unmounted"
-        rows.append([c.name, names[0] if names else _short_id(c.image), c.mountpoint or "-", status,
-                     _ago(c.created)])
+        rows.append([c.name, _image_shown(store, c, tags), c.mountpoint or "-", status, _ago(c.created)])
     if not args.quiet:
         _table(rows)
     return EXIT_OK
+
+
+def _image_shown(store: Store, c, tags: dict[str, str]) -> str:
+    """What `ps` calls a container's image: the name the user mounted it by
+    while that name still means this image (as docker ps), else one of the
+    image's names, else its short ID."""
+    if c.image_ref:
+        try:
+            if store.resolve(c.image_ref).id == c.image:
+                return c.image_ref
+        except UserError:
+            pass    # the name was removed or now means nothing
+    names = sorted(n for n, i in tags.items() if i == c.image)
+    return names[0] if names else _short_id(c.image)
 
 
 def cmd_rm(args) -> int:

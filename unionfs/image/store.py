@@ -100,6 +100,7 @@ class Container:
     mountpoint: str | None
     created: str
     config: dict
+    image_ref: str | None = None    # the image as the user named it (`ps` shows it)
 
     @property
     def upper(self) -> str:
@@ -455,7 +456,7 @@ class Store:
         except (FileNotFoundError, NotADirectoryError):
             return None
         return Container(rec["name"], rec["image"], path, rec.get("mountpoint"), rec["created"],
-                         rec.get("config") or {})
+                         rec.get("config") or {}, rec.get("image_ref"))
 
     def container(self, name: str) -> Container | None:
         if not _NAME_RE.match(name):
@@ -465,7 +466,7 @@ class Store:
     def write_container(self, c: Container):
         write_atomic(os.path.join(c.path, CONTAINER_META), json.dumps(
             {"name": c.name, "image": c.image, "mountpoint": c.mountpoint, "created": c.created,
-             "config": c.config}, indent=1).encode())
+             "config": c.config, "image_ref": c.image_ref}, indent=1).encode())
 
     def create_container(self, name: str, image: Image) -> Container:
         """A new container (lock held): built in tmp/, renamed into place."""
