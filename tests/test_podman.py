@@ -332,6 +332,25 @@ def test_version_answers_like_fuse_overlayfs(podman):
         assert "fuse-unionfs: version" in info, info
 
 
+DOCS_PODMAN = Path(__file__).resolve().parent.parent / "docs" / "podman.md"
+
+
+def test_docs_show_what_podman_info_prints(podman):
+    """docs/podman.md's `podman info` example is what podman prints here,
+    but for the install path and the exact libfuse release."""
+    if os.path.basename(podman.mount_program) != "fuse-unionfs":
+        pytest.skip("the example is of fuse-unionfs")
+    block = DOCS_PODMAN.read_text().split("```console\n# podman info")[1].split("```")[0]
+    documented = block.split("\n", 1)[1].strip()
+    info = podman.run("info", "--format",
+                      '{{ index .Store.GraphOptions "overlay.mount_program" }}').stdout.strip()
+    shown = info.replace(podman.mount_program, "/usr/local/bin/fuse-unionfs")
+
+    def libfuse_major(text):
+        return re.sub(r"(FUSE library version \d+)[\d.]*", r"\1", text)
+    assert libfuse_major(documented) == libfuse_major(shown)
+
+
 # ------------------------------------------------------------ mount.fuse
 
 MOUNT_FUSE = shutil.which("mount.fuse") or "/sbin/mount.fuse"
