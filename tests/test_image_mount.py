@@ -13,7 +13,7 @@ import tarfile
 import pytest
 
 from image_helpers import (CHR, D, F, FIFO, H, L, apply_layers, docker_archive, force_unmount, fuse_available,
-                           have_mount_api, layer_tar, oci_layout, tree)
+                           have_mount_api, layer_tar, oci_layout, tiny_deb, tree)
 
 pytestmark = [
     pytest.mark.fuse,
@@ -253,29 +253,6 @@ def test_every_mount_command_refuses_a_missing_mount_point_alike(env, tmp_path, 
         assert (p.returncode, p.stderr) == (1, f"{prog}: mountpoint {mnt}: {reason}\n"), argv
         assert not os.path.lexists(mnt) or target == "file"
     assert "img-1" not in unionfs("ps", "--store", store).stdout
-
-
-TINY_POSTINST = b"#!/bin/sh\nset -e\necho configuring > /dev/null\necho ok > /var/lib/tiny-configured\n"
-TINY_CONTROL = b"""Package: tiny
-Version: 1.0
-Architecture: all
-Maintainer: unionfs tests <tests@example.invalid>
-Description: writes to /dev/null from its postinst
-"""
-
-
-def tiny_deb(tmp_path):
-    """A .deb whose postinst writes to /dev/null under `set -e`, as many do."""
-    pkg = tmp_path / "tiny"
-    (pkg / "DEBIAN").mkdir(parents=True)
-    (pkg / "DEBIAN/control").write_bytes(TINY_CONTROL)
-    (pkg / "DEBIAN/postinst").write_bytes(TINY_POSTINST)
-    (pkg / "DEBIAN/postinst").chmod(0o755)
-    (pkg / "usr/share/tiny").mkdir(parents=True)
-    (pkg / "usr/share/tiny/README").write_text("tiny\n")
-    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", pkg, tmp_path / "tiny.deb"],
-                   check=True, capture_output=True, timeout=60)
-    return tmp_path / "tiny.deb"
 
 
 def debian_like_layer() -> bytes:
