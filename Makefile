@@ -11,7 +11,7 @@ all: test
 # System packages: libfuse3-3 (the library unionfs binds), libfuse2 (fusepy's,
 # the fallback), fuse3 (fusermount3, mount.fuse3), and the peers/interop
 # tools the tests and benchmark compare against.
-APT_PKGS := libfuse3-3 libfuse2 fuse3 fuse-overlayfs attr busybox-static umoci skopeo podman runc passt slirp4netns
+APT_PKGS := libfuse3-3 libfuse2 fuse3 fuse-overlayfs attr busybox-static umoci skopeo podman runc passt slirp4netns debootstrap
 # The registry tests: a real registry (distribution), htpasswd for Basic auth, openssl for its CA.
 APT_PKGS += docker-registry apache2-utils openssl
 

@@ -14,7 +14,7 @@ daemon's peak RSS and open file descriptors go to a JSON file.
     .venv/bin/python scripts/bench.py --only untar --profile prof/   # needs py-spy
 
 Methodology (why it is done this way):
-- A timed run measures one command (dd, find, ls, tar, rm, python) started as
+- A timed run measures one command (dd, find, ls, tar, rm, python, dpkg) started as
   a child process; mounting, unmounting and checking the result are untimed.
   Each result is checked (file counts, sizes), so a filesystem that is fast
   because it is wrong shows up as an error, not as a win.
@@ -52,6 +52,7 @@ import platform
 import random
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -255,7 +256,80 @@ def build_datasets(data: Path, sizes: Sizes, needed: set[str]) -> dict[str, Data
         run(["tar", "-cf", str(tarball), "-C", str(src), "untar"], timeout=600)
         out["untar"] = Dataset("untar", out["empty"].lowers,
                                {"tarball": tarball, "files": sizes.untar_files})
+
+    if "dpkg" in needed:
+        out["dpkg"] = build_dpkg_dataset(data, sizes)
     return out
+
+
+# The dpkg workload's packages: what `apt-get install` of a few packages does
+# to a Debian rootfs, without a network at bench time. One .deb per stdlib
+# package of the run, its files under DPKG_PREFIX, and a postinst that writes
+# to the rootfs's own /dev/null, as maintainer scripts do.
+DPKG_PREFIX = "usr/lib/bench-python"
+DPKG_POSTINST = "#!/bin/sh\nset -e\necho configured > /dev/null\n"
+DPKG_ADMINDIR = "var/lib/dpkg"
+
+
+def build_dpkg_dataset(data: Path, sizes: Sizes) -> Dataset:
+    """A Debian-like lower layer and the .debs to install into it.
+
+    The layer: static busybox as /bin/sh (dpkg runs maintainer scripts in a
+    chroot of the rootfs), a /dev/null device node, and a copy of this host's
+    dpkg database, so dpkg reads a real one (thousands of file lists) before
+    unpacking, as on a Debian system. Needs root (mknod) and a Debian host.
+    """
+    missing = [p for p in ("dpkg", "dpkg-deb") if not shutil.which(p)]
+    if missing or os.geteuid() != 0 or not Path("/bin/busybox").is_file() \
+            or not Path("/", DPKG_ADMINDIR, "status").is_file():
+        l0 = data / "dpkg" / "l0"
+        l0.mkdir(parents=True)
+        return Dataset("dpkg", [l0], {"unavailable": "needs root, dpkg, dpkg-deb, busybox-static "
+                                                     "and a dpkg database on the host"})
+    l0 = data / "dpkg" / "l0"
+    for d in ("bin", "dev", "tmp", "etc", "var/lib"):
+        (l0 / d).mkdir(parents=True, exist_ok=True)
+    (l0 / "tmp").chmod(0o1777)
+    shutil.copy2("/bin/busybox", l0 / "bin" / "busybox")
+    (l0 / "bin" / "sh").symlink_to("busybox")
+    os.mknod(l0 / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    run(["cp", "-a", "/" + DPKG_ADMINDIR, str(l0 / "var" / "lib")], timeout=600)
+    for lock in ("lock", "lock-frontend", "triggers/Lock"):
+        (l0 / DPKG_ADMINDIR / lock).unlink(missing_ok=True)
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    ignore = shutil.ignore_patterns("__pycache__", "test", "tests", "*.pyc", "idle_test")
+    debs, files = [], 0
+    for pkg in sizes.stdlib_packages:
+        name = f"bench-python-{pkg}"
+        root = data / "dpkg-src" / name
+        (root / "DEBIAN").mkdir(parents=True)
+        (root / "DEBIAN" / "control").write_text(
+            f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
+            "Maintainer: unionfs bench <bench@example.invalid>\n"
+            f"Description: Python's {pkg} package, for the dpkg benchmark\n")
+        (root / "DEBIAN" / "postinst").write_text(DPKG_POSTINST)
+        (root / "DEBIAN" / "postinst").chmod(0o755)
+        shutil.copytree(src / pkg, root / DPKG_PREFIX / pkg, ignore=ignore)
+        files += count_files(root / DPKG_PREFIX)
+        debs.append(data / f"{name}.deb")
+        run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(debs[-1])], timeout=600)
+    return Dataset("dpkg", [l0], {"debs": debs, "files": files,
+                                  "packages": [f"bench-python-{p}" for p in sizes.stdlib_packages]})
+
+
+def _dpkg_install(root, ds):
+    if "unavailable" in ds.expect:
+        raise BenchError(ds.expect["unavailable"])
+    return ["dpkg", f"--root={root}", "--force-depends", "-i", *map(str, ds.expect["debs"])]
+
+
+def _check_dpkg(root, ds, proc):
+    status = (root / DPKG_ADMINDIR / "status").read_text()
+    installed = [p for p in ds.expect["packages"]
+                 if f"Package: {p}\nStatus: install ok installed\n" in status]
+    _expect("packages installed", installed, ds.expect["packages"])
+    _expect("files unpacked", count_files(root / DPKG_PREFIX), ds.expect["files"])
 
 
 def merged_copy(ds: Dataset, dest: Path, link: bool, timeout: float) -> None:
@@ -364,7 +438,10 @@ class Mounts:
         if system == "overlayfs":
             cmd = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
         elif system == "fuse-overlayfs":
-            cmd = ["fuse-overlayfs", "-o", opts, str(mnt)]
+            # dev: device nodes open as on overlayfs and unionfs mounted by root
+            # (fuse-overlayfs's default is nodev); dpkg's postinst writes the
+            # rootfs's /dev/null, no other workload opens a device.
+            cmd = ["fuse-overlayfs", "-o", opts + ",dev", str(mnt)]
         elif system == "unionfs":
             if self.unionfs_options:
                 opts += "," + self.unionfs_options
@@ -617,6 +694,9 @@ WORKLOADS: list[Workload] = [
              lambda root, ds: [sys.executable, "-m", "compileall", "-q",
                                str(root / "stdlib")],
              _check_compile),
+    Workload("dpkg", "dpkg -i of local .debs (Python stdlib packages, a postinst "
+             "writing /dev/null) into a Debian-like rootfs with a real dpkg database",
+             "dpkg", "fresh", "copy", _dpkg_install, _check_dpkg, goal=None),
     # Last on purpose: the native run deletes (hard links), see the docstring.
     Workload("rm-rf", "rm -rf of a tree spread over 2 lower layers",
              "rmtree", "fresh", "link",

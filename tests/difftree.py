@@ -26,7 +26,7 @@ Known, accepted differences are explained where the code ignores them, and
 nothing else is ignored: `norm_stat` and `norm_time` (fields two filesystems
 legitimately disagree on), `Leeway` (kernel side effects of failed renames),
 `_prune_unmerged_whiteouts` (a kernel quirk kept out of the generated trees),
-`OpGen.next` (device nodes are not opened: FUSE mounts are nodev).
+`OpGen.next` (device nodes are not opened: that would drive the host's device).
 """
 
 from __future__ import annotations
@@ -808,8 +808,8 @@ OP_WEIGHTS = {
 }
 _OP_NAMES = sorted(OP_WEIGHTS)
 _OP_CUM = [OP_WEIGHTS[n] for n in _OP_NAMES]
-#: Operations that open the path: never aimed at a device node, because FUSE
-#: mounts are nodev by default while the kernel overlay mount is not.
+#: Operations that open the path: never aimed at a device node, because
+#: opening one drives the host's device (both mounts allow devices as root).
 _OPENING = {"create", "write", "append", "rdwr", "otrunc", "read", "truncate"}
 
 

@@ -179,6 +179,31 @@ def oci_layout(path, tars: list[bytes], ref="v1", compression="gzip", config: by
                 f.write(data)
 
 
+# -- Debian packages -------------------------------------------------------------
+
+TINY_POSTINST = b"#!/bin/sh\nset -e\necho configuring > /dev/null\necho ok > /var/lib/tiny-configured\n"
+TINY_CONTROL = b"""Package: tiny
+Version: 1.0
+Architecture: all
+Maintainer: unionfs tests <tests@example.invalid>
+Description: writes to /dev/null from its postinst
+"""
+
+
+def tiny_deb(tmp_path):
+    """A .deb whose postinst writes to /dev/null under `set -e`, as many do."""
+    pkg = tmp_path / "tiny"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_bytes(TINY_CONTROL)
+    (pkg / "DEBIAN/postinst").write_bytes(TINY_POSTINST)
+    (pkg / "DEBIAN/postinst").chmod(0o755)
+    (pkg / "usr/share/tiny").mkdir(parents=True)
+    (pkg / "usr/share/tiny/README").write_text("tiny\n")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", pkg, tmp_path / "tiny.deb"],
+                   check=True, capture_output=True, timeout=60)
+    return tmp_path / "tiny.deb"
+
+
 # -- running commands -----------------------------------------------------------
 
 def run_cli(*argv) -> tuple[int, str, str]:

@@ -1,6 +1,7 @@
 """Images on real mounts, through the `unionfs` command line: mount an image
 as a container rootfs, change it, diff, commit, save, load again, remount."""
 
+import errno
 import io
 import json
 import os
@@ -11,8 +12,8 @@ import tarfile
 
 import pytest
 
-from image_helpers import (D, F, FIFO, H, L, apply_layers, docker_archive, force_unmount, fuse_available,
-                           have_mount_api, layer_tar, tree)
+from image_helpers import (CHR, D, F, FIFO, H, L, apply_layers, docker_archive, force_unmount, fuse_available,
+                           have_mount_api, layer_tar, oci_layout, tiny_deb, tree)
 
 pytestmark = [
     pytest.mark.fuse,
@@ -55,11 +56,12 @@ def env(tmp_path):
     docker_archive(tmp_path / "image.tar", LAYERS, tags=["test/img:1"])
     unionfs("image", "load", "--store", store, "-q", tmp_path / "image.tar")
 
-    def mount(image, name=None, store=store):
+    def mount(image, name=None, store=store, options=None):
         mnt = tmp_path / f"mnt{len(mounts)}"
         mnt.mkdir()
         mounts.append(str(mnt))
         extra = ["--name", name] if name else []
+        extra += ["-o", options] if options else []
         out = unionfs("image", "mount", "--store", store, image, mnt, *extra).stdout.strip()
         return mnt, out
     try:
@@ -164,8 +166,6 @@ def test_mount_errors(env, tmp_path):
     store, mount = env
     p = unionfs("image", "mount", "--store", store, "nope", tmp_path, check=False)
     assert p.returncode == 1 and p.stderr == "unionfs: image nope: no such image\n"
-    p = unionfs("image", "mount", "--store", store, "test/img:1", tmp_path / "missing", check=False)
-    assert p.returncode == 1 and "not a directory" in p.stderr
     mnt, _ = mount("test/img:1", name="busy")
     other = tmp_path / "other"
     other.mkdir()
@@ -190,3 +190,119 @@ def test_device_whiteouts_in_upper_are_committed_as_wh_files(env, tmp_path):
         top = tarfile.open(fileobj=io.BytesIO(tf.extractfile(manifest[0]["Layers"][-1]).read()))
     assert "etc/.wh.motd" in top.getnames() and ".wh.data" in top.getnames()
     assert not any(m.ischr() for m in top.getmembers())
+
+
+def mount_flags(mnt) -> set[str]:
+    """The per-mount flags /proc/self/mountinfo shows for ``mnt``."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mnt):
+                return set(fields[5].split(","))
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+DEVICES = layer_tar(D("dev"), CHR("dev/null", 1, 3, mode=0o666), D("bin"),
+                    F("bin/run", b"#!/bin/sh\necho ran\n", mode=0o755))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="device nodes in a layer need root")
+def test_image_rootfs_allows_its_devices_and_set_id_files_unless_told(env, tmp_path):
+    """The image's own /dev/null opens and takes writes in its rootfs (apt's
+    and dpkg's scripts need it); `-o nodev,nosuid,noexec,ro` turns each off."""
+    store, mount = env
+    docker_archive(tmp_path / "dev.tar", [DEVICES], tags=["test/dev:1"])
+    unionfs("image", "load", "--store", store, "-q", tmp_path / "dev.tar")
+    mnt, _ = mount("test/dev:1")
+    with open(mnt / "dev/null", "w") as f:
+        f.write("discarded\n")
+    assert (mnt / "dev/null").read_text() == ""
+    assert not {"nodev", "nosuid", "noexec", "ro"} & mount_flags(mnt)
+    assert subprocess.run([mnt / "bin/run"], capture_output=True, text=True).stdout == "ran\n"
+
+    locked, _ = mount("test/dev:1", options="nodev,nosuid,noexec,ro")
+    assert {"nodev", "nosuid", "noexec", "ro"} <= mount_flags(locked)
+    with pytest.raises(PermissionError):
+        open(locked / "dev/null", "w")
+    with pytest.raises(PermissionError):
+        subprocess.run([locked / "bin/run"])
+    with pytest.raises(OSError) as e:
+        (locked / "new").write_text("x")
+    assert e.value.errno == errno.EROFS
+
+
+def test_image_mount_refuses_unknown_options(env, tmp_path):
+    store, _ = env
+    p = unionfs("image", "mount", "--store", store, "-o", "nodev,lowerdir=/", "test/img:1", tmp_path,
+                check=False)
+    assert p.returncode == 1
+    assert p.stderr.startswith("unionfs: image mount: unknown option 'lowerdir=/'") and p.stderr.count("\n") == 1
+    assert "img-1" not in unionfs("ps", "--store", store).stdout
+
+
+@pytest.mark.parametrize("target, reason", [("missing", "no such directory"), ("file", "not a directory")])
+def test_every_mount_command_refuses_a_missing_mount_point_alike(env, tmp_path, target, reason):
+    """`image mount`, `unionfs mount` and `fuse-unionfs` neither create a
+    missing mount point nor call it something else: one line, the same words,
+    and no container left behind."""
+    store, _ = env
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "lower").mkdir()
+    mnt = tmp_path / target
+    fuse_unionfs = os.path.join(os.path.dirname(sys.executable), "fuse-unionfs")
+    commands = [
+        ("unionfs", [sys.executable, "-m", "unionfs", "image", "mount", "--store", store, "test/img:1", mnt]),
+        ("unionfs", [sys.executable, "-m", "unionfs", "mount", "-o", f"lowerdir={tmp_path / 'lower'}", mnt]),
+        ("fuse-unionfs", [fuse_unionfs, "-o", f"lowerdir={tmp_path / 'lower'}", mnt]),
+    ]
+    for prog, argv in commands:
+        p = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stderr) == (1, f"{prog}: mountpoint {mnt}: {reason}\n"), argv
+        assert not os.path.lexists(mnt) or target == "file"
+    assert "img-1" not in unionfs("ps", "--store", store).stdout
+
+
+def debian_like_layer() -> bytes:
+    """A rootfs dpkg can install into: a shell, its own /dev/null, an empty dpkg database."""
+    with open("/bin/busybox", "rb") as f:
+        busybox = f.read()
+    return layer_tar(D("bin"), F("bin/busybox", busybox, mode=0o755), L("bin/sh", "busybox"),
+                     D("dev"), CHR("dev/null", 1, 3, mode=0o666), D("tmp", mode=0o1777),
+                     D("var"), D("var/lib"), D("var/lib/dpkg"), D("var/lib/dpkg/info"),
+                     D("var/lib/dpkg/updates"), F("var/lib/dpkg/status"))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="dpkg --root and device nodes need root")
+@pytest.mark.skipif(not shutil.which("dpkg") or not os.path.exists("/bin/busybox"),
+                    reason="needs dpkg and busybox-static")
+def test_dpkg_installs_into_a_mounted_rootfs_and_runs_its_maintainer_script(env, tmp_path):
+    """What apt-get install does in an image: dpkg unpacks a .deb into the
+    rootfs and runs its postinst chrooted there; the script's write to the
+    image's /dev/null must succeed, or dpkg fails the package."""
+    store, mount = env
+    deb = tiny_deb(tmp_path)
+    docker_archive(tmp_path / "debianish.tar", [debian_like_layer()], tags=["test/debianish:1"])
+    unionfs("image", "load", "--store", store, "-q", tmp_path / "debianish.tar")
+    mnt, name = mount("test/debianish:1")
+    p = subprocess.run(["dpkg", f"--root={mnt}", "-i", deb], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "/dev/null" not in p.stdout + p.stderr
+    assert (mnt / "var/lib/tiny-configured").read_text() == "ok\n"
+    diff = unionfs("diff", "--store", store, name).stdout.splitlines()
+    assert {"A /usr/share/tiny/README", "A /var/lib/tiny-configured"} <= set(diff)
+
+
+def test_ps_shows_the_image_by_the_name_it_was_mounted_by(env, tmp_path):
+    """An image loaded as `base` (an OCI ref.name) and tagged `debian:base`,
+    mounted as `debian:base`: `ps` says `debian:base`, not another name."""
+    store, mount = env
+    oci_layout(tmp_path / "layout", [BASE], ref="base")
+    unionfs("image", "load", "--store", store, "-q", tmp_path / "layout")
+    unionfs("image", "load", "--store", store, "-q", "--tag", "debian:base", tmp_path / "layout")
+    mount("debian:base", name="deb")
+    rows = [line.split() for line in unionfs("ps", "--store", store).stdout.splitlines()]
+    assert ["deb", "debian:base"] in [r[:2] for r in rows]
+    # Once the name means another image, ps shows one that still fits.
+    unionfs("image", "load", "--store", store, "-q", "--tag", "debian:base", tmp_path / "image.tar")
+    rows = [line.split() for line in unionfs("ps", "--store", store).stdout.splitlines()]
+    assert ["deb", "base:latest"] in [r[:2] for r in rows]

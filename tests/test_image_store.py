@@ -100,6 +100,36 @@ def test_names_tag_option_and_id_prefix(tmp_path):
     assert rc == 1 and err == "unionfs: image nope: no such image\n"
 
 
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_an_oci_ref_name_is_an_image_name_as_podman_load_reads_it(tmp_path, as_tar):
+    """podman 4.3 loads an OCI archive whose ref.name is `base` as the image
+    `localhost/base:latest` (and `debian:base` as `localhost/debian:base`):
+    the annotation names the image, with `:latest` when it has no tag."""
+    store = tmp_path / "store"
+    oci_layout(tmp_path / "base.oci", [BASE], ref="base", as_tar=as_tar)
+    oci_layout(tmp_path / "top.oci", [TOP], ref="debian:base", as_tar=as_tar)
+    for layout in ("base.oci", "top.oci"):
+        assert load(store, tmp_path / layout)[0] == 0
+    rc, out, _ = run_cli("image", "ls", "--store", store)
+    rows = sorted(line.split()[:2] for line in out.splitlines()[1:])
+    assert rows == [["base", "latest"], ["debian", "base"]]
+    s = Store(store)
+    assert s.resolve("base").id == s.resolve("base:latest").id == sha(config_for([BASE]))
+    assert s.resolve("debian:base").id == sha(config_for([TOP]))
+
+
+def test_containerd_name_annotation_names_the_image(tmp_path):
+    """Docker 25+ and containerd write the tag alone in ref.name and the full
+    name beside it; the full name is the image's name."""
+    src = tmp_path / "o"
+    oci_layout(src, [BASE], ref="1.0")
+    index = json.loads((src / "index.json").read_text())
+    index["manifests"][0]["annotations"][oci.ANNOTATION_CONTAINERD_NAME] = "docker.io/library/demo:1.0"
+    (src / "index.json").write_text(json.dumps(index))
+    assert load(tmp_path / "store", src)[0] == 0
+    assert Store(tmp_path / "store").tags() == {"docker.io/library/demo:1.0": sha(config_for([BASE]))}
+
+
 def test_inspect_and_history(tmp_path):
     store = tmp_path / "store"
     docker_archive(tmp_path / "a.tar", [BASE, TOP], tags=["x:1"])
@@ -271,7 +301,8 @@ def test_rm_untags_then_removes_and_collects_layers(tmp_path):
     rc, out, _ = run_cli("image", "rm", "--store", store, "b:1")
     assert rc == 0 and "Deleted: " + sha(config_for([BASE, TOP])) in out
     assert os.listdir(s.layers_dir) == [sha(BASE)[7:]]          # still used by a:2
-    assert sorted(os.listdir(s.blobs_dir)) == sorted([sha(BASE)[7:], sha(config_for([BASE]))[7:]])
+    # An uncompressed layer blob is kept as the layer's tar.gz, not as a blob.
+    assert os.listdir(s.blobs_dir) == [sha(config_for([BASE]))[7:]]
     run_cli("image", "rm", "--store", store, "a:2")
     assert os.listdir(s.layers_dir) == [] and os.listdir(s.blobs_dir) == []
     assert s.images() == []

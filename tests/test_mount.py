@@ -13,6 +13,7 @@ import pytest
 
 from conftest import (FUSE_UNIONFS, UNIONFS, force_unmount, is_mounted, kernel_overlay_refusal,
                       requires_fuse, requires_root, run, wait_for)
+from elf_helpers import EXIT_IF_NOBODY, EXIT_IF_ROOT, euid_program
 from reliability_helpers import daemon_pid
 
 pytestmark = requires_fuse
@@ -229,6 +230,48 @@ def test_files_belong_to_the_caller_and_modes_are_enforced(shared_layers, mounte
     r = as_nobody(f"import os; os.unlink({str(mnt / 'rootfile')!r})")
     assert "PermissionError" in r.stderr
     assert (mnt / "rootfile").exists()
+
+
+def as_nobody(argv):
+    nobody = 65534
+    return subprocess.run(argv, capture_output=True, timeout=60,
+                          preexec_fn=lambda: (os.setgroups([]), os.setgid(nobody), os.setuid(nobody)))
+
+
+@requires_root
+@pytest.mark.parametrize("extra, status", [("", EXIT_IF_ROOT), ("nosuid", EXIT_IF_NOBODY)])
+def test_set_uid_files_take_effect_as_on_a_rootfs(shared_layers, mounter, extra, status):
+    """Mounted by root, a set-uid root program run by another user gets euid
+    0 (as on kernel overlayfs): su, sudo and passwd work in the rootfs;
+    `-o nosuid` turns that off."""
+    program = euid_program()
+    if program is None:
+        pytest.skip("no euid test program written for this architecture")
+    layers = shared_layers
+    (layers.lowers[1] / "bin").mkdir()
+    (layers.lowers[1] / "bin" / "euid").write_bytes(program)
+    os.chmod(layers.lowers[1] / "bin" / "euid", 0o4755)
+    mnt = mounter.mount(layers, extra=extra)
+    assert as_nobody([str(mnt / "bin" / "euid")]).returncode == status
+
+
+@requires_root
+@pytest.mark.parametrize("extra", ["", "nodev"])
+def test_device_nodes_open_as_on_a_rootfs(layers, mounter, extra):
+    """A rootfs's own /dev/null (char 1,3) opens and takes writes when root
+    mounted it (dpkg's maintainer scripts write to it); `-o nodev` refuses."""
+    (layers.lowers[1] / "dev").mkdir()
+    os.mknod(layers.lowers[1] / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    mnt = mounter.mount(layers, extra=extra)
+    if extra == "nodev":
+        with pytest.raises(PermissionError):
+            open(mnt / "dev" / "null", "w")
+        return
+    with open(mnt / "dev" / "null", "w") as f:
+        f.write("discarded\n")
+    assert (mnt / "dev" / "null").read_text() == ""
+    st = os.stat(mnt / "dev" / "null")
+    assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
 
 
 @requires_root

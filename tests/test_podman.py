@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from elf_helpers import EXIT_IF_NOBODY, EXIT_IF_ROOT, euid_program
 from podman_helpers import (
     DIR, LISTING_SCRIPT, MOUNT_PROGRAM_ENV, STATIC_BUSYBOX, PodmanSandbox, Symlink,
     busybox_rootfs_tar, docker_archive, expected_listing, is_static_executable,
@@ -285,6 +286,26 @@ def test_load_layers_with_whiteouts(podman, rootfs_tar, tmp_path):
     assert_tree(seen, LAYERED_CHANGED_TREE, "container on it, after its changes")
 
 
+def test_set_uid_program_gets_root_for_a_non_root_user(podman, rootfs_tar, tmp_path):
+    """su, sudo and passwd need this: a set-uid root program run as
+    `--user 65534` runs with euid 0 (as on fuse-overlayfs and kernel
+    overlayfs); the same program without the bit keeps euid 65534."""
+    program = euid_program()
+    if program is None:
+        pytest.skip("no euid test program written for this architecture")
+    layer = tmp_path / "layer"
+    (layer / "bin").mkdir(parents=True)
+    for name, mode in (("euid-setuid", 0o4755), ("euid-plain", 0o755)):
+        (layer / "bin" / name).write_bytes(program)
+        (layer / "bin" / name).chmod(mode)
+    image = "localhost/unionfs-test/setuid:1"
+    podman.run("load", "--quiet", "--input",
+               str(docker_archive(tmp_path, [rootfs_tar, tar_tree(tmp_path / "layer.tar", layer)], image)))
+    out = podman.run("run", "--rm", "--user", "65534", image, "/bin/sh", "-c",
+                     "/bin/euid-setuid; echo $?; /bin/euid-plain; echo $?").stdout
+    assert out.split() == [str(EXIT_IF_ROOT), str(EXIT_IF_NOBODY)]
+
+
 # ------------------------------------------------------------ --version
 
 def _fuse_unionfs_or_fail() -> str:
@@ -309,6 +330,25 @@ def test_version_answers_like_fuse_overlayfs(podman):
         info = podman.run("info", "--format",
                           '{{ index .Store.GraphOptions "overlay.mount_program" }}').stdout
         assert "fuse-unionfs: version" in info, info
+
+
+DOCS_PODMAN = Path(__file__).resolve().parent.parent / "docs" / "podman.md"
+
+
+def test_docs_show_what_podman_info_prints(podman):
+    """docs/podman.md's `podman info` example is what podman prints here,
+    but for the install path and the exact libfuse release."""
+    if os.path.basename(podman.mount_program) != "fuse-unionfs":
+        pytest.skip("the example is of fuse-unionfs")
+    block = DOCS_PODMAN.read_text().split("```console\n# podman info")[1].split("```")[0]
+    documented = block.split("\n", 1)[1].strip()
+    info = podman.run("info", "--format",
+                      '{{ index .Store.GraphOptions "overlay.mount_program" }}').stdout.strip()
+    shown = info.replace(podman.mount_program, "/usr/local/bin/fuse-unionfs")
+
+    def libfuse_major(text):
+        return re.sub(r"(FUSE library version \d+)[\d.]*", r"\1", text)
+    assert libfuse_major(documented) == libfuse_major(shown)
 
 
 # ------------------------------------------------------------ mount.fuse

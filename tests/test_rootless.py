@@ -164,6 +164,8 @@ def test_unprivileged_user_mounts_changes_and_unmounts(tree):
     assert "error" not in out, out
     assert out["umount"] == [0, ""], out
     assert f"user_id={UID}" in out["mountinfo"]          # the daemon is the user's
+    # An unprivileged mount keeps the safe defaults root's mounts drop.
+    assert {"nosuid", "nodev"} <= set(out["mountinfo"].split()[5].split(","))
     assert out["seen"] == [["d", "grow", "keep", "new"], ["fresh"], "lower\nmore\n", UID]
     assert list((run).glob("unionfs-*/*.pid")) == []      # the daemon is gone
 

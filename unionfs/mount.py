@@ -65,6 +65,13 @@ DEFAULT_FUSE_OPTIONS = {
     "fsname": "unionfs",
     "subtype": "unionfs",
 }
+# Mounted by root, a union is a container rootfs for every user, and behaves
+# as kernel overlayfs does: set-id files and device nodes work (libfuse's own
+# default is nosuid,nodev). For other users fusermount3 forces nosuid,nodev.
+ROOT_FUSE_OPTIONS = {"allow_other": True, "suid": True, "dev": True}
+# Mount flags that cancel each other: the one the user gives replaces the default.
+_OPPOSITE_FLAGS = {"suid": "nosuid", "nosuid": "suid", "dev": "nodev", "nodev": "dev",
+                   "exec": "noexec", "noexec": "exec"}
 
 
 @dataclasses.dataclass
@@ -150,10 +157,16 @@ def _existing_dir(role, path):
     return os.path.realpath(path)
 
 
+def existing_mountpoint(path):
+    """The real path of mount point ``path``. Every mount command requires
+    it to exist, as mount(8) does: a mistyped path is reported, not created."""
+    return _existing_dir("mountpoint", path)
+
+
 def validate(spec, mountpoint):
     """Check what the user gave before anything is created or mounted."""
     lowers = [_existing_dir("lowerdir", d) for d in spec.lowerdirs]
-    mnt = _existing_dir("mountpoint", mountpoint)
+    mnt = existing_mountpoint(mountpoint)
     named = [("lowerdir", d) for d in lowers]
     if (spec.upperdir is None) != (spec.workdir is None):
         raise UserError("upperdir and workdir must be given together")
@@ -210,9 +223,11 @@ def fuse_options_for(spec, ll):
     opts = dict(DEFAULT_FUSE_OPTIONS)
     opts.update(ll.DEFAULT_OPTIONS)
     if os.geteuid() == 0:
-        opts["allow_other"] = True  # a container rootfs is for every user
+        opts.update(ROOT_FUSE_OPTIONS)
     if spec.upperdir is None:
         opts["ro"] = True
+    for key in spec.fuse_options:
+        opts.pop(_OPPOSITE_FLAGS.get(key), None)
     opts.update(spec.fuse_options)
     if opts.pop("rw", None) and spec.upperdir is None:
         opts["ro"] = True

@@ -18,6 +18,8 @@ from unionfs.image.progress import Progress
 from unionfs.image.store import Image, Store, default_store_path, mounted_paths, name_candidates
 
 FORMATS = ("docker", "oci")
+# The mount flags `image mount -o` takes (the layers come from the image).
+IMAGE_MOUNT_FLAGS = ("ro", "rw", "nodev", "dev", "nosuid", "suid", "noexec", "exec")
 
 
 def register(subparsers):
@@ -56,6 +58,9 @@ def register(subparsers):
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--name", help="container name (an existing container of that image is remounted)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                   help=f"mount flags, comma-separated: {', '.join(IMAGE_MOUNT_FLAGS)} "
+                        "(as root the default is suid,dev,exec,rw, as kernel overlayfs)")
     p.set_defaults(func=cmd_image_mount)
 
     p = image_sub.add_parser("save", parents=[common], help="write an image archive")
@@ -112,8 +117,7 @@ def normalize_name(name: str) -> str:
     """NAME -> NAME:latest; NAME:TAG as is (a ':' before the last '/' is a port)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*", name):
         raise UserError(f"invalid image name {name!r}")
-    last = name.rsplit("/", 1)[-1]
-    return name if ":" in last or "@" in last else name + ":latest"
+    return oci.with_default_tag(name)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -306,20 +310,30 @@ def _container_name(store: Store, image) -> str:
     return f"{base}-{n}"
 
 
+def _image_mount_flags(optstrings) -> dict:
+    from unionfs.mount import split_options
+    flags = {}
+    for item in split_options(optstrings or []):
+        if item not in IMAGE_MOUNT_FLAGS:
+            raise UserError(f"image mount: unknown option {item!r} (one of: {', '.join(IMAGE_MOUNT_FLAGS)})")
+        flags[item] = True
+    return flags
+
+
 def cmd_image_mount(args) -> int:
-    container, _, _ = mount_image(_store(args), args.image, args.mountpoint, args.name)
+    container, _, _ = mount_image(_store(args), args.image, args.mountpoint, args.name,
+                                  _image_mount_flags(args.options))
     _info(args, container.name)
     return EXIT_OK
 
 
-def mount_image(store: Store, ref: str, mountpoint: str, name: str | None):
+def mount_image(store: Store, ref: str, mountpoint: str, name: str | None, flags: dict | None = None):
     """Mount image `ref` as the rootfs of container `name` (made if new,
-    remounted if it exists); returns the container, its MountSpec and the
-    daemon's pid. A container made here is removed again if mounting fails."""
-    from unionfs.mount import MountSpec, mount
-    mnt = os.path.realpath(mountpoint)  # as /proc/self/mountinfo will show it
-    if not os.path.isdir(mnt):
-        raise UserError(f"mount point {mountpoint}: not a directory")
+    remounted if it exists), with mount `flags` (IMAGE_MOUNT_FLAGS items);
+    returns the container, its MountSpec and the daemon's pid. A container
+    made here is removed again if mounting fails."""
+    from unionfs.mount import MountSpec, existing_mountpoint, mount
+    mnt = existing_mountpoint(mountpoint)  # real path, as /proc/self/mountinfo shows it
     with store.locked():
         image = store.resolve(ref)
         container = store.container(name) if name else None
@@ -333,10 +347,12 @@ def mount_image(store: Store, ref: str, mountpoint: str, name: str | None):
         else:
             container = store.create_container(name or _container_name(store, image), image)
         container.mountpoint = mnt
+        container.image_ref = ref
         store.write_container(container)
         lowerdirs = store.lowerdirs(image)
     # Mount outside the lock: the daemon must not inherit it.
-    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto")
+    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto",
+                     fuse_options=dict(flags or {}))
     try:
         pid = mount(spec, mnt)
     except BaseException:
@@ -400,13 +416,25 @@ def cmd_ps(args) -> int:
         if args.quiet:
             print(c.name)
             continue
-        names = sorted(n for n, i in tags.items() if i == c.image)
         status = "mounted" if c.mountpoint and c.mountpoint in mounted else "unmounted"
-        rows.append([c.name, names[0] if names else _short_id(c.image), c.mountpoint or "-", status,
-                     _ago(c.created)])
+        rows.append([c.name, _image_shown(store, c, tags), c.mountpoint or "-", status, _ago(c.created)])
     if not args.quiet:
         _table(rows)
     return EXIT_OK
+
+
+def _image_shown(store: Store, c, tags: dict[str, str]) -> str:
+    """What `ps` calls a container's image: the name the user mounted it by
+    while that name still means this image (as docker ps), else one of the
+    image's names, else its short ID."""
+    if c.image_ref:
+        try:
+            if store.resolve(c.image_ref).id == c.image:
+                return c.image_ref
+        except UserError:
+            pass    # the name was removed or now means nothing
+    names = sorted(n for n, i in tags.items() if i == c.image)
+    return names[0] if names else _short_id(c.image)
 
 
 def cmd_rm(args) -> int:

@@ -52,6 +52,16 @@ ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 # containerd / Docker 25+ put the full image name here, the tag alone in ref.name.
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 
+DEFAULT_TAG = "latest"
+
+
+def with_default_tag(name: str) -> str:
+    """NAME -> NAME:latest; NAME:TAG and NAME@DIGEST as they are (a ':'
+    before the last '/' is a registry's port)."""
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last or "@" in last else f"{name}:{DEFAULT_TAG}"
+
+
 # Compression magic numbers.
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -88,10 +88,23 @@ def read_images(source: Source) -> list[SourceImage]:
         _, manifest = _resolve_manifest(source, desc, 0)
         image = _image_from_manifest(source, manifest, desc.digest)
         image = by_config.setdefault(image.config_digest, image)
-        name = desc.annotations.get(oci.ANNOTATION_REF_NAME)
-        if isinstance(name, str) and name and name not in image.names:
+        name = _image_name(desc.annotations)
+        if name and name not in image.names:
             image.names.append(name)
     return list(by_config.values())
+
+
+def _image_name(annotations: dict) -> str | None:
+    """The image name an index entry gives, read as `podman load` reads an
+    OCI archive: ref.name is an image name, `base` meaning `base:latest`
+    (podman adds its `localhost/` too; we keep short names as they are, as
+    for every other source). containerd's full-name annotation wins where
+    present: Docker 25+ puts only the tag in ref.name."""
+    for key in (oci.ANNOTATION_CONTAINERD_NAME, oci.ANNOTATION_REF_NAME):
+        unsafe_name = annotations.get(key)
+        if isinstance(unsafe_name, str) and unsafe_name:
+            return oci.with_default_tag(unsafe_name)
+    return None
 
 
 def _image_from_manifest(source: Source, unsafe: dict, digest: str) -> SourceImage:

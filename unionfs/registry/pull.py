@@ -204,7 +204,7 @@ def _fetch_layers(client, ref, scopes, staging, descs, diff_ids, progress):
         desc = todo[key]
         digest, diff_id = key
         label = f"Copying blob {oci.short(digest)}"
-        if staging.has_blob(digest) and staging.has_layer(diff_id):
+        if staging.has_layer_blob(digest, diff_id):
             progress.line(f"{label}: already in the store")
             return staging.layer_info(digest, diff_id)
         what = f"pull {ref}: layer {oci.short(digest)}"
