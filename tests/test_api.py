@@ -326,7 +326,7 @@ def test_store_errors(archive, tmp_path):
     with pytest.raises(unionfs.ImageError, match="no such image"):
         store.mount("nope:latest")
     store.load(archive)
-    with pytest.raises(unionfs.MountError, match="not a directory"):
+    with pytest.raises(unionfs.MountError, match="no such directory"):
         store.mount("apitest:v1", mountpoint=tmp_path / "missing")
     r = run([UNIONFS, "ps", "-q", "--store", str(tmp_path / "store")])
     assert r.stdout == ""                       # the failed mount's container is gone
