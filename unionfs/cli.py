@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from unionfs import __version__
+from unionfs.container import commands as container_commands
 from unionfs.errors import EXIT_OK, EXIT_USAGE, UserError
 
 PROG = "unionfs"
@@ -58,6 +59,7 @@ def build_parser():
         image_commands = None
     if image_commands is not None:
         image_commands.register(sub)
+    container_commands.register(sub)
     return p
 
 

@@ -67,11 +67,12 @@ def register(subparsers):
     p.set_defaults(func=cmd_save)
 
     p = subparsers.add_parser("ps", parents=[common], help="list containers")
+    p.add_argument("-a", "--all", action="store_true", help="also those not running or mounted")
     p.set_defaults(func=cmd_ps)
 
     p = subparsers.add_parser("rm", parents=[common], help="remove containers (their upper and work dirs)")
     p.add_argument("names", metavar="NAME", nargs="+")
-    p.add_argument("-f", "--force", action="store_true", help="unmount a mounted container first")
+    p.add_argument("-f", "--force", action="store_true", help="stop a running or unmount a mounted container first")
     p.set_defaults(func=cmd_rm)
 
     p = subparsers.add_parser("diff", parents=[common], help="list changes (A/C/D) of a container")
@@ -84,6 +85,10 @@ def register(subparsers):
     p.add_argument("container", metavar="NAME|MOUNTPOINT")
     p.add_argument("image", metavar="IMAGE[:TAG]")
     p.add_argument("-m", "--message", help="history entry (created_by) for the new layer")
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="Dockerfile-style config change: CMD ENTRYPOINT ENV WORKDIR USER EXPOSE VOLUME LABEL")
+    p.add_argument("-p", "--pause", nargs="?", const="true", default="true", choices=("true", "false"),
+                   help="freeze a running container during the commit (default true; --pause=false)")
     p.set_defaults(func=cmd_commit)
 
 
@@ -288,8 +293,16 @@ def _container_name(store: Store, image) -> str:
     return f"{base}-{n}"
 
 
-def cmd_image_mount(args) -> int:
+def mount_container(container, lowerdirs: list[str], mountpoint: str, fuse_options: dict | None = None):
+    """Mount a container's rootfs: `lowerdirs` (top first) under its upper.
+    `image mount` and `run` both mount through here."""
     from unionfs.mount import MountSpec, mount
+    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto",
+                     fuse_options=dict(fuse_options or {}))
+    mount(spec, mountpoint)
+
+
+def cmd_image_mount(args) -> int:
     store = _store(args)
     mnt = os.path.realpath(args.mountpoint)  # as /proc/self/mountinfo will show it
     if not os.path.isdir(mnt):
@@ -310,9 +323,8 @@ def cmd_image_mount(args) -> int:
         store.write_container(container)
         lowerdirs = store.lowerdirs(image)
     # Mount outside the lock: the daemon must not inherit it.
-    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto")
     try:
-        mount(spec, mnt)
+        mount_container(container, lowerdirs, mnt)
     except BaseException:
         if created:
             with store.locked():
@@ -353,30 +365,38 @@ def cmd_save(args) -> int:
 # -- containers ----------------------------------------------------------------
 
 def cmd_ps(args) -> int:
+    from unionfs.container import lifecycle
     store = _store(args)
     mounted = mounted_paths()
-    rows = [["NAME", "IMAGE", "MOUNTPOINT", "STATUS", "CREATED"]]
+    rows = [["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS"]]
     tags = store.tags()
     for c in store.containers():
+        status, live = lifecycle.status_text(store, c, mounted)
+        if not (live or args.all):
+            continue
         if args.quiet:
             print(c.name)
             continue
         names = sorted(n for n, i in tags.items() if i == c.image)
-        status = "mounted" if c.mountpoint and c.mountpoint in mounted else "unmounted"
-        rows.append([c.name, names[0] if names else _short_id(c.image), c.mountpoint or "-", status,
-                     _ago(c.created)])
+        rows.append([c.name, names[0] if names else _short_id(c.image), lifecycle.command_text(c),
+                     _ago(c.created), status])
     if not args.quiet:
         _table(rows)
     return EXIT_OK
 
 
 def cmd_rm(args) -> int:
+    from unionfs.container import lifecycle
     store = _store(args)
     for name in args.names:
+        c = store.container(name)
+        if c is None:
+            raise UserError(f"container {name}: no such container")
+        if lifecycle.is_run_container(c):
+            lifecycle.remove(store, c, args.force)
+            _info(args, name)
+            continue
         with store.locked():
-            c = store.container(name)
-            if c is None:
-                raise UserError(f"container {name}: no such container")
             if c.mountpoint and c.mountpoint in mounted_paths():
                 if not args.force:
                     raise UserError(f"container {name} is mounted at {c.mountpoint} "
@@ -427,10 +447,16 @@ def cmd_commit(args) -> int:
     if c is None:
         raise UserError(f"commit {args.container}: no such container or container mount point")
     name = normalize_name(args.image)
-    if c.mountpoint and c.mountpoint in mounted_paths():
-        os.sync()  # whatever the kernel still holds for the mount reaches the upper
+    from unionfs.container import lifecycle
+    from unionfs.container.dockerfile import apply_changes
+    apply_changes({}, args.change)     # bad -c: refused before anything is paused or written
+    edit = (lambda config: apply_changes(config, args.change)) if args.change else None
     try:
-        image = commit(store, c.upper, store.image(c.image), [name], args.message, progress.warn, progress)
+        with lifecycle.paused(store, c, args.pause == "true"):
+            if c.mountpoint and c.mountpoint in mounted_paths():
+                os.sync()  # whatever the kernel still holds for the mount reaches the upper
+            image = commit(store, c.upper, store.image(c.image), [name], args.message, progress.warn, progress,
+                           edit_config=edit)
     finally:
         progress.finish()
     _info(args, image.id)
