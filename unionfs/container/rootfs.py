@@ -53,14 +53,21 @@ def open_in(root: str, unsafe_path: str, flags: int = os.O_RDONLY, follow: bool 
         os.close(rootfd)
 
 
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV)
+
+
+def _unreadable(root: str, unsafe_path: str, e: OSError) -> UserError:
+    return UserError(f"{root}: cannot read {clean(unsafe_path)}: {e.strerror}")
+
+
 def read_file(root: str, unsafe_path: str, limit: int = 1 << 20) -> bytes | None:
     """The content of a regular file inside `root`, or None if there is none."""
     try:
         fd = open_in(root, unsafe_path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+        if e.errno in _ABSENT:
             return None
-        raise
+        raise _unreadable(root, unsafe_path, e) from None
     with os.fdopen(fd, "rb") as f:
         if not os.path.isfile(f"/proc/self/fd/{fd}"):
             return None
@@ -72,9 +79,9 @@ def stat_in(root: str, unsafe_path: str, follow: bool = True) -> os.stat_result 
     try:
         fd = open_in(root, unsafe_path, os.O_PATH, follow)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+        if e.errno in _ABSENT:
             return None
-        raise
+        raise _unreadable(root, unsafe_path, e) from None
     try:
         return os.fstat(fd)
     finally:
