@@ -61,12 +61,13 @@ def busybox_layer() -> bytes:
     return layer_tar(*entries)
 
 
-def write_test_image(path: Path, tag: str = "busy:1") -> Path:
-    tar = busybox_layer()
-    config = json.loads(config_for([tar]))
+def write_test_image(path: Path, tag: str = "busy:1", extra_layers: tuple[bytes, ...] = ()) -> Path:
+    """The busybox image (plus `extra_layers` on top) as a docker-archive."""
+    tars = [busybox_layer(), *extra_layers]
+    config = json.loads(config_for(tars))
     config["config"] = {"Env": IMAGE_ENV, "Cmd": IMAGE_CMD, "WorkingDir": IMAGE_WORKDIR,
                         "Volumes": {IMAGE_VOLUME: {}}}
-    docker_archive(path, [tar], tags=(tag,), config=json.dumps(config).encode())
+    docker_archive(path, tars, tags=(tag,), config=json.dumps(config).encode())
     return path
 
 
@@ -88,8 +89,9 @@ class Engine:
         self.store = str(store)
 
     def __call__(self, *args, check=True, timeout=TIMEOUT, input=None, **kw) -> subprocess.CompletedProcess:
-        cmd, rest = args[0], args[1:]
-        r = subprocess.run([UNIONFS, cmd, "--store", self.store, *map(str, rest)], capture_output=True,
+        n = 2 if args[0] == "image" else 1          # `image load`: --store after both words
+        cmd, rest = args[:n], args[n:]
+        r = subprocess.run([UNIONFS, *cmd, "--store", self.store, *map(str, rest)], capture_output=True,
                            text=True, timeout=timeout, input=input,
                            stdin=None if input is not None else subprocess.DEVNULL, **kw)
         if check and r.returncode != 0:
