@@ -61,8 +61,7 @@ def _id(unsafe: str) -> int | None:
 
 def resolve(spec: str, passwd: list[_Passwd], groups: list[_Group]) -> ExecUser:
     """Resolve `spec` (USER[:GROUP], names or numbers; "" is root) as runc's
-    GetExecUser does: a name must exist; a number need not (gid 0 then);
-    supplementary groups are the /etc/group entries naming the user."""
+    GetExecUser does: a name must exist; a number need not (gid 0 then)."""
     unsafe_user, sep, unsafe_group = (spec or "0").partition(":")
     if not unsafe_user or (sep and not unsafe_group):
         raise UserError(f"-u {spec}: expected USER[:GROUP]")
@@ -80,12 +79,12 @@ def resolve(spec: str, passwd: list[_Passwd], groups: list[_Group]) -> ExecUser:
             if g is None:
                 raise UserError(f"unable to find group {unsafe_group}: no matching entries in group file")
             gid = g.gid
-    extra = []
-    if entry is not None:
-        for g in groups:
-            if entry.name in g.members and g.gid not in extra:
-                extra.append(g.gid)
-    return ExecUser(uid, gid, tuple(extra), home)
+    # As podman: the primary group first (unless no user was asked for at
+    # all); then, unless a group was given, every group that lists the user.
+    extra = [gid] if spec else []
+    if entry is not None and not sep:
+        extra += [g.gid for g in groups if entry.name in g.members]
+    return ExecUser(uid, gid, tuple(dict.fromkeys(extra)), home)
 
 
 def resolve_in(root: str, spec: str) -> ExecUser:
