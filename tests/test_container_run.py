@@ -208,6 +208,12 @@ def test_detached_logs_exec_stop_ps(engine):
     engine("rm", "web")
 
 
+def test_detached_rm_removes_itself(engine):
+    engine("run", "-d", "--rm", "--name", "gone", IMAGE, "true")
+    wait_for(lambda: "gone" not in engine.containers())
+    assert not [i for i in engine.runtime_ids() if i.endswith("-gone")]
+
+
 def test_logs_follow_until_exit(engine):
     engine("run", "-d", "--name", "follow", IMAGE, "sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.2; done; exit 9")
     r = engine("logs", "-f", "follow")

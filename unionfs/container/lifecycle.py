@@ -436,6 +436,15 @@ def _launch(store, c, rc, rt, bundle, attach) -> int:
             os._exit(code)
     os.close(status_w)
     os.close(ctl_r)
+
+    def forward(signum, _frame):
+        with contextlib.suppress(OSError):
+            os.write(ctl_w, bytes([signum]))
+    if attach:
+        # From now on the container's: the monitor passes them on (or drops
+        # them while there is no process yet).
+        for s in FORWARDED_SIGNALS:
+            signal.signal(s, forward)
     with os.fdopen(status_r, "rb") as f:
         status = f.read().decode(errors="replace")
     if not status.startswith("ok"):
@@ -447,12 +456,6 @@ def _launch(store, c, rc, rt, bundle, attach) -> int:
     if not attach:
         os.close(ctl_w)
         return 0
-
-    def forward(signum, _frame):
-        with contextlib.suppress(OSError):
-            os.write(ctl_w, bytes([signum]))
-    for s in FORWARDED_SIGNALS:
-        signal.signal(s, forward)
     _, wstatus = os.waitpid(pid, 0)
     os.close(ctl_w)
     return os.waitstatus_to_exitcode(wstatus) if os.WIFEXITED(wstatus) else EXIT_ENGINE
