@@ -113,19 +113,20 @@ def test_command_not_found_or_not_executable(engine):
     assert engine.containers() == before
 
 
-def test_signals_reach_the_foreground_container(engine):
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_signals_reach_the_foreground_container(engine, sig):
     p = subprocess.Popen([UNIONFS, "run", "--store", engine.store, "--rm", "--name", "sig", IMAGE, "sh", "-c",
-                          'trap "echo got TERM; exit 42" TERM; echo ready; while :; do sleep 0.1; done'],
+                          f'trap "echo got {sig}; exit 42" {sig}; echo ready; while :; do sleep 0.1; done'],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         assert p.stdout.readline() == "ready\n"
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(getattr(signal, "SIG" + sig))
         out, _ = p.communicate(timeout=30)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode == 42 and "got TERM" in out
+    assert p.returncode == 42 and f"got {sig}" in out
 
 
 # -- the filesystem: init layer, diff, volumes -------------------------------------
