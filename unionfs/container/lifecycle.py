@@ -34,11 +34,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -49,8 +49,10 @@ from dataclasses import dataclass, field
 
 from unionfs.container import network, rootfs, spec, tty, users
 from unionfs.container.runtime import Runtime, container_id, last_line
-from unionfs.errors import UserError
+from unionfs.errors import EXIT_ERROR, UserError
+from unionfs.image.commands import mount_container
 from unionfs.image.store import Container, Image, Store, mounted_paths, rmtree, write_atomic
+from unionfs.mount import _alive, _proc_start, umount
 
 # Exit codes as docker's.
 EXIT_ENGINE = 125       # unionfs itself failed
@@ -72,9 +74,16 @@ class EngineError(UserError):
     exit_code = EXIT_ENGINE
 
 
+class CannotRun(UserError):
+    exit_code = EXIT_CANNOT_RUN
+
+
+class NotFound(UserError):
+    exit_code = EXIT_NOT_FOUND
+
+
 def engine_error(e: UserError) -> UserError:
     """`e`, with docker's exit code (125) unless it has a more specific one."""
-    from unionfs.errors import EXIT_ERROR
     if e.exit_code == EXIT_ERROR:
         e.exit_code = EXIT_ENGINE
     return e
@@ -168,11 +177,6 @@ def volume_key(path: str) -> str:
 
 # -- processes ---------------------------------------------------------------
 
-def _proc_start(pid: int) -> str | None:
-    from unionfs.mount import _proc_start as start
-    return start(pid)
-
-
 def _identity(pid: int) -> str:
     return f"{pid} {_proc_start(pid)}"
 
@@ -182,7 +186,6 @@ def monitor_alive(st: State) -> bool:
     that got its pid, not a zombie)."""
     if not st.monitor:
         return False
-    from unionfs.mount import _alive
     pid, _, start = st.monitor.partition(" ")
     return _proc_start(int(pid)) == start and _alive(int(pid))
 
@@ -220,7 +223,6 @@ def build_init_layer(init: str, lowerdirs: list[str], dirs: list[str], files: li
     """Make `dirs` and (empty) `files` in the init layer `init`, each parent
     directory with the metadata it has in the image (so the init layer's
     copy, which wins in the union, changes nothing the container sees)."""
-    import stat as stat_
     os.makedirs(init, exist_ok=True)
     made = {"/"}
     dir_meta = []
@@ -232,7 +234,7 @@ def build_init_layer(init: str, lowerdirs: list[str], dirs: list[str], files: li
         made.add(path)
         os.mkdir(init + path, 0o755)
         st = _image_stat(lowerdirs, path)
-        dir_meta.append((init + path, st if st is not None and stat_.S_ISDIR(st.st_mode) else None))
+        dir_meta.append((init + path, st if st is not None and stat.S_ISDIR(st.st_mode) else None))
 
     for d in dirs:
         mkdir(d)
@@ -273,7 +275,6 @@ def create(store: Store, image: Image, name: str, rc: RunConfig) -> Container:
 # -- start -------------------------------------------------------------------
 
 def _mount(store: Store, c: Container):
-    from unionfs.image.commands import mount_container
     mnt = rootfs_path(c)
     if mnt in mounted_paths():
         return
@@ -287,7 +288,6 @@ def _mount(store: Store, c: Container):
 
 
 def _umount(c: Container):
-    from unionfs.mount import umount
     mnt = rootfs_path(c)
     for _ in range(50):
         if mnt not in mounted_paths():
@@ -348,7 +348,6 @@ def check_command(root: str, args: list[str], env: list[str], cwd: str):
     container or cannot be executed -- before anything starts."""
     if not args:
         raise EngineError("no command: the image has no Cmd or Entrypoint, and none was given")
-    import stat as stat_
     cmd = args[0]
     if "/" in cmd:
         candidates = [cmd if cmd.startswith("/") else os.path.join(cwd, cmd)]
@@ -361,17 +360,13 @@ def check_command(root: str, args: list[str], env: list[str], cwd: str):
         st = rootfs.stat_in(root, candidate)
         if st is None:
             continue
-        if stat_.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
             return
         found_not_exec = found_not_exec or candidate
     if found_not_exec:
-        e = UserError(f"{cmd}: permission denied (not an executable file)")
-        e.exit_code = EXIT_CANNOT_RUN
-        raise e
-    e = UserError(f"{cmd}: executable file not found in $PATH" if "/" not in cmd
-                  else f"{cmd}: no such file or directory")
-    e.exit_code = EXIT_NOT_FOUND
-    raise e
+        raise CannotRun(f"{cmd}: permission denied (not an executable file)")
+    raise NotFound(f"{cmd}: executable file not found in $PATH" if "/" not in cmd
+                   else f"{cmd}: no such file or directory")
 
 
 def _process(c: Container, rc: RunConfig, user_spec: str, args: list[str], extra_env: list[str],
