@@ -125,6 +125,8 @@ def config(*, rootfs: str, proc: dict, hostname: str, readonly: bool, netns: boo
          "options": ["nosuid", "noexec", "nodev", "ro"]} if netns else
         {"destination": "/sys", "type": "bind", "source": "/sys",
          "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
     ]
     mounts += [_bind(dest, src) for dest, src in sorted(etc_files.items())]
     mounts += [_bind(b.destination, b.source, b.readonly) for b in binds]
