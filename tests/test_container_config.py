@@ -142,3 +142,21 @@ def test_paths_resolve_inside_the_root(tmp_path):
     assert rootfs.stat_in(str(root), "/etc/rel", follow=False) is None   # a layer: links are not followed
     os.symlink(str(tmp_path), root / "escape")     # a directory link to the host's path
     assert rootfs.read_file(str(root), "/escape/outside") is None
+
+
+def test_mkdir_all_follows_links_inside_the_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "abs").symlink_to(str(outside))        # dangling inside the root
+    (root / "rel").symlink_to("../../x/y")
+    rootfs.mkdir_all(str(root), "/abs/sub")
+    rootfs.mkdir_all(str(root), "/rel/z")
+    rootfs.mkdir_all(str(root), "/plain/a/b")
+    assert os.listdir(outside) == []
+    assert (root / str(outside).lstrip("/") / "sub").is_dir()
+    assert (root / "x" / "y" / "z").is_dir() and (root / "plain" / "a" / "b").is_dir()
+    (root / "loop").symlink_to("loop")
+    with pytest.raises(UserError):
+        rootfs.mkdir_all(str(root), "/loop/a")

@@ -308,6 +308,47 @@ def test_hostile_passwd_symlink_is_resolved_inside(engine, tmp_path):
     engine("image", "rm", "-q", "hostile:1")
 
 
+def test_hostile_links_never_reach_the_host(engine, tmp_path):
+    """An image whose /etc/hosts, volume and working dir are symlinks to host
+    paths: the container writes there, the host paths do not change."""
+    host_file = tmp_path / "hosts"
+    host_file.write_text("host's own\n")
+    host_dir = tmp_path / "dir"
+    host_dir.mkdir()
+    layer = layer_tar(D("etc"), L("etc/hosts", str(host_file)), L(IMAGE_VOLUME.lstrip("/"), str(host_dir)),
+                      L("app", str(host_dir)))
+    engine("image", "load", "-q", write_test_image(tmp_path / "links.tar", "links:1", (layer,)))
+    r = engine("run", "--name", "links", "links:1", "sh", "-c",
+               f"echo evil >> /etc/hosts; echo evil > {IMAGE_VOLUME}/x; echo evil > ./y; pwd")
+    assert r.stdout == f"{host_dir}\n"      # the link's target, made inside the container
+    assert host_file.read_text() == "host's own\n" and os.listdir(host_dir) == []
+    engine("rm", "links")
+    engine("image", "rm", "-q", "links:1")
+
+
+def test_commit_pauses_a_running_container(engine, monkeypatch):
+    """While the layer is written the runtime reports the container paused;
+    after the commit it runs again (checked in-process, around write_layer)."""
+    from image_helpers import run_cli
+    from unionfs.container.runtime import Runtime, container_id
+    from unionfs.image import commit as commit_module
+    engine("run", "-d", "--name", "frozen", IMAGE, "sh", "-c", "while :; do date > /tmp/t; sleep 0.05; done")
+    runtime = Runtime("runc", os.path.realpath(engine.store))
+    cid = container_id(os.path.realpath(engine.store), "frozen")
+    seen = []
+    real_write_layer = commit_module.write_layer
+
+    def spying_write_layer(*args, **kw):
+        seen.append(runtime.state(cid)["status"])
+        return real_write_layer(*args, **kw)
+    monkeypatch.setattr(commit_module, "write_layer", spying_write_layer)
+    assert run_cli("commit", "--store", engine.store, "-q", "frozen", "frozen:1")[0] == 0
+    assert run_cli("commit", "--store", engine.store, "-q", "--pause=false", "frozen", "frozen:2")[0] == 0
+    assert seen == ["paused", "running"]
+    assert runtime.state(cid)["status"] == "running"
+    engine("rm", "-f", "frozen")
+
+
 # -- terminals ------------------------------------------------------------------------
 
 def _pty_run(argv, script: bytes | None, timeout=30) -> tuple[int, bytes]:

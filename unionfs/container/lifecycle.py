@@ -377,6 +377,11 @@ def _process(c: Container, rc: RunConfig, user_spec: str, args: list[str], extra
     except UserError as e:
         raise EngineError(str(e)) from None
     env = spec.process_env({"Env": rc.env}, extra_env, rc.hostname, user.home, tty_)
+    if not rc.read_only:
+        try:
+            rootfs.mkdir_all(root, cwd)     # here, where the image's links stay inside it
+        except OSError as e:
+            raise EngineError(f"working directory {cwd}: {e.strerror}") from None
     check_command(root, args, env, cwd)
     return spec.process(args, env, cwd, user, tty_)
 

@@ -86,3 +86,42 @@ def stat_in(root: str, unsafe_path: str, follow: bool = True) -> os.stat_result 
         return os.fstat(fd)
     finally:
         os.close(fd)
+
+
+MAX_LINKS = 40      # symlinks followed while making one path, as the kernel's limit
+
+
+def _inside_path(root: str, fd: int) -> str:
+    """The path inside `root` of the directory open as `fd` (already resolved)."""
+    real = os.readlink(f"/proc/self/fd/{fd}")
+    base = os.path.realpath(root)
+    if real != base and not real.startswith(base.rstrip("/") + "/"):
+        raise UserError(f"{root}: a path resolved outside the rootfs ({real})")
+    return clean(real[len(base):])
+
+
+def mkdir_all(root: str, unsafe_path: str, _links: int = 0):
+    """`mkdir -p` of `unsafe_path` inside `root`, every component resolved
+    inside it: a symlink on the way (even a dangling one) leads to a
+    directory made inside the root, never outside (as docker's
+    MkdirAllInRoot)."""
+    parts = [p for p in clean(unsafe_path).split("/") if p]
+    for i, name in enumerate(parts):
+        sub = "/" + "/".join(parts[:i + 1])
+        if stat_in(root, sub) is not None:
+            continue
+        parent = open_in(root, "/" + "/".join(parts[:i]), os.O_PATH | os.O_DIRECTORY)
+        try:
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent)
+                continue
+            except FileExistsError:
+                target = os.readlink(name, dir_fd=parent)   # a dangling symlink
+            if _links >= MAX_LINKS:
+                raise UserError(f"{unsafe_path}: too many levels of symbolic links")
+            base = _inside_path(root, parent)
+            rest = "/".join(parts[i + 1:])
+            path = target if target.startswith("/") else f"{base}/{target}"
+            return mkdir_all(root, f"{path}/{rest}", _links + 1)
+        finally:
+            os.close(parent)
