@@ -2,19 +2,23 @@
 store whose containers are always removed: what the `run` tests share.
 
 `Engine.close()` runs `rm -f` on every container, then unmounts whatever is
-still mounted below the store, kills what the runtime still runs, and
-returns what it had to clean up by force (a test asserts it is nothing)."""
+still mounted below the store, deletes what the runtime still has, kills
+processes still working for the store, and returns what it had to clean up
+by force (a test asserts it is nothing)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from image_helpers import D, F, L, config_for, docker_archive, layer_tar
+from podman_helpers import processes_mentioning, wait_for_exit
 
 BIN = Path(sys.executable).parent
 UNIONFS = str(BIN / "unionfs")
@@ -118,6 +122,13 @@ class Engine:
                 pass
         leftovers = [f"mount {m}" for m in mounts_under(self.store)]
         leftovers += [f"runtime {i}" for i in self.runtime_ids()]
+        # Monitors and unionfs daemons are forks of `unionfs ... --store STORE`;
+        # the last ones may still be finishing their clean-up.
+        stray = wait_for_exit(processes_mentioning(self.store), 10)
+        leftovers += [f"process {pid}" for pid in stray]
+        for pid in stray:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for i in self.runtime_ids():
             subprocess.run(["runc", "--root", os.path.join(self.store, "runtime", "runc"), "delete", "-f", i],
                            capture_output=True, timeout=TIMEOUT)
