@@ -30,6 +30,10 @@ class Runtime:
     def __init__(self, name: str, store_root: str):
         if name not in RUNTIMES:
             raise UserError(f"--runtime {name}: must be one of {', '.join(RUNTIMES)}")
+        if os.geteuid() != 0:
+            # A rootless runtime needs a user namespace and id mappings in
+            # config.json, and a rootless network and cgroup set-up: not done.
+            raise UserError("running containers needs root (rootless containers are not supported)")
         self.name = name
         self.binary = shutil.which(name)
         if self.binary is None:
