@@ -11,8 +11,8 @@ import re
 import sys
 import time
 
-from unionfs.container import lifecycle, network, rootfs
-from unionfs.container.lifecycle import EngineError, RunConfig, engine_error
+from unionfs.container import lifecycle, network, record, rootfs, spec
+from unionfs.container.record import STOP_TIMEOUT, EngineError, RunConfig, engine_error
 from unionfs.errors import EXIT_OK, UserError
 from unionfs.image.store import Store, default_store_path
 
@@ -54,7 +54,7 @@ def register(subparsers):
     p.set_defaults(func=cmd_start)
 
     p = subparsers.add_parser("stop", parents=[common], help="stop running containers")
-    p.add_argument("-t", "--time", type=float, default=lifecycle.STOP_TIMEOUT, metavar="SECONDS",
+    p.add_argument("-t", "--time", type=float, default=STOP_TIMEOUT, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL (10)")
     p.add_argument("names", metavar="NAME", nargs="+")
     p.set_defaults(func=cmd_stop)
@@ -159,7 +159,7 @@ def _container(store: Store, name: str):
     c = store.container(name)
     if c is None:
         raise EngineError(f"container {name}: no such container")
-    if not lifecycle.is_run_container(c):
+    if not record.is_run_container(c):
         raise EngineError(f"container {name} was made by `image mount`, not `run`; it has no process")
     return c
 
@@ -183,7 +183,6 @@ def cmd_run(args) -> int:
         hostname = args.hostname or re.sub(r"[^A-Za-z0-9-]", "-", name)[:63].strip("-") or "container"
         if not _HOSTNAME_RE.match(hostname):
             raise UserError(f"--hostname {hostname}: not a valid host name")
-        from unionfs.container import spec
         args_ = spec.process_args(image_config, args.command, args.entrypoint)
         if not args_:
             raise UserError(f"image {args.image} has no Cmd or Entrypoint: give a COMMAND")
@@ -193,7 +192,7 @@ def cmd_run(args) -> int:
             hostname=hostname, network=args.network, ports=[dataclasses.asdict(p) for p in ports],
             read_only=args.read_only, runtime=args.runtime, tty=args.tty, interactive=args.interactive,
             auto_remove=args.rm, binds=binds, volumes=volumes)
-        lifecycle.runtime_for(store, rc)         # the runtime is installed
+        record.runtime_for(store, rc)         # the runtime is installed
         c = lifecycle.create(store, image, name, rc)
     except UserError as e:
         raise engine_error(e) from None
@@ -239,7 +238,7 @@ def cmd_stop(args) -> int:
 def cmd_logs(args) -> int:
     store = _store(args)
     c = _container(store, args.name)
-    path = lifecycle.log_path(c)
+    path = record.log_path(c)
     out = sys.stdout.buffer
     try:
         f = open(path, "rb")

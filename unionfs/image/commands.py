@@ -386,13 +386,13 @@ def cmd_ps(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from unionfs.container import lifecycle
+    from unionfs.container import lifecycle, record
     store = _store(args)
     for name in args.names:
         c = store.container(name)
         if c is None:
             raise UserError(f"container {name}: no such container")
-        if lifecycle.is_run_container(c):
+        if record.is_run_container(c):
             lifecycle.remove(store, c, args.force)
             _info(args, name)
             continue
