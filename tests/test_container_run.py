@@ -243,6 +243,21 @@ def test_crashed_monitor_shows_exited_and_restarts(engine):
     assert not mounts_under(os.path.join(engine.store, "containers"))
 
 
+def test_killed_unionfs_daemon_stop_and_start_again(engine):
+    from reliability_helpers import daemon_pid
+    engine("run", "-d", "--name", "nofs", IMAGE, "sh", "-c", "echo kept > /app/kept; exec sleep 1000")
+    upper = Path(engine.store, "containers", "nofs", "upper")
+    wait_for(lambda: (upper / "app" / "kept").exists())
+    os.kill(daemon_pid(Path(engine.store, "containers", "nofs", "rootfs")), signal.SIGKILL)
+    engine("stop", "-t", "1", "nofs")
+    assert ps_status(engine, "nofs").startswith("Exited (137) ")     # sleep, as pid 1, ignores TERM
+    assert not mounts_under(os.path.join(engine.store, "containers", "nofs"))     # the stale mount went too
+    assert (upper / "app" / "kept").read_text() == "kept\n"
+    engine("start", "nofs")
+    assert engine("exec", "nofs", "cat", "/app/kept").stdout == "kept\n"
+    engine("rm", "-f", "nofs")
+
+
 # -- commit, save, load, run elsewhere ------------------------------------------------
 
 def test_commit_running_container_then_save_load_run(engine, tmp_path):
