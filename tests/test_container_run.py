@@ -191,6 +191,8 @@ def test_detached_logs_exec_stop_ps(engine):
     r = engine("exec", "-u", "alice", "-w", "/tmp", "-e", "X=1", "web", "sh", "-c", "id -u; pwd; echo $X")
     assert r.stdout.split() == ["1000", "/tmp", "1"]
     assert engine("exec", "web", "no-such", check=False).returncode == 127
+    r = engine("exec", "-w", "/no/such/dir", "web", "true", check=False)
+    assert r.returncode == 125 and "/no/such/dir" in r.stderr
     assert engine("rm", "web", check=False).returncode != 0         # running: needs -f
     engine("stop", "web")
     assert state(engine, "web")["exit_code"] == 3

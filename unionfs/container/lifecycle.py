@@ -188,18 +188,25 @@ def check_command(root: str, args: list[str], env: list[str], cwd: str):
 
 
 def _process(c: Container, rc: RunConfig, user_spec: str, args: list[str], extra_env: list[str],
-             cwd: str, tty_: bool) -> dict:
+             cwd: str, tty_: bool, make_cwd: bool) -> dict:
+    """The runtime's `process` for `args` in `c`: user, environment and
+    command checked against the mounted rootfs. make_cwd: create the working
+    dir if missing (run's WorkingDir / -w), else it must exist (exec -w)."""
     root = record.rootfs_path(c)
     try:
         user = users.resolve_in(root, user_spec)
     except UserError as e:
         raise EngineError(str(e)) from None
     env = spec.process_env({"Env": rc.env}, extra_env, rc.hostname, user.home, tty_)
-    if not rc.read_only:
+    if make_cwd and not rc.read_only:
         try:
             rootfs.mkdir_all(root, cwd)     # here, where the image's links stay inside it
         except OSError as e:
             raise EngineError(f"working directory {cwd}: {e.strerror}") from None
+    elif not make_cwd:
+        st = rootfs.stat_in(root, cwd)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise EngineError(f"working directory {cwd}: no such directory in the container")
     check_command(root, args, env, cwd)
     return spec.process(args, env, cwd, user, tty_)
 
@@ -207,7 +214,7 @@ def _process(c: Container, rc: RunConfig, user_spec: str, args: list[str], extra
 def _bundle(c: Container, rc: RunConfig) -> str:
     etc = _write_etc(c, rc)
     binds = rc.bind_list() + [spec.Bind(record.path(c, "volumes", record.volume_key(v)), v) for v in rc.volumes]
-    proc = _process(c, rc, rc.user, rc.args, [], rc.cwd, rc.tty)
+    proc = _process(c, rc, rc.user, rc.args, [], rc.cwd, rc.tty, make_cwd=True)
     cfg = spec.config(rootfs=record.rootfs_path(c), proc=proc, hostname=rc.hostname, readonly=rc.read_only,
                       netns=network.needs_netns(rc.network), etc_files=etc, binds=binds)
     bundle = record.path(c, "bundle")
@@ -322,9 +329,11 @@ def exec_(store: Store, c: Container, args: list[str], env: list[str], cwd: str 
     rt = record.runtime_for(store, rc)
     with open(record.path(c, "bundle", "config.json"), "rb") as f:
         base = json.load(f)["process"]
-    proc = _process(c, RunConfig.from_json({**dataclasses.asdict(rc), "env": [
-        e for e in base["env"] if not e.startswith(("HOME=", "TERM="))]}),
-        user if user is not None else rc.user, args, env, cwd or base["cwd"], tty_)
+    # The container's environment as it was started (HOME and TERM follow
+    # exec's own user and terminal), then exec's -e.
+    exec_rc = dataclasses.replace(rc, env=[e for e in base["env"] if not e.startswith(("HOME=", "TERM="))])
+    proc = _process(c, exec_rc, user if user is not None else rc.user, args, env, cwd or base["cwd"], tty_,
+                    make_cwd=False)
     fd, process_file = tempfile.mkstemp(dir=record.path(c, "bundle"), prefix="exec-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(proc, f)
