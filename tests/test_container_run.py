@@ -11,6 +11,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -169,12 +170,13 @@ def test_read_only_rootfs(engine):
 
 @pytest.mark.parametrize("mode", ["none", "host"])
 def test_network_none_and_host(engine, mode):
-    r = engine("run", "--rm", "--network", mode, IMAGE, "sh", "-c", "ls /sys/class/net | sort | tr '\\n' ' '")
-    host_ifaces = " ".join(sorted(os.listdir("/sys/class/net"))) + " "
+    r = engine("run", "--rm", "--network", mode, IMAGE, "sh", "-c", "ls /sys/class/net | sort | tr '\\n' ' '; echo; hostname")
+    ifaces, hostname = r.stdout.split("\n")[:2]
     if mode == "none":
-        assert r.stdout == "lo "
+        assert ifaces == "lo "
     else:
-        assert r.stdout == host_ifaces
+        assert ifaces == " ".join(sorted(os.listdir("/sys/class/net"))) + " "
+        assert hostname == socket.gethostname()
 
 
 # -- detached containers ----------------------------------------------------------

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import os
 import re
+import socket
 import sys
 import time
 
@@ -164,35 +165,45 @@ def _container(store: Store, name: str):
     return c
 
 
+def run_config(args, image_config: dict, name: str) -> RunConfig:
+    """`run`'s options over the image's config -> what the container runs
+    (checked here, before anything is created)."""
+    if args.tty and args.interactive and not args.detach and not sys.stdin.isatty():
+        raise UserError("-it: the input device is not a TTY")
+    network.check_mode(args.network)
+    ports = [network.parse_publish(p) for p in args.publish]
+    env = parse_env(args.env, args.env_file)
+    binds, volumes = parse_volumes(args.volume, list(image_config.get("Volumes") or {}))
+    _check_user(args.user)
+    cwd = _container_path(args.workdir, "-w") if args.workdir else \
+        rootfs.clean(image_config.get("WorkingDir") or "/")
+    if args.hostname:
+        hostname = args.hostname
+    elif args.network == "host":
+        hostname = socket.gethostname()     # as docker: the host's network, the host's name
+    else:
+        hostname = re.sub(r"[^A-Za-z0-9-]", "-", name)[:63].strip("-") or "container"
+    if not _HOSTNAME_RE.match(hostname):
+        raise UserError(f"--hostname {hostname}: not a valid host name")
+    process_args = spec.process_args(image_config, args.command, args.entrypoint)
+    if not process_args:
+        raise UserError(f"image {args.image} has no Cmd or Entrypoint: give a COMMAND")
+    return RunConfig(
+        args=process_args, env=spec.merge_env(list(image_config.get("Env") or []), env), cwd=cwd,
+        user=args.user if args.user is not None else (image_config.get("User") or ""),
+        hostname=hostname, network=args.network, ports=[dataclasses.asdict(p) for p in ports],
+        read_only=args.read_only, runtime=args.runtime, tty=args.tty, interactive=args.interactive,
+        auto_remove=args.rm, binds=binds, volumes=volumes)
+
+
 def cmd_run(args) -> int:
     from unionfs.image.commands import _container_name
     store = _store(args)
     try:
-        if args.tty and not sys.stdin.isatty() and not args.detach and args.interactive:
-            raise UserError("-it: the input device is not a TTY")
         image = store.resolve(args.image)
-        image_config = store.config(image).get("config") or {}
-        network.check_mode(args.network)
-        ports = [network.parse_publish(p) for p in args.publish]
-        env = parse_env(args.env, args.env_file)
-        binds, volumes = parse_volumes(args.volume, list(image_config.get("Volumes") or {}))
-        _check_user(args.user)
-        cwd = _container_path(args.workdir, "-w") if args.workdir else \
-            rootfs.clean(image_config.get("WorkingDir") or "/")
         name = args.name or _container_name(store, image)
-        hostname = args.hostname or re.sub(r"[^A-Za-z0-9-]", "-", name)[:63].strip("-") or "container"
-        if not _HOSTNAME_RE.match(hostname):
-            raise UserError(f"--hostname {hostname}: not a valid host name")
-        args_ = spec.process_args(image_config, args.command, args.entrypoint)
-        if not args_:
-            raise UserError(f"image {args.image} has no Cmd or Entrypoint: give a COMMAND")
-        rc = RunConfig(
-            args=args_, env=spec.merge_env(list(image_config.get("Env") or []), env), cwd=cwd,
-            user=args.user if args.user is not None else (image_config.get("User") or ""),
-            hostname=hostname, network=args.network, ports=[dataclasses.asdict(p) for p in ports],
-            read_only=args.read_only, runtime=args.runtime, tty=args.tty, interactive=args.interactive,
-            auto_remove=args.rm, binds=binds, volumes=volumes)
-        record.runtime_for(store, rc)         # the runtime is installed
+        rc = run_config(args, store.config(image).get("config") or {}, name)
+        record.runtime_for(store, rc)         # the runtime is installed and usable
         c = lifecycle.create(store, image, name, rc)
     except UserError as e:
         raise engine_error(e) from None
