@@ -66,7 +66,7 @@ def engine_error(e: UserError) -> UserError:
 class RunConfig:
     """What `run` was asked for; kept in run.json so `start` can redo it."""
     args: list[str]
-    env: list[str]                      # image Env + -e, without HOME/HOSTNAME/TERM
+    env: list[str]                      # image Env, --env-file, -e (not HOME/HOSTNAME/TERM)
     cwd: str
     user: str                           # USER[:GROUP] as given (resolved at each start)
     hostname: str
@@ -144,8 +144,9 @@ def log_path(c: Container) -> str:
     return path(c, LOG_FILE)
 
 
-def volume_key(path: str) -> str:
-    return hashlib.sha256(path.encode()).hexdigest()[:16]
+def volume_key(ctr_path: str) -> str:
+    """The name of the anonymous volume at `ctr_path` under volumes/."""
+    return hashlib.sha256(ctr_path.encode()).hexdigest()[:16]
 
 
 # -- processes ---------------------------------------------------------------
@@ -164,6 +165,8 @@ def monitor_alive(st: State) -> bool:
 
 
 def wait_gone(st: State, timeout: float) -> bool:
+    """Wait until the monitor in `st` has exited; False if it still runs
+    after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while monitor_alive(st):
         if time.monotonic() > deadline:
