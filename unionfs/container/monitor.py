@@ -93,7 +93,8 @@ def _exit_code(wstatus: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _monitor(store, c, rc, rt, bundle, attach, status_w, ctl_r) -> int:
+def _monitor(store: Store, c: Container, rc: RunConfig, rt: Runtime, bundle: str, attach: bool,
+             status_w: int, ctl_r: int) -> int:
     """The monitor (a forked child of run/start): see the module's doc."""
     cid = container_id(store.root, c.name)
     null = os.open(os.devnull, os.O_RDWR)
@@ -115,8 +116,9 @@ def _monitor(store, c, rc, rt, bundle, attach, status_w, ctl_r) -> int:
                 os.kill(container_pid[0], signum)
 
     for s in FORWARDED_SIGNALS:
-        # In the foreground, the terminal's ^C / ^\ also reach us: only what
-        # `run` forwards counts (the container's own process got it too).
+        # In the foreground the terminal's ^C / ^\ reach `run` and us alike
+        # (the runtime puts the container in a session of its own): only
+        # what `run` forwards is passed on, so the container gets each once.
         signal.signal(s, signal.SIG_IGN if attach and s in (signal.SIGINT, signal.SIGQUIT) else forward)
 
     def control():
@@ -148,8 +150,12 @@ def _monitor(store, c, rc, rt, bundle, attach, status_w, ctl_r) -> int:
             master = console.receive(lambda: create.poll() is None)
         _, err = create.communicate(timeout=120)
         if create.returncode != 0 or (console and master is None):
-            log = open(runtime_log, errors="replace").read() if os.path.exists(runtime_log) else ""
-            raise EngineError(f"{rt.name} create: {last_line(log or (err or b'').decode(errors='replace'))}")
+            try:
+                with open(runtime_log, errors="replace") as f:
+                    why = f.read()
+            except FileNotFoundError:
+                why = (err or b"").decode(errors="replace")
+            raise EngineError(f"{rt.name} create: {last_line(why)}")
         with open(pid_file) as f:
             container_pid[0] = int(f.read().strip())
         network.attach(rc.network, container_pid[0], rc.port_mappings(), record.path(c, "net"))
@@ -166,7 +172,7 @@ def _monitor(store, c, rc, rt, bundle, attach, status_w, ctl_r) -> int:
             while container_pid[0] not in result:
                 try:
                     pid, wstatus = os.waitpid(-1, 0 if block else os.WNOHANG)
-                except ChildProcessError:
+                except ChildProcessError:       # not ours after all: its status is lost
                     result.setdefault(container_pid[0], EXIT_UNKNOWN << 8)
                     break
                 if pid == 0:
