@@ -5,7 +5,9 @@ Part 1 mounts two plain directories under a fresh upper and shows a copy-up,
 a whiteout and an opaque directory. Part 2 builds the demo image, loads it
 into a temporary store, mounts it as a container rootfs, shows which layer
 files come from, changes it, shows the copy-on-write events, and diff,
-commit and save. Everything lives in a temporary directory that
+commit and save. Part 3 (as root, with runc) runs the image as a
+container, changes it and commits it while it runs, saves it, loads it into
+a fresh store and runs it there. Everything lives in a temporary directory that
 is unmounted and removed at the end, whatever happens.
 """
 
@@ -107,8 +109,37 @@ def part2(tmp):
     finally:
         if mounted(mnt):
             sh(UNIONFS, "umount", mnt)
-    sh(UNIONFS, "ps", *st)
+    sh(UNIONFS, "ps", *st, "-a")
     sh(UNIONFS, "rm", *st, "demo")
+
+
+def part3(tmp):
+    say("Part 3: run the image (runc), change it while it runs, commit, move it to another store, run it there")
+    if os.geteuid() != 0 or not shutil.which("runc"):
+        say("skipped: running containers needs root and runc here")
+        return
+    store, other = tmp / "run-store", tmp / "other-store"
+    st, ot = ["--store", store], ["--store", other]
+    sh(UNIONFS, "image", "load", *st, "-q", tmp / "demo.tar")
+    sh(UNIONFS, "run", *st, "--rm", "unionfs-demo", "sh", "-c", "echo pid $$ in $(pwd) as $(busybox id -u); cat /app/VERSION")
+    sh(UNIONFS, "run", *st, "-d", "--name", "web", "unionfs-demo",
+       "sh", "-c", "echo serving; exec busybox sleep 1000")
+    try:
+        sh(UNIONFS, "ps", *st)
+        sh(UNIONFS, "logs", *st, "web")
+        say("change the running container, and commit it while it runs (paused meanwhile)")
+        sh(UNIONFS, "exec", *st, "web", "sh", "-c", "echo 3.0 > /app/VERSION")
+        sh(UNIONFS, "diff", *st, "web")
+        sh(UNIONFS, "commit", *st, "-q", "-c", 'CMD ["cat", "/app/VERSION"]', "web", "web:v2")
+        sh(UNIONFS, "ps", *st)
+        sh(UNIONFS, "image", "save", *st, "-q", "web:v2", "-o", tmp / "web.tar")
+        say('"another machine": a fresh store loads the archive and runs it')
+        sh(UNIONFS, "image", "load", *ot, "-q", tmp / "web.tar")
+        sh(UNIONFS, "run", *ot, "--rm", "web:v2")
+        sh(UNIONFS, "stop", *st, "-t", "1", "web")
+        sh(UNIONFS, "ps", *st, "-a")
+    finally:
+        sh(UNIONFS, "rm", *st, "-f", "web", check=False)
 
 
 def main():
@@ -116,6 +147,7 @@ def main():
     try:
         part1(tmp)
         part2(tmp)
+        part3(tmp)
         say("done: everything was unmounted; the temporary files go now")
         return 0
     finally:

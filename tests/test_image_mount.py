@@ -153,13 +153,13 @@ def test_change_diff_commit_save_load_remount(env, tmp_path):
     assert name4 == "work"
     assert tree(str(mnt4), owners=IS_ROOT) == changed
     ps = unionfs("ps", "--store", store).stdout
-    assert any(l.split()[:1] == ["work"] and "mounted" in l.split() for l in ps.splitlines())
+    assert any(l.split()[:1] == ["work"] and l.split()[-1] == "Mounted" for l in ps.splitlines())
     # A mounted container cannot be removed without -f.
     p = unionfs("rm", "--store", store, "work", check=False)
     assert p.returncode == 1 and "is mounted at" in p.stderr
     unionfs("umount", mnt4)
     unionfs("rm", "--store", store, "work")
-    assert "work" not in unionfs("ps", "--store", store).stdout
+    assert "work" not in unionfs("ps", "-a", "--store", store).stdout
 
 
 def test_mount_errors(env, tmp_path):

@@ -317,8 +317,8 @@ def test_rm_refuses_an_image_a_container_uses(tmp_path):
         s.create_container("c1", s.resolve("a:1"))
     rc, _, err = run_cli("image", "rm", "--store", store, "a:1")
     assert rc == 1 and "used by container c1" in err
-    rc, out, _ = run_cli("ps", "--store", store)
-    assert "c1" in out and "a:1" in out and "unmounted" in out
+    rc, out, _ = run_cli("ps", "-a", "--store", store)
+    assert "c1" in out and "a:1" in out and "Unmounted" in out
     assert run_cli("rm", "--store", store, "c1")[0] == 0
     assert run_cli("image", "rm", "--store", store, "a:1")[0] == 0
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from unionfs import __version__
+from unionfs.container import commands as container_commands
 from unionfs.errors import EXIT_OK, EXIT_USAGE, UserError
 
 PROG = "unionfs"
@@ -62,6 +63,7 @@ def build_parser():
     registry_commands.register(sub)
     from unionfs.watch import register as register_watch   # which, events, stats
     register_watch(sub)
+    container_commands.register(sub)
     return p
 
 

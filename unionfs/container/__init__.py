@@ -1,1 +1,2 @@
-"""Containers: running an image's process with an OCI runtime."""
+"""Containers: an image's config turned into a process run by an OCI runtime
+(runc or crun) on a unionfs rootfs. See DESIGN.md section 6."""

@@ -78,11 +78,12 @@ def register(subparsers):
         p.set_defaults(func=cmd_tag)
 
     p = subparsers.add_parser("ps", parents=[common], help="list containers")
+    p.add_argument("-a", "--all", action="store_true", help="also those not running or mounted")
     p.set_defaults(func=cmd_ps)
 
     p = subparsers.add_parser("rm", parents=[common], help="remove containers (their upper and work dirs)")
     p.add_argument("names", metavar="NAME", nargs="+")
-    p.add_argument("-f", "--force", action="store_true", help="unmount a mounted container first")
+    p.add_argument("-f", "--force", action="store_true", help="stop a running or unmount a mounted container first")
     p.set_defaults(func=cmd_rm)
 
     p = subparsers.add_parser("diff", parents=[common], help="list changes (A/C/D) of a container")
@@ -95,6 +96,10 @@ def register(subparsers):
     p.add_argument("container", metavar="NAME|MOUNTPOINT")
     p.add_argument("image", metavar="IMAGE[:TAG]")
     p.add_argument("-m", "--message", help="history entry (created_by) for the new layer")
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="Dockerfile-style config change: CMD ENTRYPOINT ENV WORKDIR USER EXPOSE VOLUME LABEL")
+    p.add_argument("-p", "--pause", nargs="?", const="true", default="true", choices=("true", "false"),
+                   help="freeze a running container during the commit (default true; --pause=false)")
     p.set_defaults(func=cmd_commit)
 
 
@@ -320,6 +325,16 @@ def _image_mount_flags(optstrings) -> dict:
     return flags
 
 
+def mount_container(container, lowerdirs: list[str], mountpoint: str, fuse_options: dict | None = None):
+    """Mount a container's rootfs: `lowerdirs` (top first) under its upper.
+    `image mount` and `run` both mount through here. Returns the MountSpec
+    and the daemon's pid."""
+    from unionfs.mount import MountSpec, mount
+    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto",
+                     fuse_options=dict(fuse_options or {}))
+    return spec, mount(spec, mountpoint)
+
+
 def cmd_image_mount(args) -> int:
     container, _, _ = mount_image(_store(args), args.image, args.mountpoint, args.name,
                                   _image_mount_flags(args.options))
@@ -332,7 +347,7 @@ def mount_image(store: Store, ref: str, mountpoint: str, name: str | None, flags
     remounted if it exists), with mount `flags` (IMAGE_MOUNT_FLAGS items);
     returns the container, its MountSpec and the daemon's pid. A container
     made here is removed again if mounting fails."""
-    from unionfs.mount import MountSpec, existing_mountpoint, mount
+    from unionfs.mount import existing_mountpoint
     mnt = existing_mountpoint(mountpoint)  # real path, as /proc/self/mountinfo shows it
     with store.locked():
         image = store.resolve(ref)
@@ -351,10 +366,8 @@ def mount_image(store: Store, ref: str, mountpoint: str, name: str | None, flags
         store.write_container(container)
         lowerdirs = store.lowerdirs(image)
     # Mount outside the lock: the daemon must not inherit it.
-    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto",
-                     fuse_options=dict(flags or {}))
     try:
-        pid = mount(spec, mnt)
+        spec, pid = mount_container(container, lowerdirs, mnt, flags)
     except BaseException:
         if created:
             with store.locked():
@@ -408,16 +421,19 @@ def cmd_tag(args) -> int:
 # -- containers ----------------------------------------------------------------
 
 def cmd_ps(args) -> int:
+    from unionfs.container import lifecycle
     store = _store(args)
     mounted = mounted_paths()
-    rows = [["NAME", "IMAGE", "MOUNTPOINT", "STATUS", "CREATED"]]
+    rows = [["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS"]]
     tags = store.tags()
     for c in store.containers():
+        status, live = lifecycle.status_text(store, c, mounted)
+        if not (live or args.all):
+            continue
         if args.quiet:
             print(c.name)
             continue
-        status = "mounted" if c.mountpoint and c.mountpoint in mounted else "unmounted"
-        rows.append([c.name, _image_shown(store, c, tags), c.mountpoint or "-", status, _ago(c.created)])
+        rows.append([c.name, _image_shown(store, c, tags), lifecycle.command_text(c), _ago(c.created), status])
     if not args.quiet:
         _table(rows)
     return EXIT_OK
@@ -438,12 +454,17 @@ def _image_shown(store: Store, c, tags: dict[str, str]) -> str:
 
 
 def cmd_rm(args) -> int:
+    from unionfs.container import lifecycle, record
     store = _store(args)
     for name in args.names:
+        c = store.container(name)
+        if c is None:
+            raise UserError(f"container {name}: no such container")
+        if record.is_run_container(c):
+            lifecycle.remove(store, c, args.force)
+            _info(args, name)
+            continue
         with store.locked():
-            c = store.container(name)
-            if c is None:
-                raise UserError(f"container {name}: no such container")
             if c.mountpoint and c.mountpoint in mounted_paths():
                 if not args.force:
                     raise UserError(f"container {name} is mounted at {c.mountpoint} "
@@ -487,22 +508,32 @@ def cmd_diff(args) -> int:
 
 
 def cmd_commit(args) -> int:
-    image = commit_container(_store(args), args.container, args.image, args.message, _progress(args))
+    image = commit_container(_store(args), args.container, args.image, args.message, _progress(args),
+                             changes=args.change, pause=args.pause == "true")
     _info(args, image.id)
     return EXIT_OK
 
 
-def commit_container(store: Store, target: str, ref: str, message: str | None, progress: Progress) -> Image:
+def commit_container(store: Store, target: str, ref: str, message: str | None, progress: Progress,
+                     changes: list[str] | None = None, pause: bool = True) -> Image:
     """Store the changes of container `target` (name or mount point) as a
-    new image named `ref`; returns the new image."""
+    new image named `ref`; returns the new image. `changes` are Dockerfile-style
+    config changes (`commit -c`); a running container is paused meanwhile
+    unless `pause` is false."""
     from unionfs.image.commit import commit
     c = _find_container(store, target)
     if c is None:
         raise UserError(f"commit {target}: no such container or container mount point")
     name = normalize_name(ref)
-    if c.mountpoint and c.mountpoint in mounted_paths():
-        os.sync()  # whatever the kernel still holds for the mount reaches the upper
+    from unionfs.container import lifecycle
+    from unionfs.container.dockerfile import apply_changes
+    apply_changes({}, changes or [])     # bad -c: refused before anything is paused or written
+    edit = (lambda config: apply_changes(config, changes)) if changes else None
     try:
-        return commit(store, c.upper, store.image(c.image), [name], message, progress.warn, progress)
+        with lifecycle.paused(store, c, pause):
+            if c.mountpoint and c.mountpoint in mounted_paths():
+                os.sync()  # whatever the kernel still holds for the mount reaches the upper
+            return commit(store, c.upper, store.image(c.image), [name], message, progress.warn, progress,
+                          edit_config=edit)
     finally:
         progress.finish()

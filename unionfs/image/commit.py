@@ -159,9 +159,14 @@ def child_config(parent_config: dict, diff_id: str, created: str, created_by: st
 
 
 def commit(store: Store, upper: str, parent: Image, names: list[str], message: str | None,
-           warn, progress=None) -> Image:
+           warn, progress=None, edit_config=None) -> Image:
     """Store `upper` as a new layer on top of `parent`, as a new image named
-    `names`. Holds the store lock throughout."""
+    `names`; `edit_config(container_config) -> container_config` changes the
+    process config the new image inherits (`commit -c`). Holds the store lock
+    throughout."""
+    parent_config = json.loads(store.config_bytes(parent))
+    if edit_config is not None:
+        parent_config["config"] = edit_config(parent_config.get("config") or {})
     with store.locked():
         staging = Staging(store, warn, progress)
         try:
@@ -177,7 +182,6 @@ def commit(store: Store, upper: str, parent: Image, names: list[str], message: s
                 progress.phase(f"commit: storing layer {oci.short(diff_id)}", os.path.getsize(blob_tmp))
             layer = staging.import_layer(lambda: open(blob_tmp, "rb"), None, None, diff_id,
                                          f"commit: layer {oci.short(diff_id)}")
-            parent_config = json.loads(store.config_bytes(parent))
             config_bytes = child_config(parent_config, diff_id, _created(newest, parent_config),
                                         message or DEFAULT_CREATED_BY)
             return store.add_image(staging, config_bytes, parent.layers + [layer], names)

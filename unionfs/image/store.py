@@ -672,8 +672,9 @@ class Store:
             {"name": c.name, "image": c.image, "mountpoint": c.mountpoint, "created": c.created,
              "config": c.config, "image_ref": c.image_ref}, indent=1).encode())
 
-    def create_container(self, name: str, image: Image) -> Container:
-        """A new container (lock held): built in tmp/, renamed into place."""
+    def create_container(self, name: str, image: Image, ref: str | None = None) -> Container:
+        """A new container (lock held): built in tmp/, renamed into place;
+        `ref` is the image's name as the user gave it."""
         if not _NAME_RE.match(name):
             raise UserError(f"container name {name!r} is invalid (letters, digits, _ . -)")
         staging = tempfile.mkdtemp(dir=self.tmp_dir, prefix="ctr-")
@@ -681,6 +682,7 @@ class Store:
         os.mkdir(os.path.join(staging, "work"), 0o700)
         config = self.config(image).get("config") or {}
         c = Container(name, image.id, staging, None, now_rfc3339(), config)
+        c.image_ref = ref
         self.write_container(c)
         final = os.path.join(self.containers_dir, name)
         try:
