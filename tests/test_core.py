@@ -348,3 +348,39 @@ def test_private_xattrs_are_hidden(tree):
     with pytest.raises(OSError) as e:
         u.setxattr("/d", "trusted.overlay.opaque", b"n", 0)
     assert e.value.errno == errno.EPERM
+
+
+# -- inode numbers ------------------------------------------------------------------
+
+def test_inode_numbers_survive_copy_up_rename_and_a_new_union(tree):
+    """What a file shows as st_ino (and in listings) is fixed for life:
+    copy-up, rename and a fresh Union over the same directories keep it."""
+    write(tree["l1"] / "d" / "f", "f")
+    write(tree["l0"] / "g", "g")
+    u = make_union(tree)
+
+    def ino(u, path):
+        return u.lstat(path)[1]
+
+    def listed(u, path):
+        return {n: i for n, _, i in u.listdir(path)}
+
+    before = {p: ino(u, p) for p in ("/d", "/d/f", "/g")}
+    u.chmod("/g", 0o600)
+    u.rename("/d", "/d2")
+    got = {p: ino(u, p) for p in ("/d2", "/d2/f", "/g")}
+    assert got == {"/d2": before["/d"], "/d2/f": before["/d/f"], "/g": before["/g"]}
+    assert listed(u, "/d2")["f"] == before["/d/f"] and listed(u, "/")["g"] == before["/g"]
+    again = make_union(tree)
+    assert {p: ino(again, p) for p in got} == got
+
+
+def test_lower_files_with_several_names_get_no_shared_number(tree):
+    """Two names of one lower inode copied up apart are two files: they must
+    not both show the lower's number."""
+    write(tree["l0"] / "h", "h")
+    os.link(tree["l0"] / "h", tree["l0"] / "h2")
+    u = make_union(tree)
+    u.chmod("/h", 0o600)
+    u.chmod("/h2", 0o600)
+    assert u.lstat("/h")[1] != u.lstat("/h2")[1]

@@ -3,7 +3,8 @@
 The first change to an entry that lives only in a lower layer copies it into
 the upper: parents first (each with its own metadata), then the entry. The
 copy is built under a temporary name in the work directory -- data, owner,
-xattrs, mode, times, in that order -- fsync'ed, and renamed into place, so a
+xattrs, mode, times, the inode number it shows (inodes.py), in that order --
+fsync'ed, and renamed into place, so a
 crash leaves either no upper entry (the lower still shows) or a complete one.
 Leftover temporaries are removed when the next mount starts.
 
@@ -18,6 +19,7 @@ import os
 import stat
 import threading
 
+from unionfs import inodes
 from unionfs import osutil
 from unionfs import whiteout as wh
 from unionfs.layers import DIR, split_path
@@ -159,7 +161,7 @@ class CopyUp:
         self.ensure_dir(parent)
         src = node.top.real(path)
         st = os.lstat(src)
-        tmp = self._build_copy(src, st, data)
+        tmp = self._build_copy(src, st, data, node.top)
         self.publish(tmp, path)
         return self.stack.lookup(path)
 
@@ -180,7 +182,7 @@ class CopyUp:
                     return self.copy_up(path, node, data)
                 self.ensure_dir(split_path(path)[0])
             src = node.top.real(path)
-            tmp = self._build_copy(src, os.lstat(src), data)
+            tmp = self._build_copy(src, os.lstat(src), data, node.top)
             with lock:
                 now = self.stack.lookup(path)
                 if now is None or now.in_upper or now.top is not node.top:
@@ -209,12 +211,14 @@ class CopyUp:
         if self.on_publish is not None:
             self.on_publish(path)
 
-    def _build_copy(self, src, st, data):
+    def _build_copy(self, src, st, data, layer):
+        """A copy of ``src`` (``st``, in lower ``layer``) in the work dir."""
         tmp = self.temp_name()
         mode = st.st_mode
+        ino = origin_ino(st, layer)
         try:
             if stat.S_ISREG(mode):
-                self._copy_file(src, tmp, st, data)
+                self._copy_file(src, tmp, st, data, ino)
                 return tmp
             if stat.S_ISDIR(mode):
                 os.mkdir(tmp, 0o700)
@@ -223,12 +227,14 @@ class CopyUp:
             else:
                 os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             set_metadata(src, tmp, st)
+            if ino is not None:
+                inodes.record_ino(tmp, ino)
         except BaseException:
             remove_tree(tmp)
             raise
         return tmp
 
-    def _copy_file(self, src, tmp, st, data):
+    def _copy_file(self, src, tmp, st, data, ino):
         fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -237,6 +243,8 @@ class CopyUp:
                 if data:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
                 set_metadata(src, tmp, st)
+                if ino is not None:
+                    inodes.record_ino(tmp, ino)
                 if self.fsync:
                     os.fsync(fd_out)
             except BaseException:
@@ -288,6 +296,16 @@ class CopyUp:
             os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         self.stack.invalidate(path, tree=True)
         return self.stack.lookup(path)
+
+
+def origin_ino(st, layer):
+    """The inode number a copy of ``st`` (an entry of lower ``layer``) keeps
+    showing, or None to let it show its own. A lower file with several names
+    gets none: two names copied up apart are two files, and must not share
+    one number."""
+    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+        return None
+    return st.st_ino | layer.ino_tag
 
 
 def remove_tree(path):

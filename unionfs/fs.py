@@ -32,7 +32,7 @@ import zlib
 
 from unionfs import binding
 from unionfs.binding import common
-from unionfs.layers import child_path, split_path
+from unionfs.layers import child_path
 from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 ll = binding.load()
@@ -48,7 +48,7 @@ _S_IFDIR = stat.S_IFDIR
 
 
 class Inode:
-    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd")
+    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd", "ino")
 
     def __init__(self, nodeid, path, is_dir):
         self.nodeid = nodeid
@@ -57,6 +57,7 @@ class Inode:
         self.is_dir = is_dir
         self.ident = None           # (st_dev, st_ino) of an upper hard link
         self.fd = None              # an open fd, for fstat once unlinked
+        self.ino = 0                # the st_ino it shows (fixed for life)
 
 
 def _fill_stat(cst, st, ino, merged=False):
@@ -173,19 +174,13 @@ class UnionFS:
                 self._repath(((old, new),), below=inode.is_dir)
 
     def _copied_up(self, path):
-        """``path`` was just copied up, so its inode number changed. The
-        kernel learns new attributes only from replies, and a copy-up for an
-        open or an xattr change sends none: drop its cached attributes of
-        ``path``, and its cached listing of the parent, which carries the
-        number too (the kernel resets a listing only when it changes the
-        directory itself)."""
+        """``path`` was just copied up. Its inode number stays (inodes.py),
+        but other attributes may not (st_blocks, st_ctime), and the kernel
+        learns attributes only from replies, which a copy-up for an open or
+        an xattr change does not send: drop its cached attributes."""
         inode = self._by_path.get(path)
         if inode is not None:
             ll.inval_inode(inode.nodeid, attrs_only=True)
-        if ll.CACHE_READDIR:
-            parent = self._by_path.get(split_path(path)[0])
-            if parent is not None:
-                ll.inval_inode(parent.nodeid)
 
     def _exchanged(self, a, b):
         """Swap in the table: what was at ``a`` (and below) is at ``b``, and
@@ -217,6 +212,7 @@ class UnionFS:
         """Look ``path`` up and build the entry reply for it (in ``e``)."""
         st, ino, layer, merged = self.union.lstat_layer(path)
         inode = self._remember(path, st, layer)
+        inode.ino = ino
         if e is None:
             e = common.fuse_entry_param()
         e.ino = inode.nodeid
@@ -282,8 +278,7 @@ class UnionFS:
         if inode.path is None:
             if inode.fd is None:
                 raise OSError(errno.ENOENT, "unlinked")
-            st = os.fstat(inode.fd)
-            self._reply_attr(req, st, st.st_ino)
+            self._reply_attr(req, os.fstat(inode.fd), inode.ino)
             return
         self._reply_attr(req, *self.union.lstat(inode.path))
 
@@ -301,8 +296,7 @@ class UnionFS:
         if path is None:
             if to_set & ~common.SET_ATTR_SIZE or fh is None:
                 raise OSError(errno.ENOENT, "unlinked")
-            st = os.fstat(fh)
-            self._reply_attr(req, st, st.st_ino)
+            self._reply_attr(req, os.fstat(fh), inode.ino)
             return
         if to_set & common.SET_ATTR_MODE:
             u.chmod(path, a.mode)

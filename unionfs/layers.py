@@ -55,8 +55,7 @@ class Layer:
     """One backing directory of the stack. All reads of a layer go through here.
 
     ``index`` is the position in the stack (0 = top-most). ``ino_tag`` is or'ed
-    into inode numbers of layers on another device than the top layer, so
-    inode numbers from different filesystems cannot collide in the merged view.
+    into the inode numbers of this layer's entries (see inodes.py).
     """
 
     def __init__(self, root, index, upper=False, ino_tag=0):
@@ -149,14 +148,16 @@ class Node:
 
     ``layers`` holds the layers that contribute, top-most first: for a
     directory every layer where it is a directory down to the first opaque
-    one; for anything else exactly one layer.
+    one; for anything else exactly one layer. ``ino``: the inode number it
+    shows, once known (see ``Union.lstat_layer``).
     """
 
-    __slots__ = ("kind", "layers")
+    __slots__ = ("kind", "layers", "ino")
 
     def __init__(self, kind, layers):
         self.kind = kind
         self.layers = layers
+        self.ino = None
 
     @property
     def is_dir(self):

@@ -17,6 +17,7 @@ import errno
 import os
 import stat
 
+from unionfs import inodes
 from unionfs import whiteout as wh
 from unionfs.copyup import remove_tree, set_metadata
 from unionfs.layers import DIR, NONDIR, WHITEOUT, Node, split_path
@@ -401,6 +402,7 @@ def _replace_with_empty_opaque(u, path):
     os.mkdir(tmp, 0o700)
     try:
         set_metadata(real, tmp, st)
+        inodes.copy_record(real, tmp)
         u.writer.set_opaque(tmp)
         rename_exchange(tmp, real)
     finally:

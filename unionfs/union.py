@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 
+from unionfs import inodes
 from unionfs import namespace
 from unionfs import whiteout as wh
 from unionfs.copyup import CopyUp, remove_tree
@@ -45,7 +46,7 @@ class Union:
         top_dev = os.stat(top).st_dev
         lowers = []
         for i, d in enumerate(lowerdirs):
-            tag = 0 if os.stat(d).st_dev == top_dev else (i + 1) << 56
+            tag = inodes.layer_tag(i, os.stat(d).st_dev == top_dev)
             lowers.append(Layer(d, i + 1, upper=False, ino_tag=tag))
         upper = Layer(upperdir, 0, upper=True) if upperdir is not None else None
         self.stack = LayerStack(upper, lowers)
@@ -96,11 +97,18 @@ class Union:
     def lstat_layer(self, path):
         """(stat_result, inode number, layer it comes from, merged) of ``path``;
         ``merged`` is True for a directory that several layers contribute to,
-        whose link count is unknown (reported as 1, as overlayfs does)."""
+        whose link count is unknown (reported as 1, as overlayfs does).
+        The inode number is the one the entry keeps for life (inodes.py):
+        learned once per cached lookup, so a stat costs one lstat."""
         node = self.node(path)
         layer = node.layers[0]
-        st = os.lstat(layer.real(path))
-        return st, st.st_ino | layer.ino_tag, layer, len(node.layers) > 1
+        real = layer.real(path)
+        st = os.lstat(real)
+        ino = node.ino
+        if ino is None:
+            ino = inodes.recorded_ino(real) if layer.upper else None
+            ino = node.ino = st.st_ino | layer.ino_tag if ino is None else ino
+        return st, ino, layer, len(node.layers) > 1
 
     def listdir(self, path):
         node = self.node(path)
