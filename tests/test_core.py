@@ -384,3 +384,19 @@ def test_lower_files_with_several_names_get_no_shared_number(tree):
     u.chmod("/h", 0o600)
     u.chmod("/h2", 0o600)
     assert u.lstat("/h")[1] != u.lstat("/h2")[1]
+
+
+# -- uid/gid mapping ------------------------------------------------------------------
+
+def test_id_mapping_both_ways():
+    from unionfs.idmap import IdMap, parse_ranges
+    m = IdMap(uids=parse_ranges("0:1000:10:1000:0:1"), gids=())
+    assert [m.shown_uid(i) for i in (0, 9, 10, 1000, 5000)] == [1000, 1009, 65534, 0, 65534]
+    assert [m.stored_uid(i) for i in (1000, 1009, 0, 7, -1)] == [0, 9, 1000, 65534, -1]
+    assert m.shown_gid(5000) == 5000 and m.stored_gid(5000) == 5000   # no gid mapping
+    squashed = IdMap(uids=parse_ranges("0:1000:10"), squash_root=True, squash_gid=7)
+    assert (squashed.shown_uid(3), squashed.shown_gid(3)) == (0, 7)
+    assert squashed.stored_uid(1003) == 3               # stored ids are still mapped
+    for bad in ("", "1:2", "a:b:c", "0:0:0", "-1:0:1"):
+        with pytest.raises(ValueError):
+            parse_ranges(bad)

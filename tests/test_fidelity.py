@@ -185,3 +185,99 @@ def test_the_upper_with_inode_records_stays_mountable_by_kernel_overlayfs(tmp_pa
         assert not (kmnt / "d").exists()
         assert not any("unionfs" in n for n in os.listxattr(kmnt / "g"))
         k.umount()
+
+
+# -- uid/gid mapping (fuse-overlayfs's options) ------------------------------------
+
+MAPPINGS = [
+    "uidmapping=0:1000:10:1000:0:1,gidmapping=0:1000:10:1000:0:1",
+    "uidmapping=0:100000:65536",                      # gids pass unchanged
+    "squash_to_uid=42,squash_to_gid=43",
+    "squash_to_root",
+    "uidmapping=0:1000:10,gidmapping=0:2000:10,squash_to_root,squash_to_gid=7",
+]
+OWNERS = {"a": (0, 0), "b": (1000, 1000), "c": (5000, 5000), "d": (3, 4)}
+
+
+def id_story(mnt, upper):
+    """What a program sees and what lands in the upper: the owners shown,
+    then chown to a mapped id, to an unmapped one, and a file created by
+    root through the mount, each as (shown, stored)."""
+    seen = {n: (os.lstat(mnt / n).st_uid, os.lstat(mnt / n).st_gid) for n in [".", *OWNERS]}
+
+    def both(n):
+        s, u = os.lstat(mnt / n), os.lstat(upper / n)
+        return (s.st_uid, s.st_gid), (u.st_uid, u.st_gid)
+
+    os.chown(mnt / "a", 1003, 1003)
+    os.chown(mnt / "b", 7777, 7777)
+    os.chown(mnt / "c", 100005, -1)
+    (mnt / "new").write_text("n")
+    (mnt / "newdir").mkdir()
+    return seen, {n: both(n) for n in ("a", "b", "c", "new", "newdir")}
+
+
+def mount_with(program, st, opts):
+    options = st.options(opts)
+    if program == "fuse-overlayfs":
+        cmd = ["fuse-overlayfs", "-o", options, str(st.mnt)]
+    elif program == "fuse-unionfs":
+        cmd = [str(Path(UNIONFS).parent / "fuse-unionfs"), "-o", options, str(st.mnt)]
+    else:
+        cmd = [UNIONFS, "mount", "-o", options, str(st.mnt)]
+    r = run(cmd, timeout=30)
+    assert r.returncode == 0, f"{program}: {r.stderr.strip()}"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="storing other owners needs root")
+@pytest.mark.skipif(shutil.which("fuse-overlayfs") is None, reason="fuse-overlayfs not installed")
+@pytest.mark.parametrize("opts", MAPPINGS)
+def test_id_mapping_as_fuse_overlayfs(tmp_path, opts):
+    stories = {}
+    for program in ("fuse-overlayfs", "unionfs", "fuse-unionfs"):
+        st = Stack(tmp_path / program, tmp_path / program / "o")
+        for n, (uid, gid) in OWNERS.items():
+            write(st.lowers[2] / n, n)
+            os.chown(st.lowers[2] / n, uid, gid)
+        try:
+            mount_with(program, st, opts)
+            stories[program] = id_story(st.mnt, st.upper)
+        finally:
+            unmount_any(st.mnt)
+    assert stories["unionfs"] == stories["fuse-overlayfs"], stories
+    assert stories["fuse-unionfs"] == stories["fuse-overlayfs"]
+
+
+def test_id_mapping_shown_and_stored(tmp_path):
+    """The mapping itself, independent of any reference: stored 0 shows as
+    1000, shown 1003 is stored as 3, anything outside shows as 65534."""
+    if not IS_ROOT:
+        pytest.skip("storing other owners needs root")
+    st = Stack(tmp_path / "s", tmp_path / "o")
+    write(st.lowers[2] / "root-owned")
+    write(st.lowers[2] / "far")
+    os.chown(st.lowers[2] / "far", 50000, 50000)
+    try:
+        mount_with("unionfs", st, "uidmapping=0:1000:10,gidmapping=0:1000:10")
+        m = st.mnt
+        assert (os.lstat(m / "root-owned").st_uid, os.lstat(m / "root-owned").st_gid) == (1000, 1000)
+        assert os.lstat(m / "far").st_uid == 65534
+        os.chown(m / "root-owned", 1003, 1004)
+        u = os.lstat(st.upper / "root-owned")
+        assert (u.st_uid, u.st_gid) == (3, 4)
+        assert (os.lstat(m / "root-owned").st_uid, os.lstat(m / "root-owned").st_gid) == (1003, 1004)
+    finally:
+        unmount_any(st.mnt)
+
+
+@pytest.mark.parametrize("opts, why", [
+    ("uidmapping=0:1000", "ID:HOST:LEN"),
+    ("gidmapping=a:b:c", "numbers"),
+    ("uidmapping=0:1000:0", "LEN"),
+    ("squash_to_uid=-1", "not a uid"),
+])
+def test_bad_mappings_are_one_line(tmp_path, opts, why):
+    st = Stack(tmp_path / "s", tmp_path / "o")
+    r = run([UNIONFS, "mount", "-o", st.options(opts), str(st.mnt)], timeout=30)
+    assert r.returncode != 0 and not is_mounted(st.mnt)
+    assert len(r.stderr.strip().splitlines()) == 1 and why in r.stderr, r.stderr

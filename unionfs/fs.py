@@ -60,12 +60,17 @@ class Inode:
         self.ino = 0                # the st_ino it shows (fixed for life)
 
 
-def _fill_stat(cst, st, ino, merged=False):
+def _fill_stat(cst, st, ino, merged=False, ids=None):
+    """``ids``: the union's IdMap (None: ids show as stored)."""
     cst.st_ino = ino
     cst.st_mode = st.st_mode
     cst.st_nlink = 1 if merged else st.st_nlink
-    cst.st_uid = st.st_uid
-    cst.st_gid = st.st_gid
+    if ids is None:
+        cst.st_uid = st.st_uid
+        cst.st_gid = st.st_gid
+    else:
+        cst.st_uid = ids.shown_uid(st.st_uid)
+        cst.st_gid = ids.shown_gid(st.st_gid)
     cst.st_rdev = st.st_rdev
     cst.st_size = st.st_size
     cst.st_blksize = st.st_blksize
@@ -216,14 +221,14 @@ class UnionFS:
         if e is None:
             e = common.fuse_entry_param()
         e.ino = inode.nodeid
-        _fill_stat(e.attr, st, ino, merged)
+        _fill_stat(e.attr, st, ino, merged, self.union.ids)
         e.attr_timeout = self.timeout
         e.entry_timeout = self.timeout
         return e
 
     def _reply_attr(self, req, st, ino, merged=False):
         cst = common.c_stat()
-        _fill_stat(cst, st, ino, merged)
+        _fill_stat(cst, st, ino, merged, self.union.ids)
         ll.reply_attr(req, cst, self.timeout)
 
     @staticmethod

@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from unionfs import whiteout as wh
+from unionfs.idmap import IdMap, parse_ranges
 from unionfs.errors import UserError
 
 # -- options ----------------------------------------------------------------
@@ -52,8 +53,7 @@ IGNORED = {
 }
 # fuse-overlayfs options whose effect we do not implement and that *would*
 # change what the user sees: refused even by fuse-unionfs.
-REFUSED = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid",
-           "squash_to_gid", "plugins", "uid", "gid", "umask"}
+REFUSED = {"plugins", "uid", "gid", "umask"}
 
 # Defaults, each measured or required (see docs/PERFORMANCE.md, README):
 DEFAULT_FUSE_OPTIONS = {
@@ -73,6 +73,7 @@ class MountSpec:
     volatile: bool = False          # skip fsync of copied-up data
     timeout: float | None = None    # kernel cache lifetime (None: fs.DEFAULT_TIMEOUT)
     threaded: bool = False          # libfuse's multi-threaded loop (see serve())
+    ids: IdMap = dataclasses.field(default_factory=IdMap)  # uid/gid mapping (idmap.py)
 
 
 def split_options(optstrings):
@@ -92,6 +93,7 @@ def parse_options(optstrings, strict=True, warn=None):
     """
     spec = MountSpec(lowerdirs=[])
     ignored = []
+    ids = {}
     for item in split_options(optstrings):
         key, eq, value = item.partition("=")
         if key == "lowerdir":
@@ -113,6 +115,17 @@ def parse_options(optstrings, strict=True, warn=None):
                 raise UserError(f"{key}={value}: not a number of seconds")
         elif key == "threaded" and eq:
             spec.threaded = value not in ("0", "false", "no")
+        elif key in ("uidmapping", "gidmapping") and eq:
+            try:
+                ids["uids" if key == "uidmapping" else "gids"] = parse_ranges(value)
+            except ValueError as e:
+                raise UserError(f"{key}={value}: {e}")
+        elif key in ("squash_to_uid", "squash_to_gid") and eq:
+            if not value.isdigit() or int(value) > 0xFFFFFFFE:
+                raise UserError(f"{key}={value}: not a uid/gid")
+            ids["squash_uid" if key == "squash_to_uid" else "squash_gid"] = int(value)
+        elif key == "squash_to_root" and not eq:
+            ids["squash_root"] = True
         elif key in REFUSED:
             raise UserError(f"option {key!r} is not supported by unionfs")
         elif (key in FUSE_FLAGS and not eq) or (key in FUSE_VALUED and eq):
@@ -123,6 +136,7 @@ def parse_options(optstrings, strict=True, warn=None):
             raise UserError(f"unknown mount option {item!r}")
         else:
             ignored.append(key)
+    spec.ids = IdMap(**ids)
     if ignored and warn is not None:
         warn(f"ignoring mount options: {', '.join(sorted(set(ignored)))}")
     if not spec.lowerdirs:
@@ -222,7 +236,7 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
 
     try:
         union = Union(spec.lowerdirs, spec.upperdir, spec.workdir,
-                      whiteout=spec.whiteout, fsync=not spec.volatile)
+                      whiteout=spec.whiteout, fsync=not spec.volatile, ids=spec.ids)
     except OSError as e:
         raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
     os.umask(0)     # modes arrive from the kernel with the caller's umask applied

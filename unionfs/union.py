@@ -19,6 +19,7 @@ from unionfs import inodes
 from unionfs import namespace
 from unionfs import whiteout as wh
 from unionfs.copyup import CopyUp, remove_tree
+from unionfs.idmap import IdMap
 from unionfs.layers import DIR, Layer, LayerStack
 from unionfs.readdir import merged_entries
 
@@ -38,10 +39,15 @@ def _err(code, path=None):
 
 
 class Union:
-    """A mounted union of ``lowerdirs`` (top first) under ``upperdir``."""
+    """A mounted union of ``lowerdirs`` (top first) under ``upperdir``.
+
+    ``ids``: the uid/gid mapping (idmap.py). Stat results stay as stored;
+    ``ids`` (None without a mapping) says how to show them, and ids given
+    to the methods here are as the mount shows them.
+    """
 
     def __init__(self, lowerdirs, upperdir=None, workdir=None,
-                 whiteout=wh.FORMAT_AUTO, fsync=True):
+                 whiteout=wh.FORMAT_AUTO, fsync=True, ids=None):
         top = upperdir if upperdir is not None else lowerdirs[0]
         top_dev = os.stat(top).st_dev
         lowers = []
@@ -52,6 +58,7 @@ class Union:
         self.stack = LayerStack(upper, lowers)
         self.upper = upper
         self.readonly = upper is None
+        self.ids = ids if ids is not None and ids.active else None
         self.lock = threading.RLock()
         self.work = None
         self.copyup = None
@@ -161,6 +168,8 @@ class Union:
         os.chmod(self.upper_path(path), stat.S_IMODE(mode), follow_symlinks=False)
 
     def chown(self, path, uid, gid):
+        if self.ids is not None:
+            uid, gid = self.ids.stored_uid(uid), self.ids.stored_gid(gid)
         real = self.upper_path(path)
         st = os.lstat(real)
         os.chown(real, uid, gid, follow_symlinks=False)
@@ -215,17 +224,20 @@ class Union:
 
     # -- namespace (see namespace.py) --------------------------------------------
 
+    def _stored(self, owner):
+        return owner if owner is None or self.ids is None else self.ids.stored_owner(owner)
+
     def create(self, path, mode, flags, owner=None):
-        return namespace.create(self, path, mode, flags, owner)
+        return namespace.create(self, path, mode, flags, self._stored(owner))
 
     def mkdir(self, path, mode, owner=None):
-        namespace.mkdir(self, path, mode, owner)
+        namespace.mkdir(self, path, mode, self._stored(owner))
 
     def mknod(self, path, mode, dev, owner=None):
-        namespace.mknod(self, path, mode, dev, owner)
+        namespace.mknod(self, path, mode, dev, self._stored(owner))
 
     def symlink(self, path, target, owner=None):
-        namespace.symlink(self, path, target, owner)
+        namespace.symlink(self, path, target, self._stored(owner))
 
     def link(self, existing, path):
         namespace.link(self, existing, path)
