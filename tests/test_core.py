@@ -375,15 +375,32 @@ def test_inode_numbers_survive_copy_up_rename_and_a_new_union(tree):
     assert {p: ino(again, p) for p in got} == got
 
 
-def test_lower_files_with_several_names_get_no_shared_number(tree):
-    """Two names of one lower inode copied up apart are two files: they must
-    not both show the lower's number."""
+def test_lower_hard_links_stay_one_file_after_copy_up(tree):
+    """Copying up one name of a lower hard link makes every merged name of
+    it one upper file: one inode number, the right link count, a write
+    through one seen through the others; a removed name counts down."""
     write(tree["l0"] / "h", "h")
+    write(tree["l0"] / "d" / "keep")
     os.link(tree["l0"] / "h", tree["l0"] / "h2")
+    os.link(tree["l0"] / "h", tree["l0"] / "d" / "h3")
+    os.link(tree["l0"] / "h", tree["l0"] / "hidden")
+    write(tree["l0"] / "other", "o")
+    os.link(tree["l0"] / "other", tree["l0"] / "other2")
     u = make_union(tree)
-    u.chmod("/h", 0o600)
-    u.chmod("/h2", 0o600)
-    assert u.lstat("/h")[1] != u.lstat("/h2")[1]
+    u.unlink("/hidden")                 # the other names count it down
+    ino = u.lstat("/h")[1]
+    fd = u.open("/h2", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"+")
+    os.close(fd)
+    for p in ("/h", "/h2", "/d/h3"):
+        st, i, _ = u.lstat(p)
+        assert (i, st.st_nlink, read(u, p)) == (ino, 3, "h+"), p
+    assert not os.path.lexists(tree["upper"] / "hidden")
+    u.unlink("/other2")
+    assert u.lstat("/other")[0].st_nlink == 1
+    again = make_union(tree)
+    assert [again.lstat(p)[0].st_nlink for p in ("/h", "/h2", "/d/h3")] == [3, 3, 3]
+    assert again.lstat("/d/h3")[1] == ino
 
 
 # -- uid/gid mapping ------------------------------------------------------------------

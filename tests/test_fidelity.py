@@ -281,3 +281,50 @@ def test_bad_mappings_are_one_line(tmp_path, opts, why):
     r = run([UNIONFS, "mount", "-o", st.options(opts), str(st.mnt)], timeout=30)
     assert r.returncode != 0 and not is_mounted(st.mnt)
     assert len(r.stderr.strip().splitlines()) == 1 and why in r.stderr, r.stderr
+
+
+# -- lower hard links across copy-up -------------------------------------------------
+
+def links_view(mnt, names):
+    return {n: (os.lstat(mnt / n).st_ino, os.lstat(mnt / n).st_nlink, (mnt / n).read_text())
+            for n in names}
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_lower_hard_links_survive_copy_up_and_remount(tmp_path, system):
+    with stack_on(tmp_path) as st:
+        low = st.lowers[2]
+        write(low / "h", "h\n")
+        write(low / "d" / "x")
+        os.link(low / "h", low / "h2")
+        os.link(low / "h", low / "d" / "h3")
+        write(low / "o", "o\n")
+        os.link(low / "o", low / "o2")
+        s = System(system, st)
+        mnt = s.mount()
+        names = ["h", "h2", "d/h3"]
+        before = links_view(mnt, names)         # the kernel knows every name now
+        ino = before["h"][0]
+        assert before == {n: (ino, 3, "h\n") for n in names}
+
+        with open(mnt / "h", "a") as f:         # copy-up through one name
+            f.write("more\n")
+        assert links_view(mnt, names) == {n: (ino, 3, "h\nmore\n") for n in names}
+        with open(mnt / "d" / "h3", "a") as f:  # a write through another
+            f.write("third\n")
+        assert (mnt / "h2").read_text() == "h\nmore\nthird\n"
+        os.link(mnt / "h2", mnt / "h4")
+        names.append("h4")
+        want = {n: (ino, 4, "h\nmore\nthird\n") for n in names}
+        assert links_view(mnt, names) == want
+
+        o_ino = os.lstat(mnt / "o").st_ino
+        os.unlink(mnt / "o2")                    # one name of an untouched link
+        assert (os.lstat(mnt / "o").st_ino, os.lstat(mnt / "o").st_nlink) == (o_ino, 1)
+        assert_listings_match_stat(mnt)
+
+        mnt = s.remount()
+        assert links_view(mnt, names) == want
+        assert (os.lstat(mnt / "o").st_ino, os.lstat(mnt / "o").st_nlink) == (o_ino, 1)
+        assert_listings_match_stat(mnt)
+        s.umount()

@@ -158,11 +158,40 @@ class CopyUp:
         if node.in_upper:
             return node
         parent, _ = split_path(path)
-        self.ensure_dir(parent)
         src = node.top.real(path)
         st = os.lstat(src)
+        if is_hard_link(st):
+            return self._copy_up_links(path, node, st, data)
+        self.ensure_dir(parent)
         tmp = self._build_copy(src, st, data, node.top)
         self.publish(tmp, path)
+        return self.stack.lookup(path)
+
+    def _copy_up_links(self, path, node, st, data):
+        """Copy up a lower file that has several names (a hard link): one
+        upper copy, linked at every name of it that the merged view shows,
+        so all keep showing one file (overlayfs's index=on): one st_ino, the
+        right st_nlink, a write through one seen through the others. The
+        upper alone then says so -- a remount, kernel overlayfs, `diff` and
+        `commit` read the same links.
+
+        Each name is published by one link(2). A crash between two leaves
+        some names copied and the others lower, all with the same bytes (the
+        data only changes once the copy-up is done); the next copy-up of a
+        remaining name links it to the copy found at a published name (the
+        record names the lower inode), which mends the split."""
+        layer = node.top
+        others, copy = self.other_names(path, node, st)
+        lower_names = [path] + others
+        if copy is None:
+            self.ensure_dir(split_path(path)[0])
+            tmp = self._build_copy(layer.real(path), st, data, layer)
+            self.publish(tmp, path, linked=True)
+            copy = self.upper.real(path)
+            lower_names.remove(path)
+        for name in lower_names:
+            self.ensure_dir(split_path(name)[0])
+            self._publish(lambda dst: os.link(copy, dst), name, linked=True)
         return self.stack.lookup(path)
 
     def copy_up_file(self, path, lock, data=True):
@@ -180,9 +209,12 @@ class CopyUp:
                     raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                 if node.in_upper or node.kind == DIR:
                     return self.copy_up(path, node, data)
+                src = node.top.real(path)
+                st = os.lstat(src)
+                if is_hard_link(st):
+                    return self.copy_up(path, node, data)   # all names at once
                 self.ensure_dir(split_path(path)[0])
-            src = node.top.real(path)
-            tmp = self._build_copy(src, os.lstat(src), data, node.top)
+            tmp = self._build_copy(src, st, data, node.top)
             with lock:
                 now = self.stack.lookup(path)
                 if now is None or now.in_upper or now.top is not node.top:
@@ -193,23 +225,51 @@ class CopyUp:
                 self.publish(tmp, path)
                 return self.stack.lookup(path)
 
-    def publish(self, tmp, path):
-        """Rename work entry ``tmp`` to ``path`` in the upper, keeping the
-        parent directory's times (as overlayfs does: a copy-up is not a change
-        of the parent)."""
-        parent_real = self.upper.real(split_path(path)[0])
-        pst = os.lstat(parent_real)
+    def other_names(self, path, node, st):
+        """(lower names, copy) of hard link ``path`` (lower ``node``, ``st``):
+        the other merged names that show the same lower file, and the upper
+        path of a copy of it already published at another name, or None."""
+        layer = node.top
+        key = origin_ino(st, layer)
+        lower_names, copy = [], None
+        for other in layer.names_of(st.st_ino):
+            if other == path:
+                continue
+            try:
+                shown = self.stack.lookup(other)
+            except OSError:         # ENOTDIR: hidden under a non-directory
+                continue
+            if shown is None or shown.kind == DIR:
+                continue
+            if shown.top is layer:
+                lower_names.append(other)
+            elif copy is None and shown.in_upper and \
+                    inodes.recorded_ino(self.upper.real(other)) == key:
+                copy = self.upper.real(other)
+        return lower_names, copy
+
+    def publish(self, tmp, path, linked=False):
+        """Rename work entry ``tmp`` to ``path`` in the upper."""
         try:
-            os.rename(tmp, self.upper.real(path))
+            self._publish(lambda dst: os.rename(tmp, dst), path, linked)
         except BaseException:
             remove_tree(tmp)
             raise
+
+    def _publish(self, put, path, linked=False):
+        """``put(upper path)`` the copy of ``path`` into the upper, keeping
+        the parent directory's times (as overlayfs does: a copy-up is not a
+        change of the parent). ``linked``: the copy has other merged names."""
+        parent_real = self.upper.real(split_path(path)[0])
+        pst = os.lstat(parent_real)
+        try:
+            put(self.upper.real(path))
         finally:
             self.stack.invalidate(path)
         os.utime(parent_real, ns=(pst.st_atime_ns, pst.st_mtime_ns),
                  follow_symlinks=False)
         if self.on_publish is not None:
-            self.on_publish(path)
+            self.on_publish(path, linked)
 
     def _build_copy(self, src, st, data, layer):
         """A copy of ``src`` (``st``, in lower ``layer``) in the work dir."""
@@ -227,8 +287,7 @@ class CopyUp:
             else:
                 os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             set_metadata(src, tmp, st)
-            if ino is not None:
-                inodes.record_ino(tmp, ino)
+            inodes.record_ino(tmp, ino)
         except BaseException:
             remove_tree(tmp)
             raise
@@ -243,8 +302,7 @@ class CopyUp:
                 if data:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
                 set_metadata(src, tmp, st)
-                if ino is not None:
-                    inodes.record_ino(tmp, ino)
+                inodes.record_ino(tmp, ino)
                 if self.fsync:
                     os.fsync(fd_out)
             except BaseException:
@@ -300,12 +358,13 @@ class CopyUp:
 
 def origin_ino(st, layer):
     """The inode number a copy of ``st`` (an entry of lower ``layer``) keeps
-    showing, or None to let it show its own. A lower file with several names
-    gets none: two names copied up apart are two files, and must not share
-    one number."""
-    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-        return None
+    showing: the one it showed there."""
     return st.st_ino | layer.ino_tag
+
+
+def is_hard_link(st):
+    """True for a non-directory with several names."""
+    return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)
 
 
 def remove_tree(path):

@@ -48,7 +48,7 @@ _S_IFDIR = stat.S_IFDIR
 
 
 class Inode:
-    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd", "ino")
+    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd", "ino", "alias")
 
     def __init__(self, nodeid, path, is_dir):
         self.nodeid = nodeid
@@ -58,6 +58,7 @@ class Inode:
         self.ident = None           # (st_dev, st_ino) of an upper hard link
         self.fd = None              # an open fd, for fstat once unlinked
         self.ino = 0                # the st_ino it shows (fixed for life)
+        self.alias = False          # another node id has the same file (see _copied_up)
 
 
 def _fill_stat(cst, st, ino, merged=False, ids=None):
@@ -178,13 +179,26 @@ class UnionFS:
             if inode is not None:
                 self._repath(((old, new),), below=inode.is_dir)
 
-    def _copied_up(self, path):
+    def _copied_up(self, path, linked=False):
         """``path`` was just copied up. Its inode number stays (inodes.py),
         but other attributes may not (st_blocks, st_ctime), and the kernel
         learns attributes only from replies, which a copy-up for an open or
-        an xattr change does not send: drop its cached attributes."""
+        an xattr change does not send: drop its cached attributes.
+
+        ``linked``: ``path`` is one name of a lower hard link, now one upper
+        file with its other names. Names the kernel already knows keep
+        their own node ids (it would have to forget their entries to join
+        them), so each is an *alias*: its attributes are not cached and its
+        pages are dropped at every open, so a change through one name shows
+        through the others (close-to-open, as NFS). Names looked up later
+        join one node id (``_remember``).
+
+        Its cached pages may stay: a copy-up does not change the bytes (and
+        dropping pages from inside a request could deadlock with a reader
+        waiting on this loop)."""
         inode = self._by_path.get(path)
         if inode is not None:
+            inode.alias = inode.alias or linked
             ll.inval_inode(inode.nodeid, attrs_only=True)
 
     def _exchanged(self, a, b):
@@ -222,14 +236,14 @@ class UnionFS:
             e = common.fuse_entry_param()
         e.ino = inode.nodeid
         _fill_stat(e.attr, st, ino, merged, self.union.ids)
-        e.attr_timeout = self.timeout
+        e.attr_timeout = 0.0 if inode.alias else self.timeout
         e.entry_timeout = self.timeout
         return e
 
-    def _reply_attr(self, req, st, ino, merged=False):
+    def _reply_attr(self, req, st, ino, merged=False, alias=False):
         cst = common.c_stat()
         _fill_stat(cst, st, ino, merged, self.union.ids)
-        ll.reply_attr(req, cst, self.timeout)
+        ll.reply_attr(req, cst, 0.0 if alias else self.timeout)
 
     @staticmethod
     def _owner(req):
@@ -283,9 +297,9 @@ class UnionFS:
         if inode.path is None:
             if inode.fd is None:
                 raise OSError(errno.ENOENT, "unlinked")
-            self._reply_attr(req, os.fstat(inode.fd), inode.ino)
+            self._reply_attr(req, os.fstat(inode.fd), inode.ino, alias=inode.alias)
             return
-        self._reply_attr(req, *self.union.lstat(inode.path))
+        self._reply_attr(req, *self.union.lstat(inode.path), alias=inode.alias)
 
     def setattr(self, req, nodeid, a, to_set, fh):
         """``a``: the requested attributes as a SetAttr (copied from the
@@ -301,7 +315,7 @@ class UnionFS:
         if path is None:
             if to_set & ~common.SET_ATTR_SIZE or fh is None:
                 raise OSError(errno.ENOENT, "unlinked")
-            self._reply_attr(req, os.fstat(fh), inode.ino)
+            self._reply_attr(req, os.fstat(fh), inode.ino, alias=inode.alias)
             return
         if to_set & common.SET_ATTR_MODE:
             u.chmod(path, a.mode)
@@ -321,7 +335,7 @@ class UnionFS:
             elif to_set & common.SET_ATTR_MTIME:
                 mtime = a.mtime_ns
             u.utimens(path, atime, mtime)
-        self._reply_attr(req, *u.lstat(path))
+        self._reply_attr(req, *u.lstat(path), alias=inode.alias)
 
     def readlink(self, req, nodeid):
         ll.reply_readlink(req, os.fsencode(self.union.readlink(self._path(nodeid))))
@@ -390,8 +404,9 @@ class UnionFS:
         fi = ll.fuse_file_info()
         fi.flags = flags
         fi.fh = fd
-        fi.keep_cache = 1           # see "Caching" in the module doc
-        self._inode(nodeid).fd = fd
+        inode = self._inode(nodeid)
+        fi.keep_cache = not inode.alias     # see "Caching" in the module doc
+        inode.fd = fd
         ll.reply_open(req, fi)
 
     def create(self, req, parent, name, mode, fi):

@@ -19,7 +19,7 @@ import stat
 
 from unionfs import inodes
 from unionfs import whiteout as wh
-from unionfs.copyup import remove_tree, set_metadata
+from unionfs.copyup import is_hard_link, remove_tree, set_metadata
 from unionfs.layers import DIR, NONDIR, WHITEOUT, Node, split_path
 from unionfs.osutil import rename_exchange, rename_whiteout
 from unionfs.readdir import merged_entries
@@ -213,6 +213,13 @@ def unlink(u, path):
         node = u.node(path)
         if node.kind == DIR:
             raise _err(errno.EISDIR, path)
+        if not node.in_upper:
+            st = os.lstat(node.top.real(path))
+            if is_hard_link(st) and any(u.copyup.other_names(path, node, st)):
+                # The other names must count this one down (st_nlink), as on
+                # overlayfs with index=on: copied up, they are links of one
+                # upper file, and this name one of them.
+                node = u.copyup.copy_up(path, node)
         _remove(u, path, node, False)
 
 
