@@ -421,6 +421,10 @@ def _tree_lower(root):
     with open(root + "/victim", "w") as f:
         f.write("victim\n")
     os.setxattr(root + "/file", "user.tag", b"lower")
+    with open(root + "/hl", "w") as f:             # a hard link: three names
+        f.write("linked\n")
+    os.link(root + "/hl", root + "/dir/sub/hl2")
+    os.link(root + "/hl", root + "/other/hl3")
 
 
 # Each scenario: a list of (union step, plain-directory step). The plain
@@ -463,6 +467,11 @@ SCENARIOS = {
         (lambda u: u.unlink("/victim"), lambda r: os.unlink(str(r) + "/victim")),
         (lambda u: _create(u, "/victim"), lambda r: _plain_write(r, "/victim", b"", "wb")),
         (lambda u: _write(u, "/victim", b"again\n"), lambda r: _plain_write(r, "/victim", b"again\n"))],
+    "hard-link-copy-up": [
+        (lambda u: _write(u, "/hl", b"appended\n", os.O_WRONLY | os.O_APPEND),
+         lambda r: _plain_write(r, "/hl", b"appended\n", "ab"))],
+    "hard-link-unlink": [
+        (lambda u: u.unlink("/other/hl3"), lambda r: os.unlink(str(r) + "/other/hl3"))],
     "link-lower-file": [
         (lambda u: u.link("/dir/b", "/other/b-link"),
          lambda r: os.link(str(r) + "/dir/b", str(r) + "/other/b-link"))],
@@ -579,3 +588,33 @@ def test_kill_at_every_syscall_boundary(tmp_path, layers, record_property, white
 def test_kill_at_every_syscall_boundary_all_mounted(tmp_path, layers, record_property,
                                                     whiteout, name):
     _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every=1)
+
+
+@pytest.mark.timeout(300)
+def test_hard_link_copy_up_killed_anywhere_then_written_through_another_name(tmp_path, layers):
+    """A hard-link copy-up killed between two of its links leaves the names
+    split (same bytes); the next change through a name still lower mends
+    it: afterwards every name shows one file again."""
+    _tree_lower(layers.lowers[0])
+    names = ("/hl", "/dir/sub/hl2", "/other/hl3")
+    n = 0
+    while True:
+        reset_upper(layers)
+        died = run_until_crash(layers, "overlay",
+                               [lambda u: _write(u, "/hl", b"1\n", os.O_WRONLY | os.O_APPEND)], n)
+        from unionfs.union import Union
+        u = Union([str(d) for d in layers.lowers], str(layers.upper), str(layers.work))
+        _write(u, "/other/hl3", b"2\n", os.O_WRONLY | os.O_APPEND)
+        seen = set()
+        for p in names:
+            st, ino, _ = u.lstat(p)
+            fd = u.open(p, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                seen.add((ino, st.st_nlink, f.read()))
+        assert len(seen) == 1, f"killed before mutating syscall #{n}: {seen}"
+        ino, nlink, data = seen.pop()
+        assert nlink == 3 and data in (b"linked\n2\n", b"linked\n1\n2\n"), (n, data)
+        if not died:
+            break
+        n += 1
+    assert n > 3

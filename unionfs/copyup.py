@@ -24,6 +24,10 @@ from unionfs import osutil
 from unionfs import whiteout as wh
 from unionfs.layers import DIR, split_path
 
+# A hard-link copy-up in progress: WORK/LINKS_INTENT + "LAYER.INO", holding
+# "LAYER LOWER-INO PATH" (see CopyUp._copy_up_links).
+LINKS_INTENT = "links."
+
 _COPY_CHUNK = 1 << 20
 _WRITEBACK_CHUNK = 8 << 20
 _IS_ROOT = os.geteuid() == 0
@@ -133,6 +137,37 @@ class CopyUp:
         self._seq = itertools.count()
         self._stripes = [threading.Lock() for _ in range(64)]
 
+    def recover(self):
+        """Clean the work dir after an earlier daemon: finish the hard-link
+        copy-ups it left half done, remove its temporaries (never published)."""
+        for entry in os.scandir(self.work):
+            if entry.name.startswith(LINKS_INTENT) and entry.is_file(follow_symlinks=False):
+                with open(entry.path, "rb") as f:
+                    fields = os.fsdecode(f.read()).split(" ", 2)
+                # Cut short while being written: nothing was published yet.
+                if len(fields) == 3:
+                    index, ino, path = fields
+                    self._finish_links(self.stack.layers[int(index)], int(ino), path)
+            remove_tree(entry.path)
+
+    def _finish_links(self, layer, ino, path):
+        """Link the names of lower inode ``ino`` (of ``layer``) still lower
+        to its copy at ``path``, if that copy was published."""
+        node = self.stack.lookup(path)
+        if node is None or not node.in_upper or node.kind == DIR:
+            return
+        copy = self.upper.real(path)
+        if inodes.recorded_ino(copy) != ino | layer.ino_tag:
+            return
+        for name in layer.names_of(ino):
+            try:
+                shown = self.stack.lookup(name)
+            except OSError:
+                continue
+            if shown is not None and shown.kind != DIR and shown.top is layer:
+                self.ensure_dir(split_path(name)[0])
+                self._publish(lambda dst: os.link(copy, dst), name, linked=True)
+
     def temp_name(self):
         """A fresh name in the work dir (the pid keeps two daemons apart)."""
         return os.path.join(self.work, f"#{os.getpid():x}.{next(self._seq):x}")
@@ -183,16 +218,28 @@ class CopyUp:
         layer = node.top
         others, copy = self.other_names(path, node, st)
         lower_names = [path] + others
+        # Until every name is linked, an intent in the work dir says which
+        # copy is being linked, so that the next mount finishes the job if
+        # this daemon dies first (``recover``): no name is ever left behind.
+        intent = os.path.join(self.work, f"{LINKS_INTENT}{layer.index}.{st.st_ino}")
         if copy is None:
             self.ensure_dir(split_path(path)[0])
             tmp = self._build_copy(layer.real(path), st, data, layer)
+            _write_intent(intent, f"{layer.index} {st.st_ino} {path}")
             self.publish(tmp, path, linked=True)
             copy = self.upper.real(path)
             lower_names.remove(path)
+        else:
+            _write_intent(intent, f"{layer.index} {st.st_ino} {self.upper_name(copy)}")
         for name in lower_names:
             self.ensure_dir(split_path(name)[0])
             self._publish(lambda dst: os.link(copy, dst), name, linked=True)
+        os.unlink(intent)
         return self.stack.lookup(path)
+
+    def upper_name(self, real):
+        """The merged path of upper path ``real``."""
+        return real[len(self.upper.root):] or "/"
 
     def copy_up_file(self, path, lock, data=True):
         """Copy up a non-directory, copying its data *outside* ``lock`` (the
@@ -365,6 +412,15 @@ def origin_ino(st, layer):
 def is_hard_link(st):
     """True for a non-directory with several names."""
     return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)
+
+
+def _write_intent(path, text):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, os.fsencode(text))
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path):

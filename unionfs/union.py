@@ -18,7 +18,7 @@ import threading
 from unionfs import inodes
 from unionfs import namespace
 from unionfs import whiteout as wh
-from unionfs.copyup import CopyUp, remove_tree
+from unionfs.copyup import CopyUp
 from unionfs.idmap import IdMap
 from unionfs.layers import DIR, Layer, LayerStack
 from unionfs.readdir import merged_entries
@@ -71,18 +71,17 @@ class Union:
                             else wh.FORMAT_OCI)
             self.writer = wh.Writer(whiteout)
             self.copyup = CopyUp(self.stack, self.work, self.writer, fsync=fsync)
+            self.copyup.recover()
 
     def _prepare_work(self):
-        """Create the work dir, removing what an earlier daemon left behind
-        (temporaries of interrupted copy-ups and renames: never published)."""
+        """Create the work dir. What an earlier daemon left in it is dealt
+        with by ``CopyUp.recover`` once the union is set up."""
         try:
             os.mkdir(self.work, 0o700)
         except FileExistsError:
             # Never follow a symlink here: everything inside is deleted.
             if not stat.S_ISDIR(os.lstat(self.work).st_mode):
                 raise OSError(errno.ENOTDIR, "not a directory (a symlink?)", self.work)
-        for entry in os.scandir(self.work):
-            remove_tree(entry.path)
 
     # -- lookup ---------------------------------------------------------------
 
