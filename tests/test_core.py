@@ -417,3 +417,67 @@ def test_id_mapping_both_ways():
     for bad in ("", "1:2", "a:b:c", "0:0:0", "-1:0:1"):
         with pytest.raises(ValueError):
             parse_ranges(bad)
+
+
+# -- metadata-only copy-up (metacopy) ---------------------------------------------------
+
+def _is_metacopy(real):
+    from unionfs.metacopy import METACOPY_XATTRS
+    return any(n in METACOPY_XATTRS for n in os.listxattr(real, follow_symlinks=False))
+
+
+def test_metacopy_copies_metadata_only_until_the_data_changes(tree):
+    data = os.urandom(3 << 20)
+    (tree["l1"] / "d").mkdir()
+    (tree["l1"] / "d" / "big").write_bytes(data)
+    u = Union([str(tree["l0"]), str(tree["l1"])], str(tree["upper"]), str(tree["work"]),
+              whiteout=wh.FORMAT_OCI, metacopy=True)
+    ino = u.lstat("/d/big")[1]
+    u.chmod("/d/big", 0o600)
+    u.utimens("/d/big", 10**9, 2 * 10**9)
+    u.setxattr("/d/big", "user.tag", b"t", 0)
+    real = tree["upper"] / "d" / "big"
+    st = os.lstat(real)
+    assert _is_metacopy(real) and st.st_size == len(data) and st.st_blocks * 512 < 64 << 10
+    assert read_bytes(u, "/d/big") == data
+    # Moved, even with its directory, it still finds its data.
+    u.rename("/d/big", "/d/moved")
+    u.rename("/d", "/e")
+    assert read_bytes(u, "/e/moved") == data
+    assert (u.lstat("/e/moved")[1], stat.S_IMODE(u.lstat("/e/moved")[0].st_mode)) == (ino, 0o600)
+    # The first open for writing copies the data, keeping what was changed.
+    fd = u.open("/e/moved", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"+")
+    os.close(fd)
+    real = tree["upper"] / "e" / "moved"
+    assert not _is_metacopy(real) and real.read_bytes() == data + b"+"
+    st, i, _ = u.lstat("/e/moved")
+    assert i == ino and stat.S_IMODE(st.st_mode) == 0o600
+    assert u.getxattr("/e/moved", "user.tag") == b"t"
+
+
+def test_metacopy_truncate_link_and_off(tree):
+    write(tree["l1"] / "t", "0123456789")
+    write(tree["l1"] / "l", "linked")
+    write(tree["l1"] / "full", "full")
+    write(tree["l1"] / "m", "meta")
+    u = Union([str(tree["l0"]), str(tree["l1"])], str(tree["upper"]), str(tree["work"]),
+              whiteout=wh.FORMAT_OCI, metacopy=True)
+    for p in ("/t", "/l", "/m"):
+        u.chmod(p, 0o640)
+    u.truncate("/t", 4)
+    assert read(u, "/t") == "0123" and not _is_metacopy(tree["upper"] / "t")
+    u.link("/l", "/l2")             # one upper file for two names: data first
+    assert not _is_metacopy(tree["upper"] / "l") and read(u, "/l2") == "linked"
+    off = make_union(tree)          # metacopy off: a full copy, as before
+    off.chmod("/full", 0o600)
+    assert (tree["upper"] / "full").read_text() == "full"
+    assert not _is_metacopy(tree["upper"] / "full")
+    # ... and it still reads what a metacopy union left.
+    assert _is_metacopy(tree["upper"] / "m") and read(off, "/m") == "meta"
+
+
+def read_bytes(u, path):
+    fd = u.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()

@@ -328,3 +328,95 @@ def test_lower_hard_links_survive_copy_up_and_remount(tmp_path, system):
         assert (os.lstat(mnt / "o").st_ino, os.lstat(mnt / "o").st_nlink) == (o_ino, 1)
         assert_listings_match_stat(mnt)
         s.umount()
+
+
+# -- metadata-only copy-up -------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def disk_usage(root):
+    """Bytes allocated below ``root`` (what du counts)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+    return total
+
+
+def contents(root):
+    """relative path -> (bytes, uid, mode) of every file below ``root``."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (Path(p).read_bytes(), st.st_uid, st.st_mode & 0o7777)
+    return out
+
+
+def build_image_tree(low, size=64 * MiB):
+    """``size`` bytes in 1 MiB files over a few directories, plus small ones."""
+    block = os.urandom(MiB)
+    for i in range(size // MiB):
+        d = low / f"usr{i % 4}" / f"lib{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(block[i:] + block[:i])
+    for i in range(50):
+        write(low / "etc" / f"conf{i}", f"conf {i}\n")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="chown -R to another owner needs root")
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_chown_and_chmod_of_a_64_mib_tree_copy_metadata_only(tmp_path, system):
+    with stack_on(tmp_path) as st:
+        build_image_tree(st.lowers[2])
+        want = {p: data for p, (data, _, _) in contents(st.lowers[2]).items()}
+        s = System(system, st, "metacopy=on")
+        mnt = s.mount()
+        for cmd in (["chown", "-R", "1234:1234", str(mnt)], ["chmod", "-R", "g+w", str(mnt)]):
+            r = run(cmd, timeout=300)
+            assert r.returncode == 0, r.stderr
+        assert disk_usage(st.upper) < 4 * MiB
+        seen = contents(mnt)
+        assert {p: d for p, (d, _, _) in seen.items()} == want
+        assert all(uid == 1234 and mode & 0o020 for _, uid, mode in seen.values())
+
+        # The first write copies that file's data, and only that file's.
+        before = disk_usage(st.upper)
+        f = mnt / "usr1" / "lib1" / "f1"
+        with open(f, "r+b") as fh:
+            fh.seek(10)
+            fh.write(b"CHANGED")
+        data = want["usr1/lib1/f1"]
+        want["usr1/lib1/f1"] = data[:10] + b"CHANGED" + data[17:]
+        assert f.read_bytes() == want["usr1/lib1/f1"]
+        assert disk_usage(st.upper) >= before + MiB - 64 * 1024
+        assert disk_usage(st.upper) < before + 2 * MiB
+        mnt = s.remount()
+        assert {p: d for p, (d, _, _) in contents(mnt).items()} == want
+        assert os.lstat(mnt / "usr1" / "lib1" / "f1").st_uid == 1234
+        s.umount()
+
+
+@pytest.mark.skipif(not kernel_overlay_available(), reason="kernel overlayfs not available")
+def test_kernel_overlayfs_with_metacopy_reads_our_metacopy_upper(tmp_path):
+    with stack_on(tmp_path) as st:
+        build_image_tree(st.lowers[2], 8 * MiB)
+        s = System("unionfs", st, "metacopy=on,whiteout=overlay")
+        mnt = s.mount()
+        run(["chown", "-R", "42:43", str(mnt / "usr0")], check=True)
+        os.chmod(mnt / "usr1" / "lib1" / "f1", 0o600)
+        os.rename(mnt / "usr1" / "lib1" / "f1", mnt / "etc" / "moved")   # a metacopy moved
+        os.rename(mnt / "usr2", mnt / "usr9")                            # a lower tree moved
+        with open(mnt / "usr3" / "lib0" / "f3", "ab") as f:              # a completed copy
+            f.write(b"tail")
+        ours = contents(mnt)
+        s.umount()
+        assert disk_usage(st.upper) < 2 * MiB
+        shutil.rmtree(st.work)
+        st.work.mkdir()
+        k = System("kernel", st)
+        kmnt = k.mount()
+        assert contents(kmnt) == ours
+        k.umount()

@@ -360,7 +360,7 @@ def _install_crash_point(n):
                 setattr(mod, name, wrap(fn))
 
 
-def run_until_crash(layers, whiteout, steps, n):
+def run_until_crash(layers, whiteout, steps, n, metacopy=False):
     """Run ``steps`` (functions of a Union) in a forked child that dies
     before its ``n``-th mutating syscall; True if it died, False if the steps
     all completed first."""
@@ -370,7 +370,7 @@ def run_until_crash(layers, whiteout, steps, n):
         try:
             from unionfs.union import Union
             u = Union([str(d) for d in layers.lowers], str(layers.upper), str(layers.work),
-                      whiteout=whiteout)
+                      whiteout=whiteout, metacopy=metacopy)
             _install_crash_point(n)
             for step in steps:
                 step(u)
@@ -472,6 +472,18 @@ SCENARIOS = {
          lambda r: _plain_write(r, "/hl", b"appended\n", "ab"))],
     "hard-link-unlink": [
         (lambda u: u.unlink("/other/hl3"), lambda r: os.unlink(str(r) + "/other/hl3"))],
+    # With metacopy=on (run by test_kill_at_every_syscall_boundary_metacopy):
+    # metadata-only copy-ups, then the data copy-up of the first write.
+    "metacopy-chmod-then-write": [
+        (lambda u: u.chmod("/file", 0o600), lambda r: os.chmod(str(r) + "/file", 0o600)),
+        (lambda u: _write(u, "/file", b"appended\n", os.O_WRONLY | os.O_APPEND),
+         lambda r: _plain_write(r, "/file", b"appended\n", "ab"))],
+    "metacopy-rename-then-write": [
+        (lambda u: u.chmod("/dir/a", 0o600), lambda r: os.chmod(str(r) + "/dir/a", 0o600)),
+        (lambda u: u.rename("/dir", "/other/moved"),
+         lambda r: os.rename(str(r) + "/dir", str(r) + "/other/moved")),
+        (lambda u: _write(u, "/other/moved/a", b"more\n", os.O_WRONLY | os.O_APPEND),
+         lambda r: _plain_write(r, "/other/moved/a", b"more\n", "ab"))],
     "link-lower-file": [
         (lambda u: u.link("/dir/b", "/other/b-link"),
          lambda r: os.link(str(r) + "/dir/b", str(r) + "/other/b-link"))],
@@ -529,7 +541,8 @@ def union_snapshot(layers, whiteout):
     return out
 
 
-def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every):
+def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every,
+                    metacopy=False):
     """Kill before every mutating syscall of scenario ``name``; check each
     crash state with a fresh Union, and every ``mount_every``-th one (and the
     last) through a real mount as well."""
@@ -541,8 +554,9 @@ def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_eve
     n = mounts = 0
     while True:
         reset_upper(layers)
-        died = run_until_crash(layers, whiteout, [s for s, _ in steps], n)
-        where = f"scenario {name!r} (whiteout={whiteout}), killed before mutating syscall #{n}"
+        died = run_until_crash(layers, whiteout, [s for s, _ in steps], n, metacopy)
+        where = (f"scenario {name!r} (whiteout={whiteout}, metacopy={metacopy}), "
+                 f"killed before mutating syscall #{n}")
         try:
             idx = match_state(union_snapshot(layers, whiteout), states)
             assert work_leftovers(layers) == [], "workdir temporaries survived"
@@ -558,7 +572,8 @@ def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_eve
         n += 1
     assert matched[0] >= 1 and n > len(steps)
     hist = ",".join(f"{k}:{v}" for k, v in sorted(matched.items()))
-    line = (f"syscall-boundary kills, {name} (whiteout={whiteout}): {n} kill points, "
+    line = (f"syscall-boundary kills, {name} (whiteout={whiteout}, metacopy={metacopy}): "
+            f"{n} kill points, "
             f"{mounts} checked through a real mount; states matched {hist}")
     print("\n" + line)
     record_property("crash-boundaries", line)
@@ -580,6 +595,16 @@ SCENARIO_PARAMS = [pytest.param(n, w, marks=KNOWN_BUGS[(n, w)]) if (n, w) in KNO
 @pytest.mark.parametrize("name,whiteout", SCENARIO_PARAMS)
 def test_kill_at_every_syscall_boundary(tmp_path, layers, record_property, whiteout, name):
     _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every=12)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if not n.startswith("metacopy-")]
+                         + ["metacopy-chmod-then-write", "metacopy-rename-then-write"])
+def test_kill_at_every_syscall_boundary_metacopy(tmp_path, layers, record_property, name):
+    """Every scenario again with metacopy=on: attribute changes and renames
+    copy metadata only, the first write copies the data."""
+    _boundary_kills(tmp_path, layers, record_property, "overlay", name, mount_every=12,
+                    metacopy=True)
 
 
 @SLOW

@@ -20,9 +20,14 @@ import stat
 import threading
 
 from unionfs import inodes
+from unionfs import metacopy
 from unionfs import osutil
 from unionfs import whiteout as wh
 from unionfs.layers import DIR, split_path
+
+# ``data`` of a copy-up that copies metadata only (metacopy.py): the copy is
+# a sparse file of the lower's size whose bytes still come from the lower.
+META = "meta"
 
 # A hard-link copy-up in progress: WORK/LINKS_INTENT + "LAYER.INO", holding
 # "LAYER LOWER-INO PATH" (see CopyUp._copy_up_links).
@@ -184,7 +189,8 @@ class CopyUp:
     def copy_up(self, path, node=None, data=True):
         """Make ``path`` an upper entry; return its new node.
 
-        ``data=False`` copies only metadata (the caller truncates to 0 next).
+        ``data=False`` copies no data (the caller truncates to 0 next);
+        ``data=META`` makes a regular file a metacopy (metacopy.py).
         """
         if node is None:
             node = self.stack.lookup(path)
@@ -198,7 +204,7 @@ class CopyUp:
         if is_hard_link(st):
             return self._copy_up_links(path, node, st, data)
         self.ensure_dir(parent)
-        tmp = self._build_copy(src, st, data, node.top)
+        tmp = self._build_copy(src, st, data, node.top, path)
         self.publish(tmp, path)
         return self.stack.lookup(path)
 
@@ -214,8 +220,11 @@ class CopyUp:
         some names copied and the others lower, all with the same bytes (the
         data only changes once the copy-up is done); the next copy-up of a
         remaining name links it to the copy found at a published name (the
-        record names the lower inode), which mends the split."""
+        record names the lower inode), which mends the split.
+
+        Never a metacopy: its data would have to follow every name."""
         layer = node.top
+        data = True if data is META else data
         others, copy = self.other_names(path, node, st)
         lower_names = [path] + others
         # Until every name is linked, an intent in the work dir says which
@@ -224,7 +233,7 @@ class CopyUp:
         intent = os.path.join(self.work, f"{LINKS_INTENT}{layer.index}.{st.st_ino}")
         if copy is None:
             self.ensure_dir(split_path(path)[0])
-            tmp = self._build_copy(layer.real(path), st, data, layer)
+            tmp = self._build_copy(layer.real(path), st, data, layer, path)
             _write_intent(intent, f"{layer.index} {st.st_ino} {path}")
             self.publish(tmp, path, linked=True)
             copy = self.upper.real(path)
@@ -261,7 +270,7 @@ class CopyUp:
                 if is_hard_link(st):
                     return self.copy_up(path, node, data)   # all names at once
                 self.ensure_dir(split_path(path)[0])
-            tmp = self._build_copy(src, st, data, node.top)
+            tmp = self._build_copy(src, st, data, node.top, path)
             with lock:
                 now = self.stack.lookup(path)
                 if now is None or now.in_upper or now.top is not node.top:
@@ -318,14 +327,15 @@ class CopyUp:
         if self.on_publish is not None:
             self.on_publish(path, linked)
 
-    def _build_copy(self, src, st, data, layer):
-        """A copy of ``src`` (``st``, in lower ``layer``) in the work dir."""
+    def _build_copy(self, src, st, data, layer, path):
+        """A copy of ``src`` (``st``, in lower ``layer``, merged ``path``) in
+        the work dir."""
         tmp = self.temp_name()
         mode = st.st_mode
         ino = origin_ino(st, layer)
         try:
             if stat.S_ISREG(mode):
-                self._copy_file(src, tmp, st, data, ino)
+                self._copy_file(src, tmp, st, data, ino, path)
                 return tmp
             if stat.S_ISDIR(mode):
                 os.mkdir(tmp, 0o700)
@@ -340,16 +350,24 @@ class CopyUp:
             raise
         return tmp
 
-    def _copy_file(self, src, tmp, st, data, ino):
+    def _copy_file(self, src, tmp, st, data, ino, path, meta_src=None):
+        """Build regular file ``tmp``: the data of ``src`` as ``data`` says,
+        the metadata of ``meta_src`` (default ``src``; ``st`` is its stat),
+        the inode number ``ino``."""
         fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        meta_src = src if meta_src is None else meta_src
         try:
             fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                              | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
-                if data:
+                if data is META:
+                    os.ftruncate(fd_out, st.st_size)
+                elif data:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
-                set_metadata(src, tmp, st)
+                set_metadata(meta_src, tmp, st)
                 inodes.record_ino(tmp, ino)
+                if data is META:
+                    metacopy.mark(tmp, path)
                 if self.fsync:
                     os.fsync(fd_out)
             except BaseException:
@@ -360,13 +378,58 @@ class CopyUp:
         finally:
             os.close(fd_in)
 
-    def copy_up_tree(self, path, listing):
+    def complete(self, path, lock, locate, data=True):
+        """Give metacopy ``path`` its data (``data=False``: none, the
+        caller truncates to 0). ``locate(path, node)`` is the lower data file
+        of an upper node, or None once it has its own.
+
+        The upper is replaced in one rename by a full copy (data from the
+        lower, metadata, xattrs and inode number from the metacopy), built
+        outside ``lock`` as copy_up_file does; it is published only if the
+        metacopy did not change meanwhile (same inode, same ctime), else
+        built again under the lock."""
+        with self._stripes[hash(path) % len(self._stripes)]:
+            for attempt in (1, 2):
+                with lock:
+                    node = self.stack.lookup(path)
+                    if node is None:
+                        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+                    src = locate(path, node) if node.in_upper and node.kind != DIR else None
+                    if src is None:
+                        return node
+                    real = self.upper.real(path)
+                    st = os.lstat(real)
+                    if attempt == 2:
+                        return self._complete(path, src, real, st, data)
+                tmp = self._build_completion(path, src, real, st, data)
+                with lock:
+                    node = self.stack.lookup(path)
+                    now = os.lstat(real) if node is not None and node.in_upper else None
+                    if now is not None and (now.st_ino, now.st_ctime_ns) == \
+                            (st.st_ino, st.st_ctime_ns) and locate(path, node) == src:
+                        self.publish(tmp, path)
+                        return self.stack.lookup(path)
+                    remove_tree(tmp)
+
+    def _complete(self, path, src, real, st, data):
+        self.publish(self._build_completion(path, src, real, st, data), path)
+        return self.stack.lookup(path)
+
+    def _build_completion(self, path, src, real, st, data):
+        tmp = self.temp_name()
+        ino = inodes.recorded_ino(real)
+        self._copy_file(src, tmp, st, data, st.st_ino if ino is None else ino, path,
+                        meta_src=real)
+        return tmp
+
+    def copy_up_tree(self, path, listing, data=True):
         """Copy a whole merged directory into the upper and make it opaque.
 
         Used before a directory that lower layers contribute to is renamed:
         afterwards the upper directory alone holds the merged contents, so it
         can move anywhere (no redirect xattrs, no EXDEV). ``listing(path)``
-        yields the merged (name, kind) entries of a directory.
+        yields the merged (name, kind) entries of a directory; ``data`` is
+        what to copy of each file (``META``: metadata only).
         """
         node = self.ensure_dir(path)
         if len(node.layers) == 1:
@@ -377,9 +440,9 @@ class CopyUp:
             if cnode is None:
                 continue
             if kind == DIR:
-                self.copy_up_tree(child, listing)
+                self.copy_up_tree(child, listing, data)
             elif not cnode.in_upper:
-                self.copy_up(child, cnode)
+                self.copy_up(child, cnode, data)
         real = self.upper.real(path)
         self.writer.set_opaque(real)
         # Opaque and complete, the directory needs no whiteouts any more; and

@@ -667,15 +667,13 @@ class UnionFS:
         inode = self._inodes.get(nodeid)
         if inode is None or inode.path is None:
             return True             # fails fast with an error
-        node = self.union.stack.lookup(inode.path)
-        return node is None or (node.in_upper and len(node.layers) == 1)
+        return self.union.settled(inode.path)
 
     def _settled_name(self, parent, name):
         inode = self._inodes.get(parent)
         if inode is None or inode.path is None:
             return True
-        node = self.union.stack.lookup(child_path(inode.path, os.fsdecode(name)))
-        return node is None or (node.in_upper and len(node.layers) == 1)
+        return self.union.settled(child_path(inode.path, os.fsdecode(name)))
 
     def handlers(self, workers=None):
         """Callables for the binding's run(); each answers its request exactly once.

@@ -43,14 +43,14 @@ def origin_xattr():
     return ORIGIN_XATTRS[0] if os.geteuid() == 0 else ORIGIN_XATTRS[1]
 
 
-_ORIGIN = origin_xattr()
+ORIGIN = origin_xattr()
 
 
 def recorded_ino(real):
     """The inode number recorded on upper entry ``real`` by its copy-up, or
     None (made in the upper, or the record is unreadable)."""
     try:
-        return int(os.getxattr(real, _ORIGIN, follow_symlinks=False))
+        return int(os.getxattr(real, ORIGIN, follow_symlinks=False))
     except OSError:
         # ENODATA: not copied up; ENOTSUP/EPERM: no record possible here.
         return None
@@ -61,7 +61,7 @@ def recorded_ino(real):
 def record_ino(real, ino):
     """Record on the upper copy ``real`` the number ``ino`` it shows."""
     try:
-        os.setxattr(real, _ORIGIN, str(ino).encode(), follow_symlinks=False)
+        os.setxattr(real, ORIGIN, str(ino).encode(), follow_symlinks=False)
     except OSError as e:
         # EPERM: user.* xattrs on a symlink or device node; ENOTSUP: the
         # upper's filesystem has no xattrs. The copy then shows its own

@@ -175,15 +175,16 @@ class Node:
     ``layers`` holds the layers that contribute, top-most first: for a
     directory every layer where it is a directory down to the first opaque
     one; for anything else exactly one layer. ``ino``: the inode number it
-    shows, once known (see ``Union.lstat_layer``).
+    shows, once known; ``data``: see ``Union._learn``.
     """
 
-    __slots__ = ("kind", "layers", "ino")
+    __slots__ = ("kind", "layers", "ino", "data")
 
     def __init__(self, kind, layers):
         self.kind = kind
         self.layers = layers
         self.ino = None
+        self.data = None    # a metacopy's lower data path (Union._learn)
 
     @property
     def is_dir(self):

@@ -43,7 +43,7 @@ TIMEOUT_OPTIONS = {"timeout", "attr_timeout", "entry_timeout", "negative_timeout
 # (the daemon always behaves as they ask): accepted, ignored with one warning.
 IGNORED = {
     "relatime", "norelatime", "strictatime", "nostrictatime", "diratime",
-    "nodiratime", "lazytime", "nolazytime", "redirect_dir", "index", "metacopy",
+    "nodiratime", "lazytime", "nolazytime", "redirect_dir", "index",
     "userxattr", "xino", "noacl", "acl", "static_nlink",
     "xattr_permissions", "max_idle_threads", "clone_fd", "nfs_export",
     "fsync", "fast_ino", "writeback", "defaults", "_netdev", "nofail",
@@ -74,6 +74,11 @@ class MountSpec:
     timeout: float | None = None    # kernel cache lifetime (None: fs.DEFAULT_TIMEOUT)
     threaded: bool = False          # libfuse's multi-threaded loop (see serve())
     ids: IdMap = dataclasses.field(default_factory=IdMap)  # uid/gid mapping (idmap.py)
+    # Metadata-only copy-up (metacopy.py). Off by default, as on kernel
+    # overlayfs: an upper with metacopy files needs kernel overlayfs
+    # mounted with metacopy=on, and engines that read the upper directly
+    # (podman through fuse-overlayfs's contract) do not know them.
+    metacopy: bool = False
 
 
 def split_options(optstrings):
@@ -106,6 +111,10 @@ def parse_options(optstrings, strict=True, warn=None):
             if value not in wh.FORMATS:
                 raise UserError(f"whiteout={value}: must be one of {', '.join(wh.FORMATS)}")
             spec.whiteout = value
+        elif key == "metacopy" and eq:
+            if value not in ("on", "off"):
+                raise UserError(f"metacopy={value}: must be on or off")
+            spec.metacopy = value == "on"
         elif key == "volatile":
             spec.volatile = True
         elif key in TIMEOUT_OPTIONS and eq:
@@ -236,7 +245,8 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
 
     try:
         union = Union(spec.lowerdirs, spec.upperdir, spec.workdir,
-                      whiteout=spec.whiteout, fsync=not spec.volatile, ids=spec.ids)
+                      whiteout=spec.whiteout, fsync=not spec.volatile, ids=spec.ids,
+                      metacopy=spec.metacopy)
     except OSError as e:
         raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
     os.umask(0)     # modes arrive from the kernel with the caller's umask applied

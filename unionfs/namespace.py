@@ -19,7 +19,7 @@ import stat
 
 from unionfs import inodes
 from unionfs import whiteout as wh
-from unionfs.copyup import is_hard_link, remove_tree, set_metadata
+from unionfs.copyup import META, is_hard_link, remove_tree, set_metadata
 from unionfs.layers import DIR, NONDIR, WHITEOUT, Node, split_path
 from unionfs.osutil import rename_exchange, rename_whiteout
 from unionfs.readdir import merged_entries
@@ -159,7 +159,8 @@ def link(u, existing, path):
         node = u.node(existing)
         if node.kind == DIR:
             raise _err(errno.EPERM, existing)
-        src = u.copyup.copy_up(existing, node).top.real(existing)
+        # With its data: a metacopy's data must not have to follow two names.
+        src = u.upper_path(existing)
         try:
             _new_entry(u, path, lambda real: os.link(src, real), False, None)
         finally:
@@ -255,6 +256,12 @@ def _listing(u):
     return listing
 
 
+def _data(u):
+    """What a rename copies up of a lower file: its metadata only where
+    metacopy is on (the copy records where its data stays)."""
+    return META if u.metacopy else True
+
+
 def rename(u, old, new, noreplace=False):
     """rename(2) on the merged view; ``noreplace``: renameat2's
     RENAME_NOREPLACE (EEXIST if ``new`` shows). RENAME_EXCHANGE is exchange()."""
@@ -307,9 +314,9 @@ def _rename_locked(u, old, new, src):
     upper = u.upper
     is_dir = src.kind == DIR
     if is_dir:
-        u.copyup.copy_up_tree(old, _listing(u))
+        u.copyup.copy_up_tree(old, _listing(u), _data(u))
     else:
-        u.copyup.copy_up(old, src)
+        u.copyup.copy_up(old, src, _data(u))
     old_parent, old_name = split_path(old)
     new_parent, new_name = split_path(new)
     u.copyup.ensure_dir(new_parent)
@@ -384,9 +391,9 @@ def exchange(u, a, b):
         try:
             for p, node in nodes.items():
                 if node.kind == DIR:
-                    u.copyup.copy_up_tree(p, _listing(u))
+                    u.copyup.copy_up_tree(p, _listing(u), _data(u))
                 else:
-                    u.copyup.copy_up(p, node)
+                    u.copyup.copy_up(p, node, _data(u))
             for p, there in ((a, b), (b, a)):
                 if nodes[p].kind != DIR or u.upper.is_opaque(p):
                     continue

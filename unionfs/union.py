@@ -16,9 +16,10 @@ import stat
 import threading
 
 from unionfs import inodes
+from unionfs import metacopy
 from unionfs import namespace
 from unionfs import whiteout as wh
-from unionfs.copyup import CopyUp
+from unionfs.copyup import META, CopyUp
 from unionfs.idmap import IdMap
 from unionfs.layers import DIR, Layer, LayerStack
 from unionfs.readdir import merged_entries
@@ -44,10 +45,14 @@ class Union:
     ``ids``: the uid/gid mapping (idmap.py). Stat results stay as stored;
     ``ids`` (None without a mapping) says how to show them, and ids given
     to the methods here are as the mount shows them.
+
+    ``metacopy``: attribute changes of a lower file copy up its metadata
+    only (metacopy.py); its data is read from the lower until the first
+    open for writing or truncate.
     """
 
     def __init__(self, lowerdirs, upperdir=None, workdir=None,
-                 whiteout=wh.FORMAT_AUTO, fsync=True, ids=None):
+                 whiteout=wh.FORMAT_AUTO, fsync=True, ids=None, metacopy=False):
         top = upperdir if upperdir is not None else lowerdirs[0]
         top_dev = os.stat(top).st_dev
         lowers = []
@@ -56,6 +61,9 @@ class Union:
             lowers.append(Layer(d, i + 1, upper=False, ino_tag=tag))
         upper = Layer(upperdir, 0, upper=True) if upperdir is not None else None
         self.stack = LayerStack(upper, lowers)
+        # The lowers alone, where a metacopy's data is looked up by path.
+        self.lower_stack = LayerStack(None, lowers)
+        self.metacopy = metacopy
         self.upper = upper
         self.readonly = upper is None
         self.ids = ids if ids is not None and ids.active else None
@@ -110,11 +118,40 @@ class Union:
         layer = node.layers[0]
         real = layer.real(path)
         st = os.lstat(real)
-        ino = node.ino
-        if ino is None:
-            ino = inodes.recorded_ino(real) if layer.upper else None
-            ino = node.ino = st.st_ino | layer.ino_tag if ino is None else ino
-        return st, ino, layer, len(node.layers) > 1
+        if node.ino is None:
+            self._learn(path, node, real, st)
+        return st, node.ino, layer, len(node.layers) > 1
+
+    def _learn(self, path, node, real, st):
+        """Fill in ``node.ino`` and ``node.data`` (where its bytes are:
+        None for its own, else the merged path of a metacopy's lower data):
+        one listxattr tells an upper entry's records."""
+        if node.in_upper:
+            try:
+                names = os.listxattr(real, follow_symlinks=False)
+            except OSError:     # ENOTSUP: no xattrs, so no records either
+                names = ()
+            ino = inodes.recorded_ino(real) if inodes.ORIGIN in names else None
+            if names and node.kind != DIR:
+                node.data = metacopy.data_path(real, path, names)
+            node.ino = st.st_ino if ino is None else ino
+        else:
+            node.ino = st.st_ino | node.top.ino_tag
+
+    def lower_data(self, path, node):
+        """The backing path of the lower file holding the data of upper
+        metacopy ``node`` at ``path``; None if it holds its own data."""
+        if not node.in_upper or node.kind == DIR:
+            return None
+        if node.ino is None:
+            real = node.top.real(path)
+            self._learn(path, node, real, os.lstat(real))
+        if node.data is None:
+            return None
+        lower = self.lower_stack.lookup(node.data)
+        if lower is None or lower.kind == DIR:
+            raise OSError(errno.EIO, "metacopy without its lower data", path)
+        return lower.top.real(node.data)
 
     def listdir(self, path):
         node = self.node(path)
@@ -133,16 +170,31 @@ class Union:
     # -- copy-up --------------------------------------------------------------
 
     def upper_path(self, path, data=True):
-        """Copy ``path`` up if needed; return its backing path in the upper."""
+        """Copy ``path`` up if needed; return its backing path in the upper.
+
+        ``data``: what the caller needs of the data: all of it (True), none
+        (False: it truncates to 0 next), or only the metadata (``META``,
+        attribute changes: with metacopy on, the data may stay below)."""
         self.check_writable()
         node = self.node(path)
+        if data is META and not self.metacopy:
+            data = True
         if not node.in_upper:
             if node.kind == DIR:
                 with self.lock:
                     self.copyup.copy_up(path, node)
             else:
                 self.copyup.copy_up_file(path, self.lock, data=data)
+        elif data is not META and self.lower_data(path, node) is not None:
+            self.copyup.complete(path, self.lock, self.lower_data, data=data)
         return self.upper.real(path)
+
+    def settled(self, path):
+        """True if changing ``path`` needs no copy-up of data, so it is
+        quick (a missing path fails quickly too)."""
+        node = self.stack.lookup(path)
+        return node is None or (node.in_upper and len(node.layers) == 1
+                                and self.lower_data(path, node) is None)
 
     # -- files ----------------------------------------------------------------
 
@@ -155,7 +207,8 @@ class Union:
             if truncating:
                 backing |= os.O_TRUNC
         else:
-            real = self.node(path).top.real(path)
+            node = self.node(path)
+            real = self.lower_data(path, node) or node.top.real(path)
         return os.open(real, backing | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def truncate(self, path, length):
@@ -164,12 +217,12 @@ class Union:
     # -- attributes -------------------------------------------------------------
 
     def chmod(self, path, mode):
-        os.chmod(self.upper_path(path), stat.S_IMODE(mode), follow_symlinks=False)
+        os.chmod(self.upper_path(path, META), stat.S_IMODE(mode), follow_symlinks=False)
 
     def chown(self, path, uid, gid):
         if self.ids is not None:
             uid, gid = self.ids.stored_uid(uid), self.ids.stored_gid(gid)
-        real = self.upper_path(path)
+        real = self.upper_path(path, META)
         st = os.lstat(real)
         os.chown(real, uid, gid, follow_symlinks=False)
         # chown of a non-directory clears set-id bits when the caller is not
@@ -187,7 +240,7 @@ class Union:
 
     def utimens(self, path, atime_ns, mtime_ns):
         """Set times; ``None`` for either means "leave it" (UTIME_OMIT)."""
-        real = self.upper_path(path)
+        real = self.upper_path(path, META)
         if atime_ns is None or mtime_ns is None:
             st = os.lstat(real)
             atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
@@ -210,7 +263,7 @@ class Union:
     def setxattr(self, path, name, value, flags):
         if wh.is_private_xattr(name):
             raise _err(errno.EPERM, path)
-        os.setxattr(self.upper_path(path), name, value, flags, follow_symlinks=False)
+        os.setxattr(self.upper_path(path, META), name, value, flags, follow_symlinks=False)
 
     def removexattr(self, path, name):
         if wh.is_private_xattr(name):
@@ -219,7 +272,7 @@ class Union:
         node = self.node(path)
         # Removing what is not there must not cost a copy-up.
         os.getxattr(node.top.real(path), name, follow_symlinks=False)
-        os.removexattr(self.upper_path(path), name, follow_symlinks=False)
+        os.removexattr(self.upper_path(path, META), name, follow_symlinks=False)
 
     # -- namespace (see namespace.py) --------------------------------------------
 

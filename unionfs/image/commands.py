@@ -310,7 +310,10 @@ def cmd_image_mount(args) -> int:
         store.write_container(container)
         lowerdirs = store.lowerdirs(image)
     # Mount outside the lock: the daemon must not inherit it.
-    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto")
+    # metacopy: `chown -R` of an image copies no data; commit and diff
+    # read metacopy files (their data from the image's layers).
+    spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work,
+                     whiteout="auto", metacopy=True)
     try:
         mount(spec, mnt)
     except BaseException:
