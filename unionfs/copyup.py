@@ -368,7 +368,9 @@ class CopyUp:
                 inodes.record_ino(tmp, ino)
                 if data is META:
                     metacopy.mark(tmp, path)
-                if self.fsync:
+                # No data copied, nothing to make durable before the rename
+                # (the journal orders metadata), as overlayfs skips its fsync.
+                elif self.fsync:
                     os.fsync(fd_out)
             except BaseException:
                 os.close(fd_out)
