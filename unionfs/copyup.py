@@ -205,8 +205,14 @@ class CopyUp:
             return self._copy_up_links(path, node, st, data)
         self.ensure_dir(parent)
         tmp = self._build_copy(src, st, data, node.top, path)
+        self._before_publish(path, st, data)
         self.publish(tmp, path)
         return self.stack.lookup(path)
+
+    def _before_publish(self, path, st, data):
+        """A metacopy's parent is marked first (see metacopy.IMPURE_XATTRS)."""
+        if data is META and stat.S_ISREG(st.st_mode):
+            metacopy.mark_impure(self.upper.real(split_path(path)[0]))
 
     def _copy_up_links(self, path, node, st, data):
         """Copy up a lower file that has several names (a hard link): one
@@ -227,13 +233,16 @@ class CopyUp:
         data = True if data is META else data
         others, copy = self.other_names(path, node, st)
         lower_names = [path] + others
+        # Names the merged view hides (another layer's entry, a whiteout)
+        # cannot be linked, but still count in st_nlink, as on overlayfs.
+        hidden = max(0, st.st_nlink - len(lower_names))
         # Until every name is linked, an intent in the work dir says which
         # copy is being linked, so that the next mount finishes the job if
         # this daemon dies first (``recover``): no name is ever left behind.
         intent = os.path.join(self.work, f"{LINKS_INTENT}{layer.index}.{st.st_ino}")
         if copy is None:
             self.ensure_dir(split_path(path)[0])
-            tmp = self._build_copy(layer.real(path), st, data, layer, path)
+            tmp = self._build_copy(layer.real(path), st, data, layer, path, hidden)
             _write_intent(intent, f"{layer.index} {st.st_ino} {path}")
             self.publish(tmp, path, linked=True)
             copy = self.upper.real(path)
@@ -278,6 +287,7 @@ class CopyUp:
                     if now is None:
                         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                     return self.copy_up(path, now, data)
+                self._before_publish(path, st, data)
                 self.publish(tmp, path)
                 return self.stack.lookup(path)
 
@@ -327,7 +337,7 @@ class CopyUp:
         if self.on_publish is not None:
             self.on_publish(path, linked)
 
-    def _build_copy(self, src, st, data, layer, path):
+    def _build_copy(self, src, st, data, layer, path, hidden_links=0):
         """A copy of ``src`` (``st``, in lower ``layer``, merged ``path``) in
         the work dir."""
         tmp = self.temp_name()
@@ -335,7 +345,7 @@ class CopyUp:
         ino = origin_ino(st, layer)
         try:
             if stat.S_ISREG(mode):
-                self._copy_file(src, tmp, st, data, ino, path)
+                self._copy_file(src, tmp, st, data, (ino, hidden_links), path)
                 return tmp
             if stat.S_ISDIR(mode):
                 os.mkdir(tmp, 0o700)
@@ -350,10 +360,10 @@ class CopyUp:
             raise
         return tmp
 
-    def _copy_file(self, src, tmp, st, data, ino, path, meta_src=None):
+    def _copy_file(self, src, tmp, st, data, record, path, meta_src=None):
         """Build regular file ``tmp``: the data of ``src`` as ``data`` says,
         the metadata of ``meta_src`` (default ``src``; ``st`` is its stat),
-        the inode number ``ino``."""
+        the inode record ``record`` (inodes.recorded)."""
         fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         meta_src = src if meta_src is None else meta_src
         try:
@@ -365,7 +375,7 @@ class CopyUp:
                 elif data:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
                 set_metadata(meta_src, tmp, st)
-                inodes.record_ino(tmp, ino)
+                inodes.record_ino(tmp, *record)
                 if data is META:
                     metacopy.mark(tmp, path)
                 # No data copied, nothing to make durable before the rename
@@ -419,8 +429,8 @@ class CopyUp:
 
     def _build_completion(self, path, src, real, st, data):
         tmp = self.temp_name()
-        ino = inodes.recorded_ino(real)
-        self._copy_file(src, tmp, st, data, st.st_ino if ino is None else ino, path,
+        ino, hidden = inodes.recorded(real)
+        self._copy_file(src, tmp, st, data, (st.st_ino if ino is None else ino, hidden), path,
                         meta_src=real)
         return tmp
 

@@ -61,11 +61,12 @@ class Inode:
         self.alias = False          # another node id has the same file (see _copied_up)
 
 
-def _fill_stat(cst, st, ino, merged=False, ids=None):
-    """``ids``: the union's IdMap (None: ids show as stored)."""
+def _fill_stat(cst, st, ino, nlink=None, ids=None):
+    """``nlink``: the link count to show (None: the backing one); ``ids``:
+    the union's IdMap (None: ids show as stored)."""
     cst.st_ino = ino
     cst.st_mode = st.st_mode
-    cst.st_nlink = 1 if merged else st.st_nlink
+    cst.st_nlink = st.st_nlink if nlink is None else nlink
     if ids is None:
         cst.st_uid = st.st_uid
         cst.st_gid = st.st_gid
@@ -229,20 +230,20 @@ class UnionFS:
 
     def _entry(self, path, e=None):
         """Look ``path`` up and build the entry reply for it (in ``e``)."""
-        st, ino, layer, merged = self.union.lstat_layer(path)
+        st, ino, layer, nlink = self.union.lstat_layer(path)
         inode = self._remember(path, st, layer)
         inode.ino = ino
         if e is None:
             e = common.fuse_entry_param()
         e.ino = inode.nodeid
-        _fill_stat(e.attr, st, ino, merged, self.union.ids)
+        _fill_stat(e.attr, st, ino, nlink, self.union.ids)
         e.attr_timeout = 0.0 if inode.alias else self.timeout
         e.entry_timeout = self.timeout
         return e
 
-    def _reply_attr(self, req, st, ino, merged=False, alias=False):
+    def _reply_attr(self, req, st, ino, nlink=None, alias=False):
         cst = common.c_stat()
-        _fill_stat(cst, st, ino, merged, self.union.ids)
+        _fill_stat(cst, st, ino, nlink, self.union.ids)
         ll.reply_attr(req, cst, 0.0 if alias else self.timeout)
 
     @staticmethod

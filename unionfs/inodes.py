@@ -46,22 +46,31 @@ def origin_xattr():
 ORIGIN = origin_xattr()
 
 
-def recorded_ino(real):
-    """The inode number recorded on upper entry ``real`` by its copy-up, or
-    None (made in the upper, or the record is unreadable)."""
+def recorded(real):
+    """(inode number, hidden links) recorded on upper entry ``real`` by its
+    copy-up, or (None, 0) (made in the upper, or the record is unreadable).
+    Hidden links: names of a lower hard link that its copy-up could not
+    link because the merged view did not show them; they still count in
+    st_nlink, as on overlayfs."""
     try:
-        return int(os.getxattr(real, ORIGIN, follow_symlinks=False))
+        fields = os.getxattr(real, ORIGIN, follow_symlinks=False).split()
+        return int(fields[0]), (int(fields[1]) if len(fields) > 1 else 0)
     except OSError:
         # ENODATA: not copied up; ENOTSUP/EPERM: no record possible here.
-        return None
-    except ValueError:
-        return None     # not written by us: ignore it
+        return None, 0
+    except (ValueError, IndexError):
+        return None, 0  # not written by us: ignore it
 
 
-def record_ino(real, ino):
+def recorded_ino(real):
+    return recorded(real)[0]
+
+
+def record_ino(real, ino, hidden_links=0):
     """Record on the upper copy ``real`` the number ``ino`` it shows."""
+    value = f"{ino} {hidden_links}" if hidden_links else str(ino)
     try:
-        os.setxattr(real, ORIGIN, str(ino).encode(), follow_symlinks=False)
+        os.setxattr(real, ORIGIN, value.encode(), follow_symlinks=False)
     except OSError as e:
         # EPERM: user.* xattrs on a symlink or device node; ENOTSUP: the
         # upper's filesystem has no xattrs. The copy then shows its own
@@ -72,6 +81,6 @@ def record_ino(real, ino):
 
 def copy_record(src, dst):
     """Carry the record of upper entry ``src`` over to its replacement ``dst``."""
-    ino = recorded_ino(src)
+    ino, hidden = recorded(src)
     if ino is not None:
-        record_ino(dst, ino)
+        record_ino(dst, ino, hidden)

@@ -178,13 +178,14 @@ class Node:
     shows, once known; ``data``: see ``Union._learn``.
     """
 
-    __slots__ = ("kind", "layers", "ino", "data")
+    __slots__ = ("kind", "layers", "ino", "data", "hidden_links")
 
     def __init__(self, kind, layers):
         self.kind = kind
         self.layers = layers
         self.ino = None
         self.data = None    # a metacopy's lower data path (Union._learn)
+        self.hidden_links = 0
 
     @property
     def is_dir(self):

@@ -22,6 +22,10 @@ import os
 
 METACOPY_XATTRS = ("trusted.overlay.metacopy", "user.overlay.metacopy")
 REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+# On a directory that holds a metacopy: kernel overlayfs then looks each
+# entry up when listing it, so that d_ino agrees with st_ino (which it takes
+# from the lower data).
+IMPURE_XATTRS = ("trusted.overlay.impure", "user.overlay.impure")
 
 _OWN = 0 if os.geteuid() == 0 else 1
 
@@ -30,6 +34,11 @@ def mark(real, data_path):
     """Mark upper file ``real`` as metacopy, its data at merged ``data_path``."""
     os.setxattr(real, METACOPY_XATTRS[_OWN], b"", follow_symlinks=False)
     os.setxattr(real, REDIRECT_XATTRS[_OWN], os.fsencode(data_path), follow_symlinks=False)
+
+
+def mark_impure(real_dir):
+    """Mark upper directory ``real_dir`` as holding a metacopy."""
+    os.setxattr(real_dir, IMPURE_XATTRS[_OWN], b"y", follow_symlinks=False)
 
 
 def data_path(real, path, xattr_names):

@@ -18,6 +18,7 @@ import os
 import stat
 
 from unionfs import inodes
+from unionfs import metacopy
 from unionfs import whiteout as wh
 from unionfs.copyup import META, is_hard_link, remove_tree, set_metadata
 from unionfs.layers import DIR, NONDIR, WHITEOUT, Node, split_path
@@ -167,6 +168,19 @@ def link(u, existing, path):
             u.stack.invalidate(existing)
 
 
+def _link_before_removal(u, path, node):
+    """Before name ``path`` (a non-directory, ``node``) goes away: if it is
+    one name of a lower hard link whose other names show, copy them all up
+    (one upper file), so that they count this one down (st_nlink), as on
+    overlayfs with index=on. Returns the node of ``path``."""
+    if node.in_upper:
+        return node
+    st = os.lstat(node.top.real(path))
+    if is_hard_link(st) and any(u.copyup.other_names(path, node, st)):
+        return u.copyup.copy_up(path, node)
+    return node
+
+
 def _remove_whiteout_needed(u, path):
     """True if something below the upper would show at ``path`` once the
     upper entry is gone: then removal must leave a whiteout."""
@@ -214,13 +228,7 @@ def unlink(u, path):
         node = u.node(path)
         if node.kind == DIR:
             raise _err(errno.EISDIR, path)
-        if not node.in_upper:
-            st = os.lstat(node.top.real(path))
-            if is_hard_link(st) and any(u.copyup.other_names(path, node, st)):
-                # The other names must count this one down (st_nlink), as on
-                # overlayfs with index=on: copied up, they are links of one
-                # upper file, and this name one of them.
-                node = u.copyup.copy_up(path, node)
+        node = _link_before_removal(u, path, node)
         _remove(u, path, node, False)
 
 
@@ -294,6 +302,8 @@ def rename(u, old, new, noreplace=False):
         if pnode is None or pnode.kind != DIR:
             raise _err(errno.ENOENT if pnode is None else errno.ENOTDIR, new)
         try:
+            if dst is not None and dst.kind != DIR:
+                _link_before_removal(u, new, dst)
             _rename_locked(u, old, new, src)
         finally:
             u.stack.invalidate(old, tree=True)
@@ -320,6 +330,8 @@ def _rename_locked(u, old, new, src):
     old_parent, old_name = split_path(old)
     new_parent, new_name = split_path(new)
     u.copyup.ensure_dir(new_parent)
+    if not is_dir and u.lower_data(old, u.node(old)) is not None:
+        metacopy.mark_impure(upper.real(new_parent))
     old_needs_whiteout = _remove_whiteout_needed(u, old)
     below_new = u.stack.lookup_below(new)
     upper_old, upper_new = upper.real(old), upper.real(new)
@@ -400,6 +412,9 @@ def exchange(u, a, b):
                 below = u.stack.lookup_below(there)
                 if below is not None and below.kind == DIR:
                     u.writer.set_opaque(u.upper.real(p))
+            for p, there in ((a, b), (b, a)):
+                if nodes[p].kind != DIR and u.lower_data(p, u.node(p)) is not None:
+                    metacopy.mark_impure(u.upper.real(split_path(there)[0]))
             rename_exchange(u.upper.real(a), u.upper.real(b))
         finally:
             u.stack.invalidate(a, tree=True)

@@ -104,14 +104,15 @@ class Union:
             raise _err(errno.EROFS)
 
     def lstat(self, path):
-        """(stat_result, inode number, merged) of merged ``path``."""
-        st, ino, _, merged = self.lstat_layer(path)
-        return st, ino, merged
+        """(stat_result, inode number, link count) of merged ``path``."""
+        st, ino, _, nlink = self.lstat_layer(path)
+        return st, ino, nlink
 
     def lstat_layer(self, path):
-        """(stat_result, inode number, layer it comes from, merged) of ``path``;
-        ``merged`` is True for a directory that several layers contribute to,
-        whose link count is unknown (reported as 1, as overlayfs does).
+        """(stat_result, inode number, layer it comes from, link count) of
+        ``path``. The link count of a directory that several layers
+        contribute to is unknown (1, as overlayfs reports); a copied-up hard
+        link adds the names the merged view hides (inodes.recorded).
         The inode number is the one the entry keeps for life (inodes.py):
         learned once per cached lookup, so a stat costs one lstat."""
         node = self.node(path)
@@ -120,7 +121,9 @@ class Union:
         st = os.lstat(real)
         if node.ino is None:
             self._learn(path, node, real, st)
-        return st, node.ino, layer, len(node.layers) > 1
+        if len(node.layers) > 1:
+            return st, node.ino, layer, 1
+        return st, node.ino, layer, st.st_nlink + node.hidden_links
 
     def _learn(self, path, node, real, st):
         """Fill in ``node.ino`` and ``node.data`` (where its bytes are:
@@ -131,7 +134,8 @@ class Union:
                 names = os.listxattr(real, follow_symlinks=False)
             except OSError:     # ENOTSUP: no xattrs, so no records either
                 names = ()
-            ino = inodes.recorded_ino(real) if inodes.ORIGIN in names else None
+            ino, node.hidden_links = (inodes.recorded(real) if inodes.ORIGIN in names
+                                      else (None, 0))
             if names and node.kind != DIR:
                 node.data = metacopy.data_path(real, path, names)
             node.ino = st.st_ino if ino is None else ino
