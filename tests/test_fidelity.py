@@ -275,8 +275,9 @@ def test_id_mapping_shown_and_stored(tmp_path):
     ("gidmapping=a:b:c", "numbers"),
     ("uidmapping=0:1000:0", "LEN"),
     ("squash_to_uid=-1", "not a uid"),
+    ("metacopy=yes", "on or off"),
 ])
-def test_bad_mappings_are_one_line(tmp_path, opts, why):
+def test_bad_options_are_one_line(tmp_path, opts, why):
     st = Stack(tmp_path / "s", tmp_path / "o")
     r = run([UNIONFS, "mount", "-o", st.options(opts), str(st.mnt)], timeout=30)
     assert r.returncode != 0 and not is_mounted(st.mnt)
@@ -419,4 +420,5 @@ def test_kernel_overlayfs_with_metacopy_reads_our_metacopy_upper(tmp_path):
         k = System("kernel", st)
         kmnt = k.mount()
         assert contents(kmnt) == ours
+        assert_listings_match_stat(kmnt)        # metacopy dirs are marked impure
         k.umount()

@@ -195,10 +195,13 @@ class Union:
 
     def settled(self, path):
         """True if changing ``path`` needs no copy-up of data, so it is
-        quick (a missing path fails quickly too)."""
-        node = self.stack.lookup(path)
-        return node is None or (node.in_upper and len(node.layers) == 1
-                                and self.lower_data(path, node) is None)
+        quick (a missing path, or one that fails, fails quickly too)."""
+        try:
+            node = self.stack.lookup(path)
+            return node is None or (node.in_upper and len(node.layers) == 1
+                                    and self.lower_data(path, node) is None)
+        except OSError:
+            return True
 
     # -- files ----------------------------------------------------------------
 
