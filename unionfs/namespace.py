@@ -288,6 +288,10 @@ def rename(u, old, new, noreplace=False):
         if noreplace and dst is not None:
             raise _err(errno.EEXIST, new)
         if dst is not None:
+            if dst.kind != DIR and src.kind != DIR:
+                # (a hard link's other names count the target down)
+                dst = _link_before_removal(u, new, dst)
+                src = u.node(old)
             if src.kind == DIR and dst.kind != DIR:
                 raise _err(errno.ENOTDIR, new)
             if src.kind != DIR and dst.kind == DIR:
@@ -302,8 +306,6 @@ def rename(u, old, new, noreplace=False):
         if pnode is None or pnode.kind != DIR:
             raise _err(errno.ENOENT if pnode is None else errno.ENOTDIR, new)
         try:
-            if dst is not None and dst.kind != DIR:
-                _link_before_removal(u, new, dst)
             _rename_locked(u, old, new, src)
         finally:
             u.stack.invalidate(old, tree=True)
