@@ -90,10 +90,11 @@ class Sizes:
     rm_files: int
     stdlib_packages: tuple[str, ...]
     stdlib_toplevel: bool
+    image_files: int = 5_000  # chown -R tree: small files, plus big_mib // 2 in 8 MiB ones
 
 
 FULL = Sizes(512, 512, 200, 100, 10_000, 10_000, STDLIB_PACKAGES_FULL, True)
-QUICK = Sizes(64, 64, 30, 100, 1_000, 1_000, STDLIB_PACKAGES_QUICK, False)
+QUICK = Sizes(64, 64, 30, 100, 1_000, 1_000, STDLIB_PACKAGES_QUICK, False, 500)
 
 
 class BenchError(Exception):
@@ -228,6 +229,18 @@ def build_datasets(data: Path, sizes: Sizes, needed: set[str]) -> dict[str, Data
                 lp = layers[j % 2]
                 (lp / "rmtree" / f"d{d:03}" / f"f{j:03}").write_bytes(b"y" * (j * 7))
         out["rmtree"] = Dataset("rmtree", layers)
+
+    if "image" in needed:
+        # An image-sized tree: many small files (1..32 KiB) and some large.
+        l0 = layer("image", 0)
+        for k in range(sizes.image_files):
+            d = l0 / "image" / f"d{k // 200:03}"
+            if k % 200 == 0:
+                d.mkdir(parents=True)
+            (d / f"f{k % 200:03}").write_bytes(rng.randbytes(rng.randint(1, 32) << 10))
+        for k in range(max(1, sizes.big_mib // 2 // 8)):
+            (l0 / "image" / f"big{k}").write_bytes(rng.randbytes(8 * MIB))
+        out["image"] = Dataset("image", [l0], {"files": count_files(l0 / "image")})
 
     if "stdlib" in needed:
         l0 = layer("stdlib", 0)
@@ -430,11 +443,13 @@ class Mounts:
         return f"unknown system {system}"
 
     def mount(self, system: str, lowers: list[Path], upper: Path, work: Path,
-              mnt: Path) -> None:
+              mnt: Path, extra: str = "") -> None:
         for p in (upper, work, mnt):
             p.mkdir(parents=True)
         opts = (f"lowerdir={':'.join(map(str, lowers))},"
                 f"upperdir={upper},workdir={work}")
+        if extra:
+            opts += "," + extra
         if system == "overlayfs":
             cmd = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
         elif system == "fuse-overlayfs":
@@ -604,6 +619,8 @@ class Workload:
     check: Callable[[Path, Dataset, subprocess.CompletedProcess], None]
     goal: float | None = 1.5
     capture: bool = False
+    # Extra mount options per system (metacopy for chown-R).
+    options: dict = field(default_factory=dict)
 
 
 def _expect(what: str, got, want) -> None:
@@ -646,6 +663,12 @@ def _check_rm(root, ds, proc):
 
 def _check_compile(root, ds, proc):
     _expect(".pyc files", count_files(root / "stdlib", ".pyc"), ds.expect["py"])
+
+
+def _check_chown(root, ds, proc):
+    owned = sum(1 for dirpath, _, names in os.walk(root / "image") for n in names
+                if os.lstat(os.path.join(dirpath, n)).st_uid == 4321)
+    _expect("files chowned", owned, ds.expect["files"])
 
 
 def _check_mount(root, ds, proc):
@@ -697,6 +720,12 @@ WORKLOADS: list[Workload] = [
     Workload("dpkg", "dpkg -i of local .debs (Python stdlib packages, a postinst "
              "writing /dev/null) into a Debian-like rootfs with a real dpkg database",
              "dpkg", "fresh", "copy", _dpkg_install, _check_dpkg, goal=None),
+    Workload("chown-R", "chown -R of an image-sized lower tree (overlayfs and unionfs "
+             "with metacopy=on: metadata-only copy-up; fuse-overlayfs has none)",
+             "image", "fresh", "copy",
+             lambda root, ds: ["chown", "-R", "4321:4321", str(root / "image")],
+             _check_chown, goal=None,
+             options={"overlayfs": "metacopy=on,redirect_dir=on", "unionfs": "metacopy=on"}),
     # Last on purpose: the native run deletes (hard links), see the docstring.
     Workload("rm-rf", "rm -rf of a tree spread over 2 lower layers",
              "rmtree", "fresh", "link",
@@ -780,7 +809,8 @@ class Bench:
                 drop_caches()
             if mounted:
                 t0 = time.perf_counter()
-                self.mounts.mount(system, ds.lowers, rundir / "upper", rundir / "work", root)
+                self.mounts.mount(system, ds.lowers, rundir / "upper", rundir / "work", root,
+                                  wl.options.get(system, ""))
                 t_mount = time.perf_counter() - t0
             pid = daemon_pid(root) if system in FUSE_SYSTEMS else None
             before = daemon_stats(pid) if pid else None

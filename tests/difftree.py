@@ -105,7 +105,7 @@ class Divergence(AssertionError):
 
 @dataclasses.dataclass
 class Entry:
-    kind: str                  # file dir symlink fifo chardev whiteout
+    kind: str                  # file dir symlink fifo chardev whiteout hardlink
     mode: int = 0o644
     data: bytes = b""
     target: str = ""
@@ -119,6 +119,8 @@ class Entry:
     def describe(self) -> str:
         if self.kind == "whiteout":
             return "whiteout" + (" (oci)" if self.oci_marker else "")
+        if self.kind == "hardlink":
+            return "hard link to " + self.target
         parts = [self.kind, f"{self.mode:04o}", f"{self.uid}:{self.gid}",
                  f"mtime={self.mtime_ns}"]
         if self.kind == "file":
@@ -263,7 +265,8 @@ def _depth(path: str) -> int:
 def build_layer(layer: dict, root: str, fmt: str, root_mtime: int) -> None:
     """Write `layer` under `root` in `fmt` ("overlay" or "mixed")."""
     os.mkdir(root)
-    for path in sorted(layer, key=lambda p: (_depth(p), p)):
+    # Hard links last: their target must exist.
+    for path in sorted(layer, key=lambda p: (layer[p].kind == "hardlink", _depth(p), p)):
         e = layer[path]
         p = os.path.join(root, path)
         oci = fmt == "mixed" and e.oci_marker
@@ -287,11 +290,13 @@ def build_layer(layer: dict, root: str, fmt: str, root_mtime: int) -> None:
             open(os.path.join(d, WH_PREFIX + n), "wb").close()
         elif e.kind == "whiteout":
             os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        elif e.kind == "hardlink":
+            os.link(os.path.join(root, e.target), p)
     # Metadata deepest first, so a directory's mtime is set after its entries.
     for path in sorted(layer, key=lambda p: (-_depth(p), p)):
         e = layer[path]
-        if e.kind == "whiteout":
-            continue
+        if e.kind in ("whiteout", "hardlink"):
+            continue        # (a hard link has its target's metadata)
         p = os.path.join(root, path)
         os.chown(p, e.uid, e.gid, follow_symlinks=False)  # before chmod: clears suid
         if e.kind != "symlink":
@@ -403,12 +408,17 @@ def _fuse_daemon_pids(mnt: str) -> list:
 class KernelOverlay:
     name = "kernel-overlayfs"
 
+    def __init__(self, fidelity: bool = False):
+        self.fidelity = fidelity
+
     def mount(self, lowers: list, upper: str, work: str, mnt: str) -> None:
         # redirect_dir=on makes directory renames comparable (no EXDEV);
-        # index and metacopy are pinned off so the reference does not depend
-        # on the kernel's build-time defaults.
+        # index and metacopy are pinned (off, or on for the fidelity
+        # variant) so the reference does not depend on the kernel's
+        # build-time defaults.
+        features = "index=on,metacopy=on" if self.fidelity else "index=off,metacopy=off"
         opts = (f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},"
-                "redirect_dir=on,index=off,metacopy=off")
+                f"redirect_dir=on,{features}")
         _run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt], "kernel overlay mount")
 
     def umount(self, mnt: str) -> None:
@@ -431,8 +441,11 @@ class FuseTarget:
         exe = Path(sys.executable).parent / "unionfs"
         return [str(exe)] if exe.exists() else [sys.executable, "-m", "unionfs"]
 
-    def mount(self, lowers: list, upper: str, work: str, mnt: str, whiteout: str) -> None:
+    def mount(self, lowers: list, upper: str, work: str, mnt: str, whiteout: str,
+              extra: str = "") -> None:
         opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+        if extra and self.kind == "unionfs":
+            opts += "," + extra
         if os.environ.get("DIFFTEST_TARGET_OPTS"):      # experiments only
             opts += "," + os.environ["DIFFTEST_TARGET_OPTS"]
         if self.kind == "unionfs":
@@ -675,9 +688,13 @@ def norm_stat(st: os.stat_result) -> dict:
     return d
 
 
-def snapshot(root: str) -> dict:
+def snapshot(root: str, d_ino: bool = False) -> dict:
     """relpath -> everything observable about the entry, without following
-    symlinks: normalised lstat, data or target, xattr names and user.* values."""
+    symlinks: normalised lstat, data or target, xattr names and user.* values,
+    which paths share an inode, and with ``d_ino`` which entries readdir
+    lists with another number than stat shows (kernel overlayfs makes them
+    agree with index=on; with index=off some may differ, see
+    ``d_ino_mismatches``)."""
     tree = {}
 
     def attempt(fn, *args):
@@ -722,7 +739,61 @@ def snapshot(root: str) -> dict:
                 visit(f"{rel}/{name}" if rel else name)
 
     visit("")
+    _add_inode_relations(root, tree, d_ino)
     return tree
+
+
+def d_ino_mismatches(root: str) -> list:
+    """Entries whose readdir d_ino is not their st_ino: the target must
+    have none, whatever the reference does."""
+    out = []
+    for rel, rec in sorted(snapshot(root, d_ino=True).items()):
+        names = rec.get("d_ino_is_st_ino")
+        if isinstance(names, list):         # (a string: listing it failed)
+            out += [f"{rel}/{n}" for n in names]
+    return out
+
+
+def _add_inode_relations(root: str, tree: dict, d_ino: bool) -> None:
+    """What inode numbers say, comparable across filesystems: for every
+    non-directory the other paths with the same st_ino (hard links, and no
+    accidental sharing), and with ``d_ino`` for every directory the entries
+    whose readdir d_ino is not their st_ino."""
+    by_ino: dict = {}
+    for rel, rec in tree.items():
+        try:
+            st = os.lstat(_p(root, rel))
+        except OSError:
+            continue
+        rec["_ino"] = st.st_ino
+        by_ino.setdefault(st.st_ino, []).append(rel)
+    for rel, rec in tree.items():
+        ino = rec.pop("_ino", None)
+        if ino is None:
+            continue
+        if rec.get("type") != "dir":
+            rec["same_inode_as"] = [p for p in by_ino[ino] if p != rel]
+        elif len(by_ino[ino]) > 1:
+            rec["same_inode_as"] = [p for p in by_ino[ino] if p != rel]
+        if d_ino and rec.get("type") == "dir" and "listdir" not in rec:
+            try:
+                with os.scandir(_p(root, rel)) as it:
+                    rec["d_ino_is_st_ino"] = sorted(
+                        de.name for de in it
+                        if de.inode() != os.lstat(de.path).st_ino)
+            except OSError as e:
+                rec["d_ino_is_st_ino"] = f"error {errno.errorcode.get(e.errno, e.errno)}"
+
+
+def inode_numbers(root: str) -> dict:
+    """relpath -> st_ino of every entry: what must not change across a
+    remount of the same filesystem."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, root)] = os.lstat(p).st_ino
+    return out
 
 
 class Leeway:
@@ -756,6 +827,22 @@ class Leeway:
         a, b = rk[1], rt[1]
         return (set(a) == set(b)
                 and all(a[k] == b[k] or self.excuses(op[1], k, a[k], b[k]) for k in a))
+
+
+class KernelOnTargetLeeway(Leeway):
+    """Kernel overlayfs reading the target's upper (fidelity variant): a
+    lower hard link some of whose names the merged view hid when it was
+    copied up counts those names in st_nlink on both live mounts; the target
+    records them in its own xattr, which kernel overlayfs does not read (it
+    keeps that count in its index), so there the count is lower."""
+
+    def __init__(self, base: Leeway):
+        super().__init__()
+        self.stale_parent_mtime = base.stale_parent_mtime
+
+    def excuses(self, path: str, field: str, kernel, target) -> bool:
+        return (super().excuses(path, field, kernel, target)
+                or (field == "nlink" and isinstance(target, int) and 1 <= target < kernel))
 
 
 def diff_trees(ref: dict, got: dict, leeway: Leeway | None = None, limit: int = 25) -> list:
@@ -950,6 +1037,9 @@ class OpGen:
 class Variant:
     whiteout: str      # what the target writes: overlay | oci
     lower_fmt: str     # target copy's format: overlay | mixed
+    # Kernel overlayfs with index=on,metacopy=on against the target with
+    # metacopy=on, over lowers that also hold hard links.
+    fidelity: bool = False
 
     @property
     def kernel_recheck(self) -> bool:
@@ -958,10 +1048,28 @@ class Variant:
         return self.whiteout == "overlay" and self.lower_fmt == "overlay"
 
     def __str__(self) -> str:
-        return f"whiteout={self.whiteout},layers={self.lower_fmt}"
+        return (f"whiteout={self.whiteout},layers={self.lower_fmt}"
+                + (",index=on,metacopy=on" if self.fidelity else ""))
+
+    @property
+    def target_options(self) -> str:
+        return "metacopy=on" if self.fidelity else ""
 
 
-VARIANTS = (Variant("overlay", "overlay"), Variant("overlay", "mixed"), Variant("oci", "mixed"))
+VARIANTS = (Variant("overlay", "overlay"), Variant("overlay", "mixed"), Variant("oci", "mixed"),
+            Variant("overlay", "overlay", fidelity=True))
+
+
+def add_hard_links(stack: Stack, rng: random.Random) -> None:
+    """Give some regular files of the lower layers a second name in the same
+    layer (a new name beside a file, where that layer has none)."""
+    for layer in stack.lowers:
+        files = [p for p, e in sorted(layer.items()) if e.kind == "file"]
+        for path in rng.sample(files, min(2, len(files))):
+            parent = os.path.dirname(path)
+            free = [n for n in ("n", "m") if os.path.join(parent, n) not in layer]
+            if free:
+                layer[os.path.join(parent, free[0])] = Entry("hardlink", target=path)
 
 
 @dataclasses.dataclass
@@ -1000,6 +1108,8 @@ def run_sequence(seed: int, workroot: str, target: FuseTarget, nops: int | None 
     rng = random.Random(seed)
     variant = variant_for(seed)
     stack = gen_stack(rng)
+    if variant.fidelity:
+        add_hard_links(stack, random.Random(seed * 7919))
     if nops is None:
         nops = rng.randint(20, 40)
     base = os.path.join(workroot, f"seq{seed}")
@@ -1007,7 +1117,7 @@ def run_sequence(seed: int, workroot: str, target: FuseTarget, nops: int | None 
     tgt = Side(os.path.join(base, "t"), len(stack.lowers))
     kern.build(stack, "overlay")
     tgt.build(stack, variant.lower_fmt)
-    kernel = KernelOverlay()
+    kernel = KernelOverlay(variant.fidelity)
     executed: list = []
     kmnt, tmnt = kern.mountpoint(), tgt.mountpoint()
     hung = threading.Event()
@@ -1024,7 +1134,8 @@ def run_sequence(seed: int, workroot: str, target: FuseTarget, nops: int | None 
             cleanup.callback(timer.cancel)
             kernel.mount(kern.lowers, kern.upper, kern.workdir(), kmnt)
             cleanup.callback(kernel.umount, kmnt)
-            target.mount(tgt.lowers, tgt.upper, tgt.workdir(), tmnt, variant.whiteout)
+            target.mount(tgt.lowers, tgt.upper, tgt.workdir(), tmnt, variant.whiteout,
+                         variant.target_options)
             cleanup.callback(target.umount, tmnt)
 
             gen = OpGen(rng, stack) if ops is None else None
@@ -1041,12 +1152,23 @@ def run_sequence(seed: int, workroot: str, target: FuseTarget, nops: int | None 
                     raise Divergence(f"op #{i}", f"{format_op(op)}: kernel={rk!r} "
                                      f"{target.name}={rt!r}", executed)
 
-            ref = snapshot(kmnt)
-            _compare(ref, snapshot(tmnt), "final tree", executed, leeway)
+            ref = snapshot(kmnt, d_ino=variant.fidelity)
+            _compare(ref, snapshot(tmnt, d_ino=variant.fidelity), "final tree", executed, leeway)
+            if target.kind == "unionfs" and d_ino_mismatches(tmnt):
+                raise Divergence("d_ino", f"readdir's d_ino is not st_ino for "
+                                 f"{d_ino_mismatches(tmnt)[:10]}", executed)
+            inos = inode_numbers(tmnt)
 
             target.umount_checked(tmnt)
-            target.mount(tgt.lowers, tgt.upper, tgt.workdir(), tmnt, variant.whiteout)
-            _compare(ref, snapshot(tmnt), "tree after remount", executed, leeway)
+            target.mount(tgt.lowers, tgt.upper, tgt.workdir(), tmnt, variant.whiteout,
+                         variant.target_options)
+            _compare(ref, snapshot(tmnt, d_ino=variant.fidelity), "tree after remount",
+                     executed, leeway)
+            if target.kind == "unionfs" and inode_numbers(tmnt) != inos:
+                after = inode_numbers(tmnt)
+                changed = sorted(p for p in inos if after.get(p) != inos[p])
+                raise Divergence("inode numbers after remount",
+                                 f"changed for {changed[:10]}", executed)
             force_unmount(tmnt)     # the user's command was checked above
             if stats:
                 stats.remount_checks += 1
@@ -1055,8 +1177,9 @@ def run_sequence(seed: int, workroot: str, target: FuseTarget, nops: int | None 
                 rmnt = tgt.mountpoint("mnt2")
                 kernel.mount(tgt.lowers, tgt.upper, tgt.workdir("work2"), rmnt)
                 cleanup.callback(kernel.umount, rmnt)
-                _compare(ref, snapshot(rmnt),
-                         "kernel overlayfs on the target's lower+upper", executed, leeway)
+                _compare(ref, snapshot(rmnt, d_ino=variant.fidelity),
+                         "kernel overlayfs on the target's lower+upper",
+                         executed, KernelOnTargetLeeway(leeway) if variant.fidelity else leeway)
                 if stats:
                     stats.kernel_on_upper_checks += 1
     finally:

@@ -220,12 +220,13 @@ def kernel_overlay_available():
 
 def mount_kernel_overlay(layers, mnt=None):
     """Kernel overlayfs on ``layers``, with redirect_dir=on so that lower
-    directories can be renamed (unionfs never answers EXDEV)."""
+    directories can be renamed (unionfs never answers EXDEV), and index=on
+    so that lower hard links stay one file (as on unionfs)."""
     mnt = Path(mnt or layers.mnt)
     lower = ":".join(map(str, layers.lowers))
     r = run(["mount", "-t", "overlay", "overlay", "-o",
              f"lowerdir={lower},upperdir={layers.upper},workdir={layers.work},"
-             "redirect_dir=on", str(mnt)])
+             "redirect_dir=on,index=on", str(mnt)])
     assert r.returncode == 0, r.stderr
     return mnt
 

@@ -317,9 +317,8 @@ def test_names_sharing_an_offset_go_into_one_reply(tmp_path, monkeypatch):
 
 
 def test_inode_numbers_in_listings_follow_copy_up(layers, mounted):
-    """A copy-up changes a file's st_ino (see the README): a listing read
-    afterwards, even one the kernel had cached, must carry the new number,
-    as kernel overlayfs's does."""
+    """A listing read after a copy-up, even one the kernel had cached,
+    carries the number stat shows, as kernel overlayfs's does."""
     l0, l1 = layers.lowers
     (l1 / "d" / "sub").mkdir(parents=True)
     for n in ("a", "b", "c"):

@@ -349,3 +349,136 @@ def test_private_xattrs_are_hidden(tree):
     with pytest.raises(OSError) as e:
         u.setxattr("/d", "trusted.overlay.opaque", b"n", 0)
     assert e.value.errno == errno.EPERM
+
+
+# -- inode numbers ------------------------------------------------------------------
+
+def test_inode_numbers_survive_copy_up_rename_and_a_new_union(tree):
+    """What a file shows as st_ino (and in listings) is fixed for life:
+    copy-up, rename and a fresh Union over the same directories keep it."""
+    write(tree["l1"] / "d" / "f", "f")
+    write(tree["l0"] / "g", "g")
+    u = make_union(tree)
+
+    def ino(u, path):
+        return u.lstat(path)[1]
+
+    def listed(u, path):
+        return {n: i for n, _, i in u.listdir(path)}
+
+    before = {p: ino(u, p) for p in ("/d", "/d/f", "/g")}
+    u.chmod("/g", 0o600)
+    u.rename("/d", "/d2")
+    got = {p: ino(u, p) for p in ("/d2", "/d2/f", "/g")}
+    assert got == {"/d2": before["/d"], "/d2/f": before["/d/f"], "/g": before["/g"]}
+    assert listed(u, "/d2")["f"] == before["/d/f"] and listed(u, "/")["g"] == before["/g"]
+    again = make_union(tree)
+    assert {p: ino(again, p) for p in got} == got
+
+
+def test_lower_hard_links_stay_one_file_after_copy_up(tree):
+    """Copying up one name of a lower hard link makes every merged name of
+    it one upper file: one inode number, the right link count, a write
+    through one seen through the others; a removed name counts down."""
+    write(tree["l0"] / "h", "h")
+    write(tree["l0"] / "d" / "keep")
+    os.link(tree["l0"] / "h", tree["l0"] / "h2")
+    os.link(tree["l0"] / "h", tree["l0"] / "d" / "h3")
+    os.link(tree["l0"] / "h", tree["l0"] / "hidden")
+    write(tree["l0"] / "other", "o")
+    os.link(tree["l0"] / "other", tree["l0"] / "other2")
+    u = make_union(tree)
+    u.unlink("/hidden")                 # the other names count it down
+    ino = u.lstat("/h")[1]
+    fd = u.open("/h2", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"+")
+    os.close(fd)
+    for p in ("/h", "/h2", "/d/h3"):
+        st, i, _ = u.lstat(p)
+        assert (i, st.st_nlink, read(u, p)) == (ino, 3, "h+"), p
+    assert not os.path.lexists(tree["upper"] / "hidden")
+    u.unlink("/other2")
+    assert u.lstat("/other")[0].st_nlink == 1
+    again = make_union(tree)
+    assert [again.lstat(p)[0].st_nlink for p in ("/h", "/h2", "/d/h3")] == [3, 3, 3]
+    assert again.lstat("/d/h3")[1] == ino
+
+
+# -- uid/gid mapping ------------------------------------------------------------------
+
+def test_id_mapping_both_ways():
+    from unionfs.idmap import IdMap, parse_ranges
+    m = IdMap(uids=parse_ranges("0:1000:10:1000:0:1"), gids=())
+    assert [m.shown_uid(i) for i in (0, 9, 10, 1000, 5000)] == [1000, 1009, 65534, 0, 65534]
+    assert [m.stored_uid(i) for i in (1000, 1009, 0, 7, -1)] == [0, 9, 1000, 65534, -1]
+    assert m.shown_gid(5000) == 5000 and m.stored_gid(5000) == 5000   # no gid mapping
+    squashed = IdMap(uids=parse_ranges("0:1000:10"), squash_root=True, squash_gid=7)
+    assert (squashed.shown_uid(3), squashed.shown_gid(3)) == (0, 7)
+    assert squashed.stored_uid(1003) == 3               # stored ids are still mapped
+    for bad in ("", "1:2", "a:b:c", "0:0:0", "-1:0:1"):
+        with pytest.raises(ValueError):
+            parse_ranges(bad)
+
+
+# -- metadata-only copy-up (metacopy) ---------------------------------------------------
+
+def _is_metacopy(real):
+    from unionfs.metacopy import METACOPY_XATTRS
+    return any(n in METACOPY_XATTRS for n in os.listxattr(real, follow_symlinks=False))
+
+
+def test_metacopy_copies_metadata_only_until_the_data_changes(tree):
+    data = os.urandom(3 << 20)
+    (tree["l1"] / "d").mkdir()
+    (tree["l1"] / "d" / "big").write_bytes(data)
+    u = Union([str(tree["l0"]), str(tree["l1"])], str(tree["upper"]), str(tree["work"]),
+              whiteout=wh.FORMAT_OCI, metacopy=True)
+    ino = u.lstat("/d/big")[1]
+    u.chmod("/d/big", 0o600)
+    u.utimens("/d/big", 10**9, 2 * 10**9)
+    u.setxattr("/d/big", "user.tag", b"t", 0)
+    real = tree["upper"] / "d" / "big"
+    st = os.lstat(real)
+    assert _is_metacopy(real) and st.st_size == len(data) and st.st_blocks * 512 < 64 << 10
+    assert read_bytes(u, "/d/big") == data
+    # Moved, even with its directory, it still finds its data.
+    u.rename("/d/big", "/d/moved")
+    u.rename("/d", "/e")
+    assert read_bytes(u, "/e/moved") == data
+    assert (u.lstat("/e/moved")[1], stat.S_IMODE(u.lstat("/e/moved")[0].st_mode)) == (ino, 0o600)
+    # The first open for writing copies the data, keeping what was changed.
+    fd = u.open("/e/moved", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"+")
+    os.close(fd)
+    real = tree["upper"] / "e" / "moved"
+    assert not _is_metacopy(real) and real.read_bytes() == data + b"+"
+    st, i, _ = u.lstat("/e/moved")
+    assert i == ino and stat.S_IMODE(st.st_mode) == 0o600
+    assert u.getxattr("/e/moved", "user.tag") == b"t"
+
+
+def test_metacopy_truncate_link_and_off(tree):
+    write(tree["l1"] / "t", "0123456789")
+    write(tree["l1"] / "l", "linked")
+    write(tree["l1"] / "full", "full")
+    write(tree["l1"] / "m", "meta")
+    u = Union([str(tree["l0"]), str(tree["l1"])], str(tree["upper"]), str(tree["work"]),
+              whiteout=wh.FORMAT_OCI, metacopy=True)
+    for p in ("/t", "/l", "/m"):
+        u.chmod(p, 0o640)
+    u.truncate("/t", 4)
+    assert read(u, "/t") == "0123" and not _is_metacopy(tree["upper"] / "t")
+    u.link("/l", "/l2")             # one upper file for two names: data first
+    assert not _is_metacopy(tree["upper"] / "l") and read(u, "/l2") == "linked"
+    off = make_union(tree)          # metacopy off: a full copy, as before
+    off.chmod("/full", 0o600)
+    assert (tree["upper"] / "full").read_text() == "full"
+    assert not _is_metacopy(tree["upper"] / "full")
+    # ... and it still reads what a metacopy union left.
+    assert _is_metacopy(tree["upper"] / "m") and read(off, "/m") == "meta"
+
+
+def read_bytes(u, path):
+    fd = u.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()

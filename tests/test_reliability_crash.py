@@ -407,7 +407,7 @@ def _install_crash_point(n):
                 setattr(mod, name, wrap(fn))
 
 
-def run_until_crash(layers, whiteout, steps, n):
+def run_until_crash(layers, whiteout, steps, n, metacopy=False):
     """Run ``steps`` (functions of a Union) in a forked child that dies
     before its ``n``-th mutating syscall; True if it died, False if the steps
     all completed first."""
@@ -417,7 +417,7 @@ def run_until_crash(layers, whiteout, steps, n):
         try:
             from unionfs.union import Union
             u = Union([str(d) for d in layers.lowers], str(layers.upper), str(layers.work),
-                      whiteout=whiteout)
+                      whiteout=whiteout, metacopy=metacopy)
             _install_crash_point(n)
             for step in steps:
                 step(u)
@@ -468,6 +468,10 @@ def _tree_lower(root):
     with open(root + "/victim", "w") as f:
         f.write("victim\n")
     os.setxattr(root + "/file", "user.tag", b"lower")
+    with open(root + "/hl", "w") as f:             # a hard link: three names
+        f.write("linked\n")
+    os.link(root + "/hl", root + "/dir/sub/hl2")
+    os.link(root + "/hl", root + "/other/hl3")
 
 
 # Each scenario: a list of (union step, plain-directory step). The plain
@@ -510,6 +514,23 @@ SCENARIOS = {
         (lambda u: u.unlink("/victim"), lambda r: os.unlink(str(r) + "/victim")),
         (lambda u: _create(u, "/victim"), lambda r: _plain_write(r, "/victim", b"", "wb")),
         (lambda u: _write(u, "/victim", b"again\n"), lambda r: _plain_write(r, "/victim", b"again\n"))],
+    "hard-link-copy-up": [
+        (lambda u: _write(u, "/hl", b"appended\n", os.O_WRONLY | os.O_APPEND),
+         lambda r: _plain_write(r, "/hl", b"appended\n", "ab"))],
+    "hard-link-unlink": [
+        (lambda u: u.unlink("/other/hl3"), lambda r: os.unlink(str(r) + "/other/hl3"))],
+    # With metacopy=on (run by test_kill_at_every_syscall_boundary_metacopy):
+    # metadata-only copy-ups, then the data copy-up of the first write.
+    "metacopy-chmod-then-write": [
+        (lambda u: u.chmod("/file", 0o600), lambda r: os.chmod(str(r) + "/file", 0o600)),
+        (lambda u: _write(u, "/file", b"appended\n", os.O_WRONLY | os.O_APPEND),
+         lambda r: _plain_write(r, "/file", b"appended\n", "ab"))],
+    "metacopy-rename-then-write": [
+        (lambda u: u.chmod("/dir/a", 0o600), lambda r: os.chmod(str(r) + "/dir/a", 0o600)),
+        (lambda u: u.rename("/dir", "/other/moved"),
+         lambda r: os.rename(str(r) + "/dir", str(r) + "/other/moved")),
+        (lambda u: _write(u, "/other/moved/a", b"more\n", os.O_WRONLY | os.O_APPEND),
+         lambda r: _plain_write(r, "/other/moved/a", b"more\n", "ab"))],
     "link-lower-file": [
         (lambda u: u.link("/dir/b", "/other/b-link"),
          lambda r: os.link(str(r) + "/dir/b", str(r) + "/other/b-link"))],
@@ -567,13 +588,13 @@ def union_snapshot(layers, whiteout):
     return out
 
 
-def kernel_snapshot(layers, mnt):
+def kernel_snapshot(layers, mnt, metacopy=False):
     """The merged tree as kernel overlayfs reads the layers (the upper as
     the top lower layer of a read-only mount: nothing is written, and the
     reader is independent of unionfs), in ``snapshot``'s format."""
     lower = ":".join(map(str, [layers.upper, *layers.lowers]))
-    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"ro,lowerdir={lower},redirect_dir=follow", str(mnt)],
+    opts = f"ro,lowerdir={lower},redirect_dir=follow" + (",metacopy=on" if metacopy else "")
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, f"kernel overlayfs refuses the crashed upper: {r.stderr}"
     try:
@@ -582,7 +603,8 @@ def kernel_snapshot(layers, mnt):
         subprocess.run(["umount", str(mnt)], check=True, timeout=30)
 
 
-def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every):
+def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every,
+                    metacopy=False):
     """Kill before every mutating syscall of scenario ``name``; check each
     crash state with a fresh Union, and every ``mount_every``-th one (and the
     last) through a real mount as well."""
@@ -599,11 +621,12 @@ def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_eve
     kmnt.mkdir()
     while True:
         reset_upper(layers)
-        died = run_until_crash(layers, whiteout, [s for s, _ in steps], n)
-        where = f"scenario {name!r} (whiteout={whiteout}), killed before mutating syscall #{n}"
+        died = run_until_crash(layers, whiteout, [s for s, _ in steps], n, metacopy)
+        where = (f"scenario {name!r} (whiteout={whiteout}, metacopy={metacopy}), "
+                 f"killed before mutating syscall #{n}")
         try:
             if kernel:
-                kidx = match_state(kernel_snapshot(layers, kmnt), states)
+                kidx = match_state(kernel_snapshot(layers, kmnt, metacopy), states)
             idx = match_state(union_snapshot(layers, whiteout), states)
             if kernel:
                 assert idx == kidx, f"kernel overlayfs reads state {kidx}, unionfs state {idx}"
@@ -620,9 +643,9 @@ def _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_eve
         n += 1
     assert matched[0] >= 1 and n > len(steps)
     hist = ",".join(f"{k}:{v}" for k, v in sorted(matched.items()))
-    line = (f"syscall-boundary kills, {name} (whiteout={whiteout}): {n} kill points, "
-            f"{mounts} checked through a real mount, {n + 1 if kernel else 0} read by kernel "
-            f"overlayfs; states matched {hist}")
+    line = (f"syscall-boundary kills, {name} (whiteout={whiteout}, metacopy={metacopy}): "
+            f"{n} kill points, {mounts} checked through a real mount, "
+            f"{n + 1 if kernel else 0} read by kernel overlayfs; states matched {hist}")
     print("\n" + line)
     record_property("crash-boundaries", line)
 
@@ -645,9 +668,49 @@ def test_kill_at_every_syscall_boundary(tmp_path, layers, record_property, white
     _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every=12)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if not n.startswith("metacopy-")]
+                         + ["metacopy-chmod-then-write", "metacopy-rename-then-write"])
+def test_kill_at_every_syscall_boundary_metacopy(tmp_path, layers, record_property, name):
+    """Every scenario again with metacopy=on: attribute changes and renames
+    copy metadata only, the first write copies the data."""
+    _boundary_kills(tmp_path, layers, record_property, "overlay", name, mount_every=12,
+                    metacopy=True)
+
+
 @SLOW
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name,whiteout", SCENARIO_PARAMS)
 def test_kill_at_every_syscall_boundary_all_mounted(tmp_path, layers, record_property,
                                                     whiteout, name):
     _boundary_kills(tmp_path, layers, record_property, whiteout, name, mount_every=1)
+
+
+@pytest.mark.timeout(300)
+def test_hard_link_copy_up_killed_anywhere_then_written_through_another_name(tmp_path, layers):
+    """A hard-link copy-up killed between two of its links leaves the names
+    split (same bytes); the next change through a name still lower mends
+    it: afterwards every name shows one file again."""
+    _tree_lower(layers.lowers[0])
+    names = ("/hl", "/dir/sub/hl2", "/other/hl3")
+    n = 0
+    while True:
+        reset_upper(layers)
+        died = run_until_crash(layers, "overlay",
+                               [lambda u: _write(u, "/hl", b"1\n", os.O_WRONLY | os.O_APPEND)], n)
+        from unionfs.union import Union
+        u = Union([str(d) for d in layers.lowers], str(layers.upper), str(layers.work))
+        _write(u, "/other/hl3", b"2\n", os.O_WRONLY | os.O_APPEND)
+        seen = set()
+        for p in names:
+            st, ino, _ = u.lstat(p)
+            fd = u.open(p, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                seen.add((ino, st.st_nlink, f.read()))
+        assert len(seen) == 1, f"killed before mutating syscall #{n}: {seen}"
+        ino, nlink, data = seen.pop()
+        assert nlink == 3 and data in (b"linked\n2\n", b"linked\n1\n2\n"), (n, data)
+        if not died:
+            break
+        n += 1
+    assert n > 3

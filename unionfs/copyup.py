@@ -3,7 +3,8 @@
 The first change to an entry that lives only in a lower layer copies it into
 the upper: parents first (each with its own metadata), then the entry. The
 copy is built under a temporary name in the work directory -- data, owner,
-xattrs, mode, times, in that order -- fsync'ed, and renamed into place, so a
+xattrs, mode, times, the inode number it shows (inodes.py), in that order --
+fsync'ed, and renamed into place, so a
 crash leaves either no upper entry (the lower still shows) or a complete one.
 Leftover temporaries are removed when the next mount starts.
 
@@ -22,10 +23,20 @@ import stat
 import threading
 import time
 
+from unionfs import inodes
+from unionfs import metacopy
 from unionfs import osutil
 from unionfs import whiteout as wh
 from unionfs.layers import DIR, split_path
 from unionfs.observe import NO_OBSERVER
+
+# ``data`` of a copy-up that copies metadata only (metacopy.py): the copy is
+# a sparse file of the lower's size whose bytes still come from the lower.
+META = "meta"
+
+# A hard-link copy-up in progress: WORK/LINKS_INTENT + "LAYER.INO", holding
+# "LAYER LOWER-INO PATH" (see CopyUp._copy_up_links).
+LINKS_INTENT = "links."
 
 _COPY_CHUNK = 1 << 20
 _WRITEBACK_CHUNK = 8 << 20
@@ -137,6 +148,37 @@ class CopyUp:
         self._seq = itertools.count()
         self._stripes = [threading.Lock() for _ in range(64)]
 
+    def recover(self):
+        """Clean the work dir after an earlier daemon: finish the hard-link
+        copy-ups it left half done, remove its temporaries (never published)."""
+        for entry in os.scandir(self.work):
+            if entry.name.startswith(LINKS_INTENT) and entry.is_file(follow_symlinks=False):
+                with open(entry.path, "rb") as f:
+                    fields = os.fsdecode(f.read()).split(" ", 2)
+                # Cut short while being written: nothing was published yet.
+                if len(fields) == 3:
+                    index, ino, path = fields
+                    self._finish_links(self.stack.layers[int(index)], int(ino), path)
+            remove_tree(entry.path)
+
+    def _finish_links(self, layer, ino, path):
+        """Link the names of lower inode ``ino`` (of ``layer``) still lower
+        to its copy at ``path``, if that copy was published."""
+        node = self.stack.lookup(path)
+        if node is None or not node.in_upper or node.kind == DIR:
+            return
+        copy = self.upper.real(path)
+        if inodes.recorded_ino(copy) != ino | layer.ino_tag:
+            return
+        for name in layer.names_of(ino):
+            try:
+                shown = self.stack.lookup(name)
+            except OSError:
+                continue
+            if shown is not None and shown.kind != DIR and shown.top is layer:
+                self.ensure_dir(split_path(name)[0])
+                self._publish(lambda dst: os.link(copy, dst), name, linked=True)
+
     def temp_name(self):
         """A fresh name in the work dir (the pid keeps two daemons apart)."""
         return os.path.join(self.work, f"#{os.getpid():x}.{next(self._seq):x}")
@@ -153,7 +195,8 @@ class CopyUp:
     def copy_up(self, path, node=None, data=True):
         """Make ``path`` an upper entry; return its new node.
 
-        ``data=False`` copies only metadata (the caller truncates to 0 next).
+        ``data=False`` copies no data (the caller truncates to 0 next);
+        ``data=META`` makes a regular file a metacopy (metacopy.py).
         """
         if node is None:
             node = self.stack.lookup(path)
@@ -162,18 +205,72 @@ class CopyUp:
         if node.in_upper:
             return node
         parent, _ = split_path(path)
-        self.ensure_dir(parent)
         src = node.top.real(path)
         st = os.lstat(src)
+        if is_hard_link(st):
+            return self._copy_up_links(path, node, st, data)
+        self.ensure_dir(parent)
         t0 = time.perf_counter_ns()
-        tmp = self._build_copy(src, st, data)
+        tmp = self._build_copy(src, st, data, node.top, path)
+        self._before_publish(path, st, data)
         self.publish(tmp, path)
         self._report(path, st, data, t0)
         return self.stack.lookup(path)
 
     def _report(self, path, st, data, t0):
-        nbytes = st.st_size if data and stat.S_ISREG(st.st_mode) else 0
-        self.observer.copied_up(path, nbytes, time.perf_counter_ns() - t0)
+        meta = data is META and stat.S_ISREG(st.st_mode)
+        nbytes = st.st_size if data and not meta and stat.S_ISREG(st.st_mode) else 0
+        self.observer.copied_up(path, nbytes, time.perf_counter_ns() - t0, meta=meta)
+
+    def _before_publish(self, path, st, data):
+        """A metacopy's parent is marked first (see metacopy.IMPURE_XATTRS)."""
+        if data is META and stat.S_ISREG(st.st_mode):
+            metacopy.mark_impure(self.upper.real(split_path(path)[0]))
+
+    def _copy_up_links(self, path, node, st, data):
+        """Copy up a lower file that has several names (a hard link): one
+        upper copy, linked at every name of it that the merged view shows,
+        so all keep showing one file (overlayfs's index=on): one st_ino, the
+        right st_nlink, a write through one seen through the others. The
+        upper alone then says so -- a remount, kernel overlayfs, `diff` and
+        `commit` read the same links.
+
+        Each name is published by one link(2). A crash between two leaves
+        some names copied and the others lower, all with the same bytes (the
+        data only changes once the copy-up is done); the next copy-up of a
+        remaining name links it to the copy found at a published name (the
+        record names the lower inode), which mends the split.
+
+        Never a metacopy: its data would have to follow every name."""
+        layer = node.top
+        data = True if data is META else data
+        others, copy = self.other_names(path, node, st)
+        lower_names = [path] + others
+        # Names the merged view hides (another layer's entry, a whiteout)
+        # cannot be linked, but still count in st_nlink, as on overlayfs.
+        hidden = max(0, st.st_nlink - len(lower_names))
+        # Until every name is linked, an intent in the work dir says which
+        # copy is being linked, so that the next mount finishes the job if
+        # this daemon dies first (``recover``): no name is ever left behind.
+        intent = os.path.join(self.work, f"{LINKS_INTENT}{layer.index}.{st.st_ino}")
+        if copy is None:
+            self.ensure_dir(split_path(path)[0])
+            tmp = self._build_copy(layer.real(path), st, data, layer, path, hidden)
+            _write_intent(intent, f"{layer.index} {st.st_ino} {path}")
+            self.publish(tmp, path, linked=True)
+            copy = self.upper.real(path)
+            lower_names.remove(path)
+        else:
+            _write_intent(intent, f"{layer.index} {st.st_ino} {self.upper_name(copy)}")
+        for name in lower_names:
+            self.ensure_dir(split_path(name)[0])
+            self._publish(lambda dst: os.link(copy, dst), name, linked=True)
+        os.unlink(intent)
+        return self.stack.lookup(path)
+
+    def upper_name(self, real):
+        """The merged path of upper path ``real``."""
+        return real[len(self.upper.root):] or "/"
 
     def copy_up_file(self, path, lock, data=True):
         """Copy up a non-directory, copying its data *outside* ``lock`` (the
@@ -190,11 +287,13 @@ class CopyUp:
                     raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                 if node.in_upper or node.kind == DIR:
                     return self.copy_up(path, node, data)
+                src = node.top.real(path)
+                st = os.lstat(src)
+                if is_hard_link(st):
+                    return self.copy_up(path, node, data)   # all names at once
                 self.ensure_dir(split_path(path)[0])
-            src = node.top.real(path)
-            st = os.lstat(src)
             t0 = time.perf_counter_ns()
-            tmp = self._build_copy(src, st, data)
+            tmp = self._build_copy(src, st, data, node.top, path)
             with lock:
                 now = self.stack.lookup(path)
                 if now is None or now.in_upper or now.top is not node.top:
@@ -202,34 +301,66 @@ class CopyUp:
                     if now is None:
                         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                     return self.copy_up(path, now, data)
+                self._before_publish(path, st, data)
                 self.publish(tmp, path)
                 self._report(path, st, data, t0)
                 return self.stack.lookup(path)
 
-    def publish(self, tmp, path):
-        """Rename work entry ``tmp`` to ``path`` in the upper, keeping the
-        parent directory's times (as overlayfs does: a copy-up is not a change
-        of the parent)."""
-        parent_real = self.upper.real(split_path(path)[0])
-        pst = os.lstat(parent_real)
+    def other_names(self, path, node, st):
+        """(lower names, copy) of hard link ``path`` (lower ``node``, ``st``):
+        the other merged names that show the same lower file, and the upper
+        path of a copy of it already published at another name, or None."""
+        layer = node.top
+        key = origin_ino(st, layer)
+        lower_names, copy = [], None
+        for other in layer.names_of(st.st_ino):
+            if other == path:
+                continue
+            try:
+                shown = self.stack.lookup(other)
+            except OSError:         # ENOTDIR: hidden under a non-directory
+                continue
+            if shown is None or shown.kind == DIR:
+                continue
+            if shown.top is layer:
+                lower_names.append(other)
+            elif copy is None and shown.in_upper and \
+                    inodes.recorded_ino(self.upper.real(other)) == key:
+                copy = self.upper.real(other)
+        return lower_names, copy
+
+    def publish(self, tmp, path, linked=False):
+        """Rename work entry ``tmp`` to ``path`` in the upper."""
         try:
-            os.rename(tmp, self.upper.real(path))
+            self._publish(lambda dst: os.rename(tmp, dst), path, linked)
         except BaseException:
             remove_tree(tmp)
             raise
+
+    def _publish(self, put, path, linked=False):
+        """``put(upper path)`` the copy of ``path`` into the upper, keeping
+        the parent directory's times (as overlayfs does: a copy-up is not a
+        change of the parent). ``linked``: the copy has other merged names."""
+        parent_real = self.upper.real(split_path(path)[0])
+        pst = os.lstat(parent_real)
+        try:
+            put(self.upper.real(path))
         finally:
             self.stack.invalidate(path)
         os.utime(parent_real, ns=(pst.st_atime_ns, pst.st_mtime_ns),
                  follow_symlinks=False)
         if self.on_publish is not None:
-            self.on_publish(path)
+            self.on_publish(path, linked)
 
-    def _build_copy(self, src, st, data):
+    def _build_copy(self, src, st, data, layer, path, hidden_links=0):
+        """A copy of ``src`` (``st``, in lower ``layer``, merged ``path``) in
+        the work dir."""
         tmp = self.temp_name()
         mode = st.st_mode
+        ino = origin_ino(st, layer)
         try:
             if stat.S_ISREG(mode):
-                self._copy_file(src, tmp, st, data)
+                self._copy_file(src, tmp, st, data, (ino, hidden_links), path)
                 return tmp
             if stat.S_ISDIR(mode):
                 os.mkdir(tmp, 0o700)
@@ -238,21 +369,33 @@ class CopyUp:
             else:
                 os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             set_metadata(src, tmp, st)
+            inodes.record_ino(tmp, ino)
         except BaseException:
             remove_tree(tmp)
             raise
         return tmp
 
-    def _copy_file(self, src, tmp, st, data):
+    def _copy_file(self, src, tmp, st, data, record, path, meta_src=None):
+        """Build regular file ``tmp``: the data of ``src`` as ``data`` says,
+        the metadata of ``meta_src`` (default ``src``; ``st`` is its stat),
+        the inode record ``record`` (inodes.recorded)."""
         fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        meta_src = src if meta_src is None else meta_src
         try:
             fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                              | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
-                if data:
+                if data is META:
+                    os.ftruncate(fd_out, st.st_size)
+                elif data:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
-                set_metadata(src, tmp, st)
-                if self.fsync:
+                set_metadata(meta_src, tmp, st)
+                inodes.record_ino(tmp, *record)
+                if data is META:
+                    metacopy.mark(tmp, path)
+                # No data copied, nothing to make durable before the rename
+                # (the journal orders metadata), as overlayfs skips its fsync.
+                elif self.fsync:
                     os.fsync(fd_out)
             except BaseException:
                 os.close(fd_out)
@@ -262,22 +405,67 @@ class CopyUp:
         finally:
             os.close(fd_in)
 
-    def copy_up_tree(self, path, listing):
+    def complete(self, path, lock, locate, data=True):
+        """Give metacopy ``path`` its data (``data=False``: none, the
+        caller truncates to 0). ``locate(path, node)`` is the lower data file
+        of an upper node, or None once it has its own.
+
+        The upper is replaced in one rename by a full copy (data from the
+        lower, metadata, xattrs and inode number from the metacopy), built
+        outside ``lock`` as copy_up_file does; it is published only if the
+        metacopy did not change meanwhile (same inode, same ctime), else
+        built again under the lock."""
+        with self._stripes[hash(path) % len(self._stripes)]:
+            for attempt in (1, 2):
+                with lock:
+                    node = self.stack.lookup(path)
+                    if node is None:
+                        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+                    src = locate(path, node) if node.in_upper and node.kind != DIR else None
+                    if src is None:
+                        return node
+                    real = self.upper.real(path)
+                    st = os.lstat(real)
+                    if attempt == 2:
+                        return self._complete(path, src, real, st, data)
+                tmp = self._build_completion(path, src, real, st, data)
+                with lock:
+                    node = self.stack.lookup(path)
+                    now = os.lstat(real) if node is not None and node.in_upper else None
+                    if now is not None and (now.st_ino, now.st_ctime_ns) == \
+                            (st.st_ino, st.st_ctime_ns) and locate(path, node) == src:
+                        self.publish(tmp, path)
+                        return self.stack.lookup(path)
+                    remove_tree(tmp)
+
+    def _complete(self, path, src, real, st, data):
+        self.publish(self._build_completion(path, src, real, st, data), path)
+        return self.stack.lookup(path)
+
+    def _build_completion(self, path, src, real, st, data):
+        tmp = self.temp_name()
+        ino, hidden = inodes.recorded(real)
+        self._copy_file(src, tmp, st, data, (st.st_ino if ino is None else ino, hidden), path,
+                        meta_src=real)
+        return tmp
+
+    def copy_up_tree(self, path, listing, data=True):
         """Copy a whole merged directory into the upper and make it opaque.
 
         Used before a directory that lower layers contribute to is renamed:
         afterwards the upper directory alone holds the merged contents, so it
         can move anywhere (no redirect xattrs, no EXDEV). ``listing(path)``
-        yields the merged (name, kind) entries of a directory. Reported as
-        one dir-copy (after the copy-ups of what it held).
+        yields the merged (name, kind) entries of a directory; ``data`` is
+        what to copy of each file (``META``: metadata only). Reported as one
+        dir-copy (after the copy-ups of what it held).
         """
         t0 = time.perf_counter_ns()
-        node, nbytes = self._copy_tree(path, listing)
+        node, nbytes = self._copy_tree(path, listing, data)
         if nbytes is not None:
             self.observer.dir_copied(path, nbytes, time.perf_counter_ns() - t0)
         return node
 
-    def _copy_tree(self, path, listing):
+    def _copy_tree(self, path, listing, data):
         """copy_up_tree's work: (node, data bytes copied), or (node, None)
         if the directory was upper-only (nothing to do)."""
         node = self.ensure_dir(path)
@@ -290,11 +478,11 @@ class CopyUp:
             if cnode is None:
                 continue
             if kind == DIR:
-                nbytes += self._copy_tree(child, listing)[1] or 0
+                nbytes += self._copy_tree(child, listing, data)[1] or 0
             elif not cnode.in_upper:
                 cst = os.lstat(cnode.top.real(child))
-                self.copy_up(child, cnode)
-                nbytes += cst.st_size if stat.S_ISREG(cst.st_mode) else 0
+                self.copy_up(child, cnode, data)
+                nbytes += cst.st_size if data is True and stat.S_ISREG(cst.st_mode) else 0
         real = self.upper.real(path)
         self.writer.set_opaque(real)
         self.observer.opaque(path)
@@ -317,6 +505,26 @@ class CopyUp:
             os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         self.stack.invalidate(path, tree=True)
         return self.stack.lookup(path), nbytes
+
+
+def origin_ino(st, layer):
+    """The inode number a copy of ``st`` (an entry of lower ``layer``) keeps
+    showing: the one it showed there."""
+    return st.st_ino | layer.ino_tag
+
+
+def is_hard_link(st):
+    """True for a non-directory with several names."""
+    return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)
+
+
+def _write_intent(path, text):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, os.fsencode(text))
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path):

@@ -32,7 +32,7 @@ import zlib
 
 from unionfs import binding
 from unionfs.binding import common
-from unionfs.layers import child_path, split_path
+from unionfs.layers import child_path
 from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 ll = binding.load()
@@ -48,7 +48,7 @@ _S_IFDIR = stat.S_IFDIR
 
 
 class Inode:
-    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd")
+    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd", "ino", "alias")
 
     def __init__(self, nodeid, path, is_dir):
         self.nodeid = nodeid
@@ -57,14 +57,22 @@ class Inode:
         self.is_dir = is_dir
         self.ident = None           # (st_dev, st_ino) of an upper hard link
         self.fd = None              # an open fd, for fstat once unlinked
+        self.ino = 0                # the st_ino it shows (fixed for life)
+        self.alias = False          # another node id has the same file (see _copied_up)
 
 
-def _fill_stat(cst, st, ino, merged=False):
+def _fill_stat(cst, st, ino, nlink=None, ids=None):
+    """``nlink``: the link count to show (None: the backing one); ``ids``:
+    the union's IdMap (None: ids show as stored)."""
     cst.st_ino = ino
     cst.st_mode = st.st_mode
-    cst.st_nlink = 1 if merged else st.st_nlink
-    cst.st_uid = st.st_uid
-    cst.st_gid = st.st_gid
+    cst.st_nlink = st.st_nlink if nlink is None else nlink
+    if ids is None:
+        cst.st_uid = st.st_uid
+        cst.st_gid = st.st_gid
+    else:
+        cst.st_uid = ids.shown_uid(st.st_uid)
+        cst.st_gid = ids.shown_gid(st.st_gid)
     cst.st_rdev = st.st_rdev
     cst.st_size = st.st_size
     cst.st_blksize = st.st_blksize
@@ -178,20 +186,27 @@ class UnionFS:
             if inode is not None:
                 self._repath(((old, new),), below=inode.is_dir)
 
-    def _copied_up(self, path):
-        """``path`` was just copied up, so its inode number changed. The
-        kernel learns new attributes only from replies, and a copy-up for an
-        open or an xattr change sends none: drop its cached attributes of
-        ``path``, and its cached listing of the parent, which carries the
-        number too (the kernel resets a listing only when it changes the
-        directory itself)."""
+    def _copied_up(self, path, linked=False):
+        """``path`` was just copied up. Its inode number stays (inodes.py),
+        but other attributes may not (st_blocks, st_ctime), and the kernel
+        learns attributes only from replies, which a copy-up for an open or
+        an xattr change does not send: drop its cached attributes.
+
+        ``linked``: ``path`` is one name of a lower hard link, now one upper
+        file with its other names. Names the kernel already knows keep
+        their own node ids (it would have to forget their entries to join
+        them), so each is an *alias*: its attributes are not cached and its
+        pages are dropped at every open, so a change through one name shows
+        through the others (close-to-open, as NFS). Names looked up later
+        join one node id (``_remember``).
+
+        Its cached pages may stay: a copy-up does not change the bytes (and
+        dropping pages from inside a request could deadlock with a reader
+        waiting on this loop)."""
         inode = self._by_path.get(path)
         if inode is not None:
+            inode.alias = inode.alias or linked
             ll.inval_inode(inode.nodeid, attrs_only=True)
-        if ll.CACHE_READDIR:
-            parent = self._by_path.get(split_path(path)[0])
-            if parent is not None:
-                ll.inval_inode(parent.nodeid)
 
     def _exchanged(self, a, b):
         """Swap in the table: what was at ``a`` (and below) is at ``b``, and
@@ -221,20 +236,21 @@ class UnionFS:
 
     def _entry(self, path, e=None):
         """Look ``path`` up and build the entry reply for it (in ``e``)."""
-        st, ino, layer, merged = self.union.lstat_layer(path)
+        st, ino, layer, nlink = self.union.lstat_layer(path)
         inode = self._remember(path, st, layer)
+        inode.ino = ino
         if e is None:
             e = common.fuse_entry_param()
         e.ino = inode.nodeid
-        _fill_stat(e.attr, st, ino, merged)
-        e.attr_timeout = self.timeout
+        _fill_stat(e.attr, st, ino, nlink, self.union.ids)
+        e.attr_timeout = 0.0 if inode.alias else self.timeout
         e.entry_timeout = self.timeout
         return e
 
-    def _reply_attr(self, req, st, ino, merged=False):
+    def _reply_attr(self, req, st, ino, nlink=None, alias=False):
         cst = common.c_stat()
-        _fill_stat(cst, st, ino, merged)
-        ll.reply_attr(req, cst, self.timeout)
+        _fill_stat(cst, st, ino, nlink, self.union.ids)
+        ll.reply_attr(req, cst, 0.0 if alias else self.timeout)
 
     @staticmethod
     def _owner(req):
@@ -288,10 +304,9 @@ class UnionFS:
         if inode.path is None:
             if inode.fd is None:
                 raise OSError(errno.ENOENT, "unlinked")
-            st = os.fstat(inode.fd)
-            self._reply_attr(req, st, st.st_ino)
+            self._reply_attr(req, os.fstat(inode.fd), inode.ino, alias=inode.alias)
             return
-        self._reply_attr(req, *self.union.lstat(inode.path))
+        self._reply_attr(req, *self.union.lstat(inode.path), alias=inode.alias)
 
     def setattr(self, req, nodeid, a, to_set, fh):
         """``a``: the requested attributes as a SetAttr (copied from the
@@ -307,8 +322,7 @@ class UnionFS:
         if path is None:
             if to_set & ~common.SET_ATTR_SIZE or fh is None:
                 raise OSError(errno.ENOENT, "unlinked")
-            st = os.fstat(fh)
-            self._reply_attr(req, st, st.st_ino)
+            self._reply_attr(req, os.fstat(fh), inode.ino, alias=inode.alias)
             return
         if to_set & common.SET_ATTR_MODE:
             u.chmod(path, a.mode)
@@ -328,7 +342,7 @@ class UnionFS:
             elif to_set & common.SET_ATTR_MTIME:
                 mtime = a.mtime_ns
             u.utimens(path, atime, mtime)
-        self._reply_attr(req, *u.lstat(path))
+        self._reply_attr(req, *u.lstat(path), alias=inode.alias)
 
     def readlink(self, req, nodeid):
         ll.reply_readlink(req, os.fsencode(self.union.readlink(self._path(nodeid))))
@@ -397,8 +411,9 @@ class UnionFS:
         fi = ll.fuse_file_info()
         fi.flags = flags
         fi.fh = fd
-        fi.keep_cache = 1           # see "Caching" in the module doc
-        self._inode(nodeid).fd = fd
+        inode = self._inode(nodeid)
+        fi.keep_cache = not inode.alias     # see "Caching" in the module doc
+        inode.fd = fd
         ll.reply_open(req, fi)
 
     def create(self, req, parent, name, mode, fi):
@@ -659,15 +674,13 @@ class UnionFS:
         inode = self._inodes.get(nodeid)
         if inode is None or inode.path is None:
             return True             # fails fast with an error
-        node = self.union.stack.lookup(inode.path)
-        return node is None or (node.in_upper and len(node.layers) == 1)
+        return self.union.settled(inode.path)
 
     def _settled_name(self, parent, name):
         inode = self._inodes.get(parent)
         if inode is None or inode.path is None:
             return True
-        node = self.union.stack.lookup(child_path(inode.path, os.fsdecode(name)))
-        return node is None or (node.in_upper and len(node.layers) == 1)
+        return self.union.settled(child_path(inode.path, os.fsdecode(name)))
 
     def handlers(self, workers=None):
         """Callables for the binding's run(); each answers its request exactly once.

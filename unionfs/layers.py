@@ -55,8 +55,7 @@ class Layer:
     """One backing directory of the stack. All reads of a layer go through here.
 
     ``index`` is the position in the stack (0 = top-most). ``ino_tag`` is or'ed
-    into inode numbers of layers on another device than the top layer, so
-    inode numbers from different filesystems cannot collide in the merged view.
+    into the inode numbers of this layer's entries (see inodes.py).
     """
 
     def __init__(self, root, index, upper=False, ino_tag=0):
@@ -65,6 +64,7 @@ class Layer:
         self.upper = upper
         self.ino_tag = ino_tag
         self._dirs = {}         # lower layers only: merged dir path -> DirIndex
+        self._links = None      # lower layers only: inode -> its names (names_of)
 
     def __repr__(self):
         return f"Layer({self.root!r}, {'upper' if self.upper else 'lower'} #{self.index})"
@@ -72,6 +72,31 @@ class Layer:
     def real(self, path):
         """Backing path of merged ``path`` in this layer (see module doc)."""
         return self.root + path if path != "/" else self.root + "/"
+
+    def names_of(self, ino):
+        """Every path of this lower layer that names inode ``ino`` (a
+        non-directory with several names). The layer is walked once, on the
+        first call: lowers never change, and only a copy-up of a hard link
+        asks."""
+        if self._links is None:
+            links = {}
+            todo = ["/"]
+            while todo:
+                d = todo.pop()
+                try:
+                    it = os.scandir(self.real(d))
+                except PermissionError:
+                    continue        # unreadable to this daemon: no names there
+                with it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            todo.append(child_path(d, e.name))
+                            continue
+                        st = e.stat(follow_symlinks=False)
+                        if st.st_nlink > 1 and not e.name.startswith(wh.WH_PREFIX):
+                            links.setdefault(st.st_ino, []).append(child_path(d, e.name))
+            self._links = links
+        return self._links.get(ino, ())
 
     # -- lookup primitives ------------------------------------------------
 
@@ -149,14 +174,18 @@ class Node:
 
     ``layers`` holds the layers that contribute, top-most first: for a
     directory every layer where it is a directory down to the first opaque
-    one; for anything else exactly one layer.
+    one; for anything else exactly one layer. ``ino``: the inode number it
+    shows, once known; ``data``: see ``Union._learn``.
     """
 
-    __slots__ = ("kind", "layers")
+    __slots__ = ("kind", "layers", "ino", "data", "hidden_links")
 
     def __init__(self, kind, layers):
         self.kind = kind
         self.layers = layers
+        self.ino = None
+        self.data = None    # a metacopy's lower data path (Union._learn)
+        self.hidden_links = 0
 
     @property
     def is_dir(self):

@@ -19,6 +19,7 @@ import time
 from unionfs import control
 from unionfs import whiteout as wh
 from unionfs.errors import FuseUnavailableError, UserError
+from unionfs.idmap import IdMap, parse_ranges
 from unionfs.osutil import proc_start as _proc_start, proc_stat as _proc_stat
 
 # -- options ----------------------------------------------------------------
@@ -46,7 +47,7 @@ TIMEOUT_OPTIONS = {"timeout", "attr_timeout", "entry_timeout", "negative_timeout
 # (the daemon always behaves as they ask): accepted, ignored with one warning.
 IGNORED = {
     "relatime", "norelatime", "strictatime", "nostrictatime", "diratime",
-    "nodiratime", "lazytime", "nolazytime", "redirect_dir", "index", "metacopy",
+    "nodiratime", "lazytime", "nolazytime", "redirect_dir", "index",
     "userxattr", "xino", "noacl", "acl", "static_nlink",
     "xattr_permissions", "max_idle_threads", "clone_fd", "nfs_export",
     "fsync", "fast_ino", "writeback", "defaults", "_netdev", "nofail",
@@ -56,8 +57,7 @@ IGNORED = {
 }
 # fuse-overlayfs options whose effect we do not implement and that *would*
 # change what the user sees: refused even by fuse-unionfs.
-REFUSED = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid",
-           "squash_to_gid", "plugins", "uid", "gid", "umask"}
+REFUSED = {"plugins", "uid", "gid", "umask"}
 
 # Defaults, each measured or required (see docs/PERFORMANCE.md, README):
 DEFAULT_FUSE_OPTIONS = {
@@ -84,6 +84,12 @@ class MountSpec:
     volatile: bool = False          # skip fsync of copied-up data
     timeout: float | None = None    # kernel cache lifetime (None: fs.DEFAULT_TIMEOUT)
     threaded: bool = False          # libfuse's multi-threaded loop (see serve())
+    ids: IdMap = dataclasses.field(default_factory=IdMap)  # uid/gid mapping (idmap.py)
+    # Metadata-only copy-up (metacopy.py). Off by default, as on kernel
+    # overlayfs: an upper with metacopy files needs kernel overlayfs
+    # mounted with metacopy=on, and engines that read the upper directly
+    # (podman through fuse-overlayfs's contract) do not know them.
+    metacopy: bool = False
 
 
 def split_options(optstrings):
@@ -104,6 +110,7 @@ def parse_options(optstrings, strict=True, warn=None, lowerdirs=()):
     """
     spec = MountSpec(lowerdirs=list(lowerdirs))
     ignored = []
+    ids = {}
     for item in split_options(optstrings):
         key, eq, value = item.partition("=")
         if key == "lowerdir":
@@ -116,6 +123,10 @@ def parse_options(optstrings, strict=True, warn=None, lowerdirs=()):
             if value not in wh.FORMATS:
                 raise UserError(f"whiteout={value}: must be one of {', '.join(wh.FORMATS)}")
             spec.whiteout = value
+        elif key == "metacopy" and eq:
+            if value not in ("on", "off"):
+                raise UserError(f"metacopy={value}: must be on or off")
+            spec.metacopy = value == "on"
         elif key == "volatile":
             spec.volatile = True
         elif key in TIMEOUT_OPTIONS and eq:
@@ -125,6 +136,17 @@ def parse_options(optstrings, strict=True, warn=None, lowerdirs=()):
                 raise UserError(f"{key}={value}: not a number of seconds")
         elif key == "threaded" and eq:
             spec.threaded = value not in ("0", "false", "no")
+        elif key in ("uidmapping", "gidmapping") and eq:
+            try:
+                ids["uids" if key == "uidmapping" else "gids"] = parse_ranges(value)
+            except ValueError as e:
+                raise UserError(f"{key}={value}: {e}")
+        elif key in ("squash_to_uid", "squash_to_gid") and eq:
+            if not value.isdigit() or int(value) > 0xFFFFFFFE:
+                raise UserError(f"{key}={value}: not a uid/gid")
+            ids["squash_uid" if key == "squash_to_uid" else "squash_gid"] = int(value)
+        elif key == "squash_to_root" and not eq:
+            ids["squash_root"] = True
         elif key in REFUSED:
             raise UserError(f"option {key!r} is not supported by unionfs")
         elif (key in FUSE_FLAGS and not eq) or (key in FUSE_VALUED and eq):
@@ -135,6 +157,7 @@ def parse_options(optstrings, strict=True, warn=None, lowerdirs=()):
             raise UserError(f"unknown mount option {item!r}")
         else:
             ignored.append(key)
+    spec.ids = IdMap(**ids)
     if ignored and warn is not None:
         warn(f"ignoring mount options: {', '.join(sorted(set(ignored)))}")
     if not spec.lowerdirs:
@@ -243,7 +266,8 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
 
     try:
         union = Union(spec.lowerdirs, spec.upperdir, spec.workdir,
-                      whiteout=spec.whiteout, fsync=not spec.volatile)
+                      whiteout=spec.whiteout, fsync=not spec.volatile, ids=spec.ids,
+                      metacopy=spec.metacopy)
     except OSError as e:
         raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
     os.umask(0)     # modes arrive from the kernel with the caller's umask applied

@@ -19,8 +19,10 @@ import errno
 import os
 import stat
 
+from unionfs import inodes
+from unionfs import metacopy
 from unionfs import whiteout as wh
-from unionfs.copyup import remove_tree, set_metadata
+from unionfs.copyup import META, is_hard_link, remove_tree, set_metadata
 from unionfs.layers import DIR, NONDIR, WHITEOUT, Node, split_path
 from unionfs.osutil import rename_exchange, rename_whiteout
 from unionfs.readdir import merged_entries
@@ -162,11 +164,25 @@ def link(u, existing, path):
         node = u.node(existing)
         if node.kind == DIR:
             raise _err(errno.EPERM, existing)
-        src = u.copyup.copy_up(existing, node).top.real(existing)
+        # With its data: a metacopy's data must not have to follow two names.
+        src = u.upper_path(existing)
         try:
             _new_entry(u, path, lambda real: os.link(src, real), False, None)
         finally:
             u.stack.invalidate(existing)
+
+
+def _link_before_removal(u, path, node):
+    """Before name ``path`` (a non-directory, ``node``) goes away: if it is
+    one name of a lower hard link whose other names show, copy them all up
+    (one upper file), so that they count this one down (st_nlink), as on
+    overlayfs with index=on. Returns the node of ``path``."""
+    if node.in_upper:
+        return node
+    st = os.lstat(node.top.real(path))
+    if is_hard_link(st) and any(u.copyup.other_names(path, node, st)):
+        return u.copyup.copy_up(path, node)
+    return node
 
 
 def _remove_whiteout_needed(u, path):
@@ -217,6 +233,7 @@ def unlink(u, path):
         node = u.node(path)
         if node.kind == DIR:
             raise _err(errno.EISDIR, path)
+        node = _link_before_removal(u, path, node)
         _remove(u, path, node, False)
 
 
@@ -253,6 +270,12 @@ def _listing(u):
     return listing
 
 
+def _data(u):
+    """What a rename copies up of a lower file: its metadata only where
+    metacopy is on (the copy records where its data stays)."""
+    return META if u.metacopy else True
+
+
 def rename(u, old, new, noreplace=False):
     """rename(2) on the merged view; ``noreplace``: renameat2's
     RENAME_NOREPLACE (EEXIST if ``new`` shows). RENAME_EXCHANGE is exchange()."""
@@ -271,6 +294,10 @@ def rename(u, old, new, noreplace=False):
         if noreplace and dst is not None:
             raise _err(errno.EEXIST, new)
         if dst is not None:
+            if dst.kind != DIR and src.kind != DIR:
+                # (a hard link's other names count the target down)
+                dst = _link_before_removal(u, new, dst)
+                src = u.node(old)
             if src.kind == DIR and dst.kind != DIR:
                 raise _err(errno.ENOTDIR, new)
             if src.kind != DIR and dst.kind == DIR:
@@ -305,12 +332,14 @@ def _rename_locked(u, old, new, src):
     upper = u.upper
     is_dir = src.kind == DIR
     if is_dir:
-        u.copyup.copy_up_tree(old, _listing(u))
+        u.copyup.copy_up_tree(old, _listing(u), _data(u))
     else:
-        u.copyup.copy_up(old, src)
+        u.copyup.copy_up(old, src, _data(u))
     old_parent, old_name = split_path(old)
     new_parent, new_name = split_path(new)
     u.copyup.ensure_dir(new_parent)
+    if not is_dir and u.lower_data(old, u.node(old)) is not None:
+        metacopy.mark_impure(upper.real(new_parent))
     old_needs_whiteout = _remove_whiteout_needed(u, old)
     below_new = u.stack.lookup_below(new)
     upper_old, upper_new = upper.real(old), upper.real(new)
@@ -388,9 +417,9 @@ def exchange(u, a, b):
         try:
             for p, node in nodes.items():
                 if node.kind == DIR:
-                    u.copyup.copy_up_tree(p, _listing(u))
+                    u.copyup.copy_up_tree(p, _listing(u), _data(u))
                 else:
-                    u.copyup.copy_up(p, node)
+                    u.copyup.copy_up(p, node, _data(u))
             for p, there in ((a, b), (b, a)):
                 if nodes[p].kind != DIR or u.upper.is_opaque(p):
                     continue
@@ -398,6 +427,9 @@ def exchange(u, a, b):
                 if below is not None and below.kind == DIR:
                     u.writer.set_opaque(u.upper.real(p))
                     made_opaque.append(there)
+            for p, there in ((a, b), (b, a)):
+                if nodes[p].kind != DIR and u.lower_data(p, u.node(p)) is not None:
+                    metacopy.mark_impure(u.upper.real(split_path(there)[0]))
             rename_exchange(u.upper.real(a), u.upper.real(b))
             for p in made_opaque:
                 u.copyup.observer.opaque(p)
@@ -416,6 +448,7 @@ def _replace_with_empty_opaque(u, path):
     os.mkdir(tmp, 0o700)
     try:
         set_metadata(real, tmp, st)
+        inodes.copy_record(real, tmp)
         u.writer.set_opaque(tmp)
         rename_exchange(tmp, real)
     finally:

@@ -9,6 +9,7 @@ import os
 import stat
 
 from unionfs import whiteout as wh
+from unionfs.inodes import recorded_ino
 
 _S_IFDIR = stat.S_IFDIR
 _S_IFREG = stat.S_IFREG
@@ -20,7 +21,9 @@ def merged_entries(path, node):
 
     Returns ``[(name, file_type_bits, inode), ...]`` in layer order, top layer
     first; the type comes from the directory entry itself (d_type), so no
-    ``stat`` is needed except for device nodes, which may be whiteouts.
+    ``stat`` is needed except for device nodes, which may be whiteouts. The
+    inode number is the one ``stat`` shows (inodes.py): for upper entries,
+    one getxattr each tells whether a copy-up recorded it.
     """
     out = []
     seen = set()
@@ -28,6 +31,7 @@ def merged_entries(path, node):
     for layer in node.layers:
         layer_hidden = []
         tag = layer.ino_tag
+        upper = layer.upper
         with os.scandir(layer.real(path)) as it:
             for e in it:
                 name = e.name
@@ -50,7 +54,8 @@ def merged_entries(path, node):
                         continue
                     ftype = stat.S_IFMT(st.st_mode)
                 seen.add(name)
-                out.append((name, ftype, e.inode() | tag))
+                ino = recorded_ino(e.path) if upper else None
+                out.append((name, ftype, e.inode() | tag if ino is None else ino))
         # Markers hide names in the layers below, not in their own layer.
         hidden.update(layer_hidden)
     return out

@@ -15,9 +15,12 @@ import os
 import stat
 import threading
 
+from unionfs import inodes
+from unionfs import metacopy
 from unionfs import namespace
 from unionfs import whiteout as wh
-from unionfs.copyup import CopyUp, remove_tree
+from unionfs.copyup import META, CopyUp
+from unionfs.idmap import IdMap
 from unionfs.layers import DIR, Layer, LayerStack
 from unionfs.readdir import merged_entries
 
@@ -37,20 +40,33 @@ def _err(code, path=None):
 
 
 class Union:
-    """A mounted union of ``lowerdirs`` (top first) under ``upperdir``."""
+    """A mounted union of ``lowerdirs`` (top first) under ``upperdir``.
+
+    ``ids``: the uid/gid mapping (idmap.py). Stat results stay as stored;
+    ``ids`` (None without a mapping) says how to show them, and ids given
+    to the methods here are as the mount shows them.
+
+    ``metacopy``: attribute changes of a lower file copy up its metadata
+    only (metacopy.py); its data is read from the lower until the first
+    open for writing or truncate.
+    """
 
     def __init__(self, lowerdirs, upperdir=None, workdir=None,
-                 whiteout=wh.FORMAT_AUTO, fsync=True):
+                 whiteout=wh.FORMAT_AUTO, fsync=True, ids=None, metacopy=False):
         top = upperdir if upperdir is not None else lowerdirs[0]
         top_dev = os.stat(top).st_dev
         lowers = []
         for i, d in enumerate(lowerdirs):
-            tag = 0 if os.stat(d).st_dev == top_dev else (i + 1) << 56
+            tag = inodes.layer_tag(i, os.stat(d).st_dev == top_dev)
             lowers.append(Layer(d, i + 1, upper=False, ino_tag=tag))
         upper = Layer(upperdir, 0, upper=True) if upperdir is not None else None
         self.stack = LayerStack(upper, lowers)
+        # The lowers alone, where a metacopy's data is looked up by path.
+        self.lower_stack = LayerStack(None, lowers)
+        self.metacopy = metacopy
         self.upper = upper
         self.readonly = upper is None
+        self.ids = ids if ids is not None and ids.active else None
         self.lock = threading.RLock()
         self.work = None
         self.copyup = None
@@ -63,18 +79,17 @@ class Union:
                             else wh.FORMAT_OCI)
             self.writer = wh.Writer(whiteout)
             self.copyup = CopyUp(self.stack, self.work, self.writer, fsync=fsync)
+            self.copyup.recover()
 
     def _prepare_work(self):
-        """Create the work dir, removing what an earlier daemon left behind
-        (temporaries of interrupted copy-ups and renames: never published)."""
+        """Create the work dir. What an earlier daemon left in it is dealt
+        with by ``CopyUp.recover`` once the union is set up."""
         try:
             os.mkdir(self.work, 0o700)
         except FileExistsError:
             # Never follow a symlink here: everything inside is deleted.
             if not stat.S_ISDIR(os.lstat(self.work).st_mode):
                 raise OSError(errno.ENOTDIR, "not a directory (a symlink?)", self.work)
-        for entry in os.scandir(self.work):
-            remove_tree(entry.path)
 
     # -- lookup ---------------------------------------------------------------
 
@@ -89,18 +104,58 @@ class Union:
             raise _err(errno.EROFS)
 
     def lstat(self, path):
-        """(stat_result, inode number, merged) of merged ``path``."""
-        st, ino, _, merged = self.lstat_layer(path)
-        return st, ino, merged
+        """(stat_result, inode number, link count) of merged ``path``."""
+        st, ino, _, nlink = self.lstat_layer(path)
+        return st, ino, nlink
 
     def lstat_layer(self, path):
-        """(stat_result, inode number, layer it comes from, merged) of ``path``;
-        ``merged`` is True for a directory that several layers contribute to,
-        whose link count is unknown (reported as 1, as overlayfs does)."""
+        """(stat_result, inode number, layer it comes from, link count) of
+        ``path``. The link count of a directory that several layers
+        contribute to is unknown (1, as overlayfs reports); a copied-up hard
+        link adds the names the merged view hides (inodes.recorded).
+        The inode number is the one the entry keeps for life (inodes.py):
+        learned once per cached lookup, so a stat costs one lstat."""
         node = self.node(path)
         layer = node.layers[0]
-        st = os.lstat(layer.real(path))
-        return st, st.st_ino | layer.ino_tag, layer, len(node.layers) > 1
+        real = layer.real(path)
+        st = os.lstat(real)
+        if node.ino is None:
+            self._learn(path, node, real, st)
+        if len(node.layers) > 1:
+            return st, node.ino, layer, 1
+        return st, node.ino, layer, st.st_nlink + node.hidden_links
+
+    def _learn(self, path, node, real, st):
+        """Fill in ``node.ino`` and ``node.data`` (where its bytes are:
+        None for its own, else the merged path of a metacopy's lower data):
+        one listxattr tells an upper entry's records."""
+        if node.in_upper:
+            try:
+                names = os.listxattr(real, follow_symlinks=False)
+            except OSError:     # ENOTSUP: no xattrs, so no records either
+                names = ()
+            ino, node.hidden_links = (inodes.recorded(real) if inodes.ORIGIN in names
+                                      else (None, 0))
+            if names and node.kind != DIR:
+                node.data = metacopy.data_path(real, path, names)
+            node.ino = st.st_ino if ino is None else ino
+        else:
+            node.ino = st.st_ino | node.top.ino_tag
+
+    def lower_data(self, path, node):
+        """The backing path of the lower file holding the data of upper
+        metacopy ``node`` at ``path``; None if it holds its own data."""
+        if not node.in_upper or node.kind == DIR:
+            return None
+        if node.ino is None:
+            real = node.top.real(path)
+            self._learn(path, node, real, os.lstat(real))
+        if node.data is None:
+            return None
+        lower = self.lower_stack.lookup(node.data)
+        if lower is None or lower.kind == DIR:
+            raise OSError(errno.EIO, "metacopy without its lower data", path)
+        return lower.top.real(node.data)
 
     def listdir(self, path):
         node = self.node(path)
@@ -119,16 +174,34 @@ class Union:
     # -- copy-up --------------------------------------------------------------
 
     def upper_path(self, path, data=True):
-        """Copy ``path`` up if needed; return its backing path in the upper."""
+        """Copy ``path`` up if needed; return its backing path in the upper.
+
+        ``data``: what the caller needs of the data: all of it (True), none
+        (False: it truncates to 0 next), or only the metadata (``META``,
+        attribute changes: with metacopy on, the data may stay below)."""
         self.check_writable()
         node = self.node(path)
+        if data is META and not self.metacopy:
+            data = True
         if not node.in_upper:
             if node.kind == DIR:
                 with self.lock:
                     self.copyup.copy_up(path, node)
             else:
                 self.copyup.copy_up_file(path, self.lock, data=data)
+        elif data is not META and self.lower_data(path, node) is not None:
+            self.copyup.complete(path, self.lock, self.lower_data, data=data)
         return self.upper.real(path)
+
+    def settled(self, path):
+        """True if changing ``path`` needs no copy-up of data, so it is
+        quick (a missing path, or one that fails, fails quickly too)."""
+        try:
+            node = self.stack.lookup(path)
+            return node is None or (node.in_upper and len(node.layers) == 1
+                                    and self.lower_data(path, node) is None)
+        except OSError:
+            return True
 
     # -- files ----------------------------------------------------------------
 
@@ -141,7 +214,8 @@ class Union:
             if truncating:
                 backing |= os.O_TRUNC
         else:
-            real = self.node(path).top.real(path)
+            node = self.node(path)
+            real = self.lower_data(path, node) or node.top.real(path)
         return os.open(real, backing | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def truncate(self, path, length):
@@ -150,10 +224,12 @@ class Union:
     # -- attributes -------------------------------------------------------------
 
     def chmod(self, path, mode):
-        os.chmod(self.upper_path(path), stat.S_IMODE(mode), follow_symlinks=False)
+        os.chmod(self.upper_path(path, META), stat.S_IMODE(mode), follow_symlinks=False)
 
     def chown(self, path, uid, gid):
-        real = self.upper_path(path)
+        if self.ids is not None:
+            uid, gid = self.ids.stored_uid(uid), self.ids.stored_gid(gid)
+        real = self.upper_path(path, META)
         st = os.lstat(real)
         os.chown(real, uid, gid, follow_symlinks=False)
         # chown of a non-directory clears set-id bits when the caller is not
@@ -171,7 +247,7 @@ class Union:
 
     def utimens(self, path, atime_ns, mtime_ns):
         """Set times; ``None`` for either means "leave it" (UTIME_OMIT)."""
-        real = self.upper_path(path)
+        real = self.upper_path(path, META)
         if atime_ns is None or mtime_ns is None:
             st = os.lstat(real)
             atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
@@ -194,7 +270,7 @@ class Union:
     def setxattr(self, path, name, value, flags):
         if wh.is_private_xattr(name):
             raise _err(errno.EPERM, path)
-        os.setxattr(self.upper_path(path), name, value, flags, follow_symlinks=False)
+        os.setxattr(self.upper_path(path, META), name, value, flags, follow_symlinks=False)
 
     def removexattr(self, path, name):
         if wh.is_private_xattr(name):
@@ -203,21 +279,24 @@ class Union:
         node = self.node(path)
         # Removing what is not there must not cost a copy-up.
         os.getxattr(node.top.real(path), name, follow_symlinks=False)
-        os.removexattr(self.upper_path(path), name, follow_symlinks=False)
+        os.removexattr(self.upper_path(path, META), name, follow_symlinks=False)
 
     # -- namespace (see namespace.py) --------------------------------------------
 
+    def _stored(self, owner):
+        return owner if owner is None or self.ids is None else self.ids.stored_owner(owner)
+
     def create(self, path, mode, flags, owner=None):
-        return namespace.create(self, path, mode, flags, owner)
+        return namespace.create(self, path, mode, flags, self._stored(owner))
 
     def mkdir(self, path, mode, owner=None):
-        namespace.mkdir(self, path, mode, owner)
+        namespace.mkdir(self, path, mode, self._stored(owner))
 
     def mknod(self, path, mode, dev, owner=None):
-        namespace.mknod(self, path, mode, dev, owner)
+        namespace.mknod(self, path, mode, dev, self._stored(owner))
 
     def symlink(self, path, target, owner=None):
-        namespace.symlink(self, path, target, owner)
+        namespace.symlink(self, path, target, self._stored(owner))
 
     def link(self, existing, path):
         namespace.link(self, existing, path)

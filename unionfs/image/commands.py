@@ -330,8 +330,10 @@ def mount_container(container, lowerdirs: list[str], mountpoint: str, fuse_optio
     `image mount` and `run` both mount through here. Returns the MountSpec
     and the daemon's pid."""
     from unionfs.mount import MountSpec, mount
+    # metacopy: `chown -R` of an image copies no data; commit and diff
+    # read metacopy files (their data from the image's layers).
     spec = MountSpec(lowerdirs=lowerdirs, upperdir=container.upper, workdir=container.work, whiteout="auto",
-                     fuse_options=dict(fuse_options or {}))
+                     metacopy=True, fuse_options=dict(fuse_options or {}))
     return spec, mount(spec, mountpoint)
 
 

@@ -24,6 +24,7 @@ import tarfile
 import time
 
 from unionfs.errors import UserError
+from unionfs.metacopy import LowerData
 from unionfs.image import oci
 from unionfs.image.changes import file_xattrs, walk_upper
 from unionfs.whiteout import WH_OPAQUE, WH_PREFIX
@@ -70,9 +71,11 @@ def _whiteout_tarinfo(name: str, st: os.stat_result) -> tarfile.TarInfo:
     return ti
 
 
-def write_layer(upper: str, out, warn, progress=None) -> int:
+def write_layer(upper: str, out, warn, progress=None, lowers: list[str] = ()) -> int:
     """Write the layer tar of `upper` to the binary stream `out`; return the
-    newest mtime in it (0 if empty)."""
+    newest mtime in it (0 if empty). `lowers` (top first) hold the data of
+    the upper's metacopy files."""
+    data = LowerData(lowers)
     first_link: dict[tuple[int, int], str] = {}
     newest = 0
     warned_sockets = False
@@ -111,7 +114,8 @@ def write_layer(upper: str, out, warn, progress=None) -> int:
                 first_link[key] = name
             if stat.S_ISREG(mode):
                 ti.type = tarfile.REGTYPE
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(data.source(entry.path, "/" + name),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 with os.fdopen(fd, "rb") as f:
                     ti.size = os.fstat(f.fileno()).st_size
                     tf.addfile(ti, f)
@@ -176,7 +180,8 @@ def commit(store: Store, upper: str, parent: Image, names: list[str], message: s
             with open(blob_tmp, "wb") as f:
                 with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as gz:
                     tar_out = _HashingWriter(gz)
-                    newest = write_layer(upper, tar_out, warn, progress)
+                    newest = write_layer(upper, tar_out, warn, progress,
+                                         store.lowerdirs(parent))
             diff_id = "sha256:" + tar_out.hash.hexdigest()
             if progress:
                 progress.phase(f"commit: storing layer {oci.short(diff_id)}", os.path.getsize(blob_tmp))

@@ -1,0 +1,84 @@
+"""Metadata-only copy-up (overlayfs's ``metacopy=on``), on-disk side.
+
+A chmod, chown, utimes or xattr change of a lower regular file copies up its
+metadata only: the upper copy is a sparse file of the same size, marked
+*metacopy*, whose bytes still come from the lower file. The first open for
+writing or truncate copies the data (and drops the marker) in one rename.
+
+The markers are kernel overlayfs's, so kernel overlayfs mounted with
+``metacopy=on`` reads the same tree:
+
+- ``trusted.overlay.metacopy`` (empty value): the data is elsewhere;
+- ``trusted.overlay.redirect``: the absolute merged path at which the lower
+  layers hold the data. Written at copy-up, so the file may later be
+  renamed, or its directory moved, without losing its data.
+
+An unprivileged daemon writes the ``user.overlay.*`` forms (kernel overlayfs
+reads those with ``userxattr``). Both forms are read.
+"""
+
+import errno
+import os
+
+METACOPY_XATTRS = ("trusted.overlay.metacopy", "user.overlay.metacopy")
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
+# On a directory that holds a metacopy: kernel overlayfs then looks each
+# entry up when listing it, so that d_ino agrees with st_ino (which it takes
+# from the lower data).
+IMPURE_XATTRS = ("trusted.overlay.impure", "user.overlay.impure")
+
+_OWN = 0 if os.geteuid() == 0 else 1
+
+
+def mark(real, data_path):
+    """Mark upper file ``real`` as metacopy, its data at merged ``data_path``."""
+    os.setxattr(real, METACOPY_XATTRS[_OWN], b"", follow_symlinks=False)
+    os.setxattr(real, REDIRECT_XATTRS[_OWN], os.fsencode(data_path), follow_symlinks=False)
+
+
+def mark_impure(real_dir):
+    """Mark upper directory ``real_dir`` as holding a metacopy."""
+    os.setxattr(real_dir, IMPURE_XATTRS[_OWN], b"y", follow_symlinks=False)
+
+
+def data_path(real, path, xattr_names):
+    """The merged path whose lower entry holds the data of upper file
+    ``real`` (merged ``path``), or None if it holds its own.
+    ``xattr_names``: ``real``'s xattr names, already listed by the caller."""
+    for i, name in enumerate(METACOPY_XATTRS):
+        if name in xattr_names:
+            try:
+                redirect = os.fsdecode(os.getxattr(real, REDIRECT_XATTRS[i],
+                                                   follow_symlinks=False))
+            except OSError:     # ENODATA: not renamed since (a kernel's copy)
+                return path
+            # A relative redirect (a kernel rename within one directory)
+            # names the entry beside it.
+            if not redirect.startswith("/"):
+                return path.rpartition("/")[0] + "/" + redirect
+            return redirect
+    return None
+
+
+class LowerData:
+    """Finds the data of metacopy files of an upper over ``lowerdirs`` (top
+    first) without a union: for readers of the upper alone (commit)."""
+
+    def __init__(self, lowerdirs):
+        from unionfs.layers import Layer, LayerStack
+        self._stack = LayerStack(None, [Layer(d, i + 1) for i, d in enumerate(lowerdirs)])
+
+    def source(self, real, path):
+        """The backing path holding the bytes of upper file ``real``
+        (merged ``path``): ``real`` itself unless it is a metacopy."""
+        try:
+            names = os.listxattr(real, follow_symlinks=False)
+        except OSError:
+            return real
+        data = data_path(real, path, names) if names else None
+        if data is None:
+            return real
+        node = self._stack.lookup(data)
+        if node is None or node.is_dir:
+            raise OSError(errno.EIO, "metacopy without its lower data", real)
+        return node.top.real(data)
