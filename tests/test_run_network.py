@@ -135,3 +135,42 @@ def test_a_bad_publish_is_one_line(store, spec):
     done = run(store, "-p", spec, IMAGE, "true")
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and "bad -p" in done.stderr, done.stderr
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_rm_f_stops_the_network_helper(store, tmp_path):
+    """`rm -f` of a running container stops its network helper: the published
+    host port is free again (pasta runs with --no-netns-quit, so nothing else
+    would stop it)."""
+    from unionfs.container import network
+    name = f"netrm-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    done = subprocess.run([UNIONFS, "run", "--store", str(store), "-d", "--name", name,
+                           "-p", f"127.0.0.1:{port}:8080", IMAGE, "sleep", "600"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    # A copy of the helper's record, to stop it here if rm -f does not.
+    state = os.path.join(store, "containers", name, "net", network.STATE_FILE)
+    saved = tmp_path / "net"
+    saved.mkdir()
+    try:
+        assert done.returncode == 0, done.stderr
+        shutil.copy(state, saved / network.STATE_FILE)
+        assert not _port_is_free(port)              # the helper forwards it
+        rm = subprocess.run([UNIONFS, "rm", "--store", str(store), "-f", name],
+                            capture_output=True, text=True, timeout=120)
+        assert rm.returncode == 0, rm.stderr
+        deadline = time.monotonic() + 10
+        while not _port_is_free(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _port_is_free(port), "the network helper still holds the published port"
+    finally:
+        network.detach(str(saved))
+        subprocess.run([UNIONFS, "rm", "--store", str(store), "-f", name], capture_output=True, timeout=120)
