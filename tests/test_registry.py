@@ -279,6 +279,24 @@ def test_a_corrupted_blob_on_the_registry_is_refused_and_the_store_is_unchanged(
     assert store_snapshot(store) == before
 
 
+def test_a_blob_recompressed_on_the_registry_is_refused_by_its_digest(env, plain):
+    """Same tar, other gzip bytes (the header's mtime), same size: only the
+    blob digest check can tell; the diff_id and the size still match."""
+    image = env.load(tars=[layer_tar(F("own", os.urandom(50_000)))], compressions=("gzip",))
+    dest = f"{plain.host}/recompressed/app:v1"
+    env.ok("push", *plain.tls_args, "app:1", dest)
+    layer = image["Layers"][0]["digest"]
+    blob = plain.blob_file(layer)
+    data = bytearray(blob.read_bytes())
+    assert data[:2] == b"\x1f\x8b"
+    data[4:8] = (int.from_bytes(data[4:8], "little") ^ 1).to_bytes(4, "little")   # MTIME
+    os.chmod(blob, 0o644)
+    blob.write_bytes(bytes(data))
+    store = env.tmp / "other"
+    line = env.fails("pull", *plain.tls_args, dest, store=store)
+    assert "digest mismatch" in line and layer[:19] in line, line
+    assert not (store / "images").exists() or not os.listdir(store / "images")
+
 def test_errors_a_user_meets_are_one_line(env, plain, basic):
     env.load()
     port = free_port()
