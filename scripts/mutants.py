@@ -254,8 +254,9 @@ MUTANTS = [
       ["tests/test_watch.py::test_the_core_reports_copy_ups_whiteouts_and_opaque_dirs"],
       "no event for a whiteout made by unlink/rmdir"),
     # -- store layout, root mount defaults ------------------------------------------------
-    M("unionfs/image/store.py", "        if sink.compression == \"none\":\n            tar_from = LAYER_TAR_COPY",
-      "        if False:\n            tar_from = LAYER_TAR_COPY",
+    M("unionfs/image/store.py", "            tar_from = LAYER_TAR_COPY\n",
+      "            tar_from = LAYER_TAR_COPY; self.blobs[digest] = blob_tmp; "
+      "open(blob_tmp, \"wb\").write(gzip.open(copy_tmp).read())\n",
       ["tests/test_image_store_layout.py::test_a_docker_archive_is_kept_unpacked_plus_a_compressed_copy"],
       "the store keeps an uncompressed layer blob again"),
     M("unionfs/mount.py", "ROOT_FUSE_OPTIONS = {\"allow_other\": True, \"suid\": True, \"dev\": True}",
