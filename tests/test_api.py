@@ -391,7 +391,7 @@ def test_store_run_push_pull(busy_stores):
     ref = f"{reg.host}/api/kept:v1"
     image = a.commit("kept", ref)
     digest = a.push(ref, tls_verify=False)
-    assert digest.startswith("sha256:") and reg.requests("PUT", f"/manifests/v1") == 1
+    assert digest.startswith("sha256:") and reg.requests("PUT", "/manifests/v1") == 1
     assert b.pull(ref, tls_verify=False).id == image.id
     assert b.run(ref, ["cat", "/app/msg"]).output == cli_b("run", "--rm", ref, "cat", "/app/msg").stdout \
         == "from A\n"
