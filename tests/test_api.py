@@ -334,3 +334,99 @@ def test_store_errors(archive, tmp_path):
         store.commit("nobody", "x:y")
     with pytest.raises(unionfs.ImageError, match="format"):
         store.save("apitest:v1", tmp_path / "o.tar", format="zip")
+
+
+# -- images.Store: run, push, pull (real runc, a real registry) ------------------
+
+def _runtime_missing() -> str | None:
+    from container_helpers import runtime_missing_reason
+    from registry_helpers import REGISTRY_BIN
+    return runtime_missing_reason() or (None if REGISTRY_BIN else "docker-registry is not installed")
+
+
+needs_runtime_and_registry = pytest.mark.skipif(_runtime_missing() is not None, reason=_runtime_missing() or "")
+
+
+@pytest.fixture
+def busy_stores(tmp_path):
+    """Store A holding the busybox test image, an empty store B, and a plain
+    http registry; every container is removed and the registry stopped."""
+    from container_helpers import Engine, write_test_image
+    from registry_helpers import start_registry
+    a, b = Engine(tmp_path / "a"), Engine(tmp_path / "b")
+    a("image", "load", "-q", write_test_image(tmp_path / "busy.tar", "busy:1"))
+    reg = start_registry("plain", tmp_path / "registry")
+    try:
+        yield Store(a.store), Store(b.store), a, b, reg
+    finally:
+        reg.stop()
+        assert a.close() == [] and b.close() == []
+
+
+def zombie_children() -> set[int]:
+    """Exited children of this process nobody collected."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            out.add(int(stat.parent.name))
+    return out
+
+
+@needs_runtime_and_registry
+def test_store_run_push_pull(busy_stores):
+    a, b, cli_a, cli_b, reg = busy_stores
+    zombies = zombie_children()
+    r = a.run("busy:1", ["sh", "-c", "echo out; echo err >&2; exit 3"], env=["X=1"])
+    assert (r.exit_code, r.output) == (3, "out\nerr\n")
+    assert a.run("busy:1").output == cli_a("run", "--rm", "busy:1").stdout == "hello from /app\n"
+    assert cli_a.containers() == []                     # removed, as --rm
+    assert zombie_children() <= zombies                 # its monitor and daemon were collected
+
+    kept = a.run("busy:1", ["sh", "-c", "echo $X > /app/msg"], rm=False, name="kept", env=["X=from A"])
+    assert (kept.exit_code, kept.name, cli_a.containers()) == (0, "kept", ["kept"])
+    ref = f"{reg.host}/api/kept:v1"
+    image = a.commit("kept", ref)
+    digest = a.push(ref, tls_verify=False)
+    assert digest.startswith("sha256:") and reg.requests("PUT", "/manifests/v1") == 1
+    assert b.pull(ref, tls_verify=False).id == image.id
+    assert b.run(ref, ["cat", "/app/msg"]).output == cli_b("run", "--rm", ref, "cat", "/app/msg").stdout \
+        == "from A\n"
+    assert cli_b.containers() == []
+
+
+@needs_runtime_and_registry
+def test_store_run_push_pull_errors(busy_stores):
+    a, b, cli_a, cli_b, reg = busy_stores
+
+    def cli_line(r):
+        assert r.returncode != 0 and r.stderr.startswith("unionfs: "), r.stderr
+        return r.stderr.strip()[len("unionfs: "):]
+
+    with pytest.raises(unionfs.ImageError) as e:
+        a.run("nope:1")
+    assert str(e.value) == cli_line(cli_a("run", "--rm", "nope:1", check=False))
+    with pytest.raises(unionfs.ContainerError) as e:
+        a.run("busy:1", ["no-such-command"])
+    assert str(e.value) == cli_line(cli_a("run", "--rm", "busy:1", "no-such-command", check=False))
+    with pytest.raises(unionfs.ContainerError) as e:
+        a.run("busy:1", ["true"], workdir="relative")
+    assert str(e.value) == cli_line(cli_a("run", "--rm", "-w", "relative", "busy:1", "true", check=False))
+    with pytest.raises(TypeError):
+        a.run("busy:1", ["true"], tty=True)
+    assert cli_a.containers() == []                     # nothing left of what did not run
+
+    missing = f"{reg.host}/api/missing:v1"
+    with pytest.raises(unionfs.ImageError) as e:
+        b.pull(missing, tls_verify=False)
+    assert str(e.value) == cli_line(cli_b("pull", "--tls-verify=false", "-q", missing, check=False))
+    with pytest.raises(unionfs.ImageError) as e:
+        a.push("busy:1")                                # its name names no registry
+    assert str(e.value) == cli_line(cli_a("push", "-q", "busy:1", check=False))
+    with pytest.raises(unionfs.ImageError) as e:
+        a.push("busy:1", f"{reg.host}/api/busy:1")      # https, but the registry speaks http
+    assert str(e.value) == cli_line(cli_a("push", "-q", "busy:1", f"{reg.host}/api/busy:1", check=False))
+    assert b.images() == []

@@ -5,8 +5,9 @@ The public Python API (everything else in the package is internal)::
     unionfs.mount(lowers, upper=None, work=None, mountpoint=None, **options) -> Mount
     unionfs.Mount          .path .upper .lowers .changes() .unmount(); a context manager
     unionfs.Change         one ``unionfs diff`` line: .kind ("A", "C", "D"), .path
-    unionfs.images.Store   load, images, mount, commit, save
-    unionfs.UnionfsError   base of MountError (FuseUnavailableError), UnmountError, ImageError
+    unionfs.images.Store   load, images, mount, commit, save, push, pull, run
+    unionfs.UnionfsError   base of MountError (FuseUnavailableError), UnmountError, ImageError,
+                           ContainerError
 
 ``import unionfs`` stays cheap (every ``unionfs`` and ``fuse-unionfs`` start
 imports it): the API's modules load on first use.
@@ -14,7 +15,8 @@ imports it): the API's modules load on first use.
 
 import sys
 
-from unionfs.errors import FuseUnavailableError, ImageError, MountError, UnionfsError, UnmountError
+from unionfs.errors import (
+    ContainerError, FuseUnavailableError, ImageError, MountError, UnionfsError, UnmountError)
 
 __version__ = "0.1.0"
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from unionfs import images
     from unionfs.api import Change, Mount, mount
 
-__all__ = ["Change", "FuseUnavailableError", "ImageError", "Mount", "MountError",
+__all__ = ["Change", "ContainerError", "FuseUnavailableError", "ImageError", "Mount", "MountError",
            "UnionfsError", "UnmountError", "images", "mount"]
 
 _LAZY = {"mount": "unionfs.api", "Mount": "unionfs.api", "Change": "unionfs.api"}

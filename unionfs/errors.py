@@ -9,7 +9,8 @@ raises the same errors, with the same messages, as these subclasses:
     ├── MountError               nothing was mounted (bad layer, option, ...)
     │   └── FuseUnavailableError this machine (or user) cannot mount FUSE
     ├── UnmountError             the mount is still there (e.g. busy)
-    └── ImageError               an image store operation failed
+    ├── ImageError               an image store operation failed (push, pull too)
+    └── ContainerError           a container could not be created or started
 
 Internal code raises `UserError` (the same class as `UnionfsError`); the API
 narrows it to a subclass where it knows which operation failed.
@@ -44,3 +45,8 @@ class UnmountError(UnionfsError):
 
 class ImageError(UnionfsError):
     """An image store operation (load, mount, commit, save, ...) failed."""
+
+
+class ContainerError(UnionfsError):
+    """A container could not be created or started (a bad option, no usable
+    runtime, a command that is not in the image); nothing is left of it."""

@@ -15,7 +15,7 @@ import time
 from unionfs.container import lifecycle, network, record, rootfs, spec
 from unionfs.container.record import STOP_TIMEOUT, EngineError, RunConfig, engine_error
 from unionfs.errors import EXIT_OK, UserError
-from unionfs.image.store import Store, default_store_path
+from unionfs.image.store import Container, Store, default_store_path
 
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_NAME_RE = re.compile(r"^[^=\s]+$")
@@ -29,24 +29,7 @@ def register(subparsers):
                              "~/.local/share/unionfs otherwise)")
 
     p = subparsers.add_parser("run", parents=[common], help="run a command in a new container")
-    p.add_argument("--name", help="the container's name (default: from the image's)")
-    p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the name")
-    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
-    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
-    p.add_argument("-t", "--tty", action="store_true", help="give the container a terminal")
-    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VAL]")
-    p.add_argument("--env-file", action="append", default=[], metavar="FILE")
-    p.add_argument("-v", "--volume", action="append", default=[], metavar="[HOST:]CTR[:ro]")
-    p.add_argument("-w", "--workdir", metavar="DIR")
-    p.add_argument("-u", "--user", metavar="USER[:GROUP]")
-    p.add_argument("--hostname", metavar="NAME")
-    p.add_argument("--entrypoint", metavar="CMD")
-    p.add_argument("--network", default="private", metavar="|".join(network.MODES))
-    p.add_argument("-p", "--publish", action="append", default=[], metavar="[IP:]HOSTPORT:CTRPORT[/PROTO]")
-    p.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
-    p.add_argument("--runtime", default="runc", help="OCI runtime: runc (default) or crun")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
+    _run_arguments(p)
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser("start", parents=[common], help="start stopped containers again")
@@ -74,6 +57,27 @@ def register(subparsers):
     p.add_argument("name", metavar="NAME")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
     p.set_defaults(func=cmd_exec)
+
+
+def _run_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--name", help="the container's name (default: from the image's)")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the name")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    p.add_argument("-t", "--tty", action="store_true", help="give the container a terminal")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY[=VAL]")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="[HOST:]CTR[:ro]")
+    p.add_argument("-w", "--workdir", metavar="DIR")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]")
+    p.add_argument("--hostname", metavar="NAME")
+    p.add_argument("--entrypoint", metavar="CMD")
+    p.add_argument("--network", default="private", metavar="|".join(network.MODES))
+    p.add_argument("-p", "--publish", action="append", default=[], metavar="[IP:]HOSTPORT:CTRPORT[/PROTO]")
+    p.add_argument("--read-only", action="store_true", help="mount the rootfs read-only")
+    p.add_argument("--runtime", default="runc", help="OCI runtime: runc (default) or crun")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
 
 
 # -- option parsing --------------------------------------------------------------
@@ -196,24 +200,51 @@ def run_config(args, image_config: dict, name: str) -> RunConfig:
         auto_remove=args.rm, binds=binds, volumes=volumes)
 
 
-def cmd_run(args) -> int:
+def create_container(store: Store, args) -> Container:
+    """`run`'s first half: `args` (run's options) checked against the image,
+    and the container made (not started)."""
     from unionfs.image.commands import _container_name
-    store = _store(args)
     try:
         image = store.resolve(args.image)
         name = args.name or _container_name(store, image)
         rc = run_config(args, store.config(image).get("config") or {}, name)
         record.runtime_for(store, rc)         # the runtime is installed and usable
-        c = lifecycle.create(store, image, name, rc, ref=args.image)
+        return lifecycle.create(store, image, name, rc, ref=args.image)
     except UserError as e:
         raise engine_error(e) from None
+
+
+def start_created(store: Store, c: Container, attach: bool) -> int:
+    """`run`'s second half: start `c`, as `lifecycle.start`; if it does not
+    start, it is removed again."""
     try:
-        code = lifecycle.start(store, c, attach=not args.detach)
+        return lifecycle.start(store, c, attach=attach)
     except UserError as e:
         # Nothing ran: leave nothing behind.
         if store.container(c.name) is not None:
             lifecycle.remove(store, c, force=True)
         raise engine_error(e) from None
+
+
+def run_args(image: str, command: list[str] | None = None, **options) -> argparse.Namespace:
+    """`run`'s arguments made in Python: the command line's defaults, with
+    `options` by their long names (``rm=True``, ``env=["K=V"]``); an
+    unknown option is a TypeError."""
+    p = argparse.ArgumentParser(add_help=False)
+    _run_arguments(p)
+    args = p.parse_args(["IMAGE"])
+    args.image, args.command = image, list(command or [])
+    for key, value in options.items():
+        if key in ("image", "command", "store") or not hasattr(args, key):
+            raise TypeError(f"run() got an unexpected keyword argument {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+def cmd_run(args) -> int:
+    store = _store(args)
+    c = create_container(store, args)
+    code = start_created(store, c, attach=not args.detach)
     if args.detach:
         print(c.name, flush=True)
     return code

@@ -11,7 +11,7 @@ import sys
 
 from unionfs.errors import EXIT_OK, UserError
 from unionfs.image.progress import Progress
-from unionfs.image.store import Store, default_store_path
+from unionfs.image.store import Image, Store, default_store_path
 from unionfs.registry import auth, reference
 from unionfs.registry.manifest import FORMATS
 
@@ -80,12 +80,6 @@ def _use_authfile(args):
         os.environ[auth.ENV_AUTH_FILE] = args.authfile
 
 
-def _client(args, ref: reference.Reference):
-    from unionfs.registry.client import Client
-    _use_authfile(args)
-    return Client(ref.registry, ref.api_host, args.tls_verify, args.cert_dir)
-
-
 def cmd_login(args) -> int:
     from unionfs.registry.client import Client
     registry = reference.registry_host(args.registry)
@@ -124,33 +118,49 @@ def cmd_logout(args) -> int:
     return EXIT_OK
 
 
-def cmd_push(args) -> int:
+def push_image(store: Store, image_ref: str, dest: str | None, fmt: str, tls_verify: bool,
+               cert_dir: str | None, progress: Progress) -> str:
+    """`push`: `image_ref` from `store` to `dest` (default: its own name,
+    which must name a registry); returns the manifest digest."""
+    from unionfs.registry.client import Client
     from unionfs.registry.push import push
-    store = _store(args)
-    image = store.resolve(args.image)
-    ref = reference.parse(args.dest or args.image, need_registry=True)
+    image = store.resolve(image_ref)
+    ref = reference.parse(dest or image_ref, need_registry=True)
     if ref.digest:
         raise UserError(f"push {ref}: push to a tag, not a digest")
-    progress = Progress(quiet=args.quiet)
     try:
-        with _client(args, ref) as client:
-            digest = push(store, client, image, ref, args.format, progress)
+        with Client(ref.registry, ref.api_host, tls_verify, cert_dir) as client:
+            return push(store, client, image, ref, fmt, progress)
     finally:
         progress.finish()
+
+
+def pull_image(store: Store, ref_text: str, platform: str | None, tls_verify: bool,
+               cert_dir: str | None, progress: Progress) -> Image:
+    """`pull`: `ref_text` into `store` (`platform` OS/ARCH[/VARIANT] of a
+    multi-platform index, default this machine's); returns the image."""
+    from unionfs.registry.client import Client
+    from unionfs.registry.pull import parse_platform, pull
+    ref = reference.parse(ref_text)
+    want = parse_platform(platform) if platform else None
+    try:
+        with Client(ref.registry, ref.api_host, tls_verify, cert_dir) as client:
+            return pull(store, client, ref, want, progress)
+    finally:
+        progress.finish()
+
+
+def cmd_push(args) -> int:
+    _use_authfile(args)
+    digest = push_image(_store(args), args.image, args.dest, args.format, args.tls_verify, args.cert_dir,
+                        Progress(quiet=args.quiet))
     print(digest)
     return EXIT_OK
 
 
 def cmd_pull(args) -> int:
-    from unionfs.registry.pull import parse_platform, pull
-    store = _store(args)
-    ref = reference.parse(args.ref)
-    want = parse_platform(args.platform) if args.platform else None
-    progress = Progress(quiet=args.quiet)
-    try:
-        with _client(args, ref) as client:
-            image = pull(store, client, ref, want, progress)
-    finally:
-        progress.finish()
+    _use_authfile(args)
+    image = pull_image(_store(args), args.ref, args.platform, args.tls_verify, args.cert_dir,
+                       Progress(quiet=args.quiet))
     print(image.id)
     return EXIT_OK
