@@ -108,7 +108,7 @@ def test_auth_file_round_trip_and_docker_config(tmp_path, monkeypatch):
 
 
 def _index(*platforms):
-    return Index([Descriptor("m", "sha256:" + f"{i}" * 64, 1, p) for i, p in enumerate(platforms)])
+    return Index([Descriptor("m", "sha256:" + f"{i}" * 64, 1, platform=p) for i, p in enumerate(platforms)])
 
 
 def test_platform_choice():

@@ -117,12 +117,29 @@ class Descriptor:
     digest: str
     size: int
     annotations: dict = field(default_factory=dict)
+    platform: dict | None = None        # in an index: which os/architecture
 
     def to_json(self) -> dict:
         d = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
         if self.annotations:
             d["annotations"] = dict(self.annotations)
         return d
+
+
+def parse_descriptor(unsafe, what: str) -> Descriptor:
+    """A descriptor from untrusted JSON (an OCI layout's index or manifest,
+    or a registry's): digest and size checked, annotations and platform kept
+    only if they are objects."""
+    if not isinstance(unsafe, dict):
+        raise UserError(f"{what}: malformed descriptor (not an object)")
+    digest = check_digest(unsafe.get("digest"), what)
+    size = unsafe.get("size")
+    if not isinstance(size, int) or size < 0:
+        raise UserError(f"{what}: descriptor {short(digest)} has no valid size")
+    annotations, platform = unsafe.get("annotations"), unsafe.get("platform")
+    return Descriptor(str(unsafe.get("mediaType", "")), digest, size,
+                      annotations if isinstance(annotations, dict) else {},
+                      platform if isinstance(platform, dict) else None)
 
 
 @dataclass

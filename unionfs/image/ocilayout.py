@@ -25,17 +25,6 @@ def blob_path(digest: str) -> str:
     return f"{oci.OCI_BLOBS_DIR}/sha256/{oci.digest_hex(digest)}"
 
 
-def _descriptor(unsafe, what: str) -> oci.Descriptor:
-    if not isinstance(unsafe, dict):
-        raise UserError(f"{what}: descriptor is not an object")
-    digest = oci.check_digest(unsafe.get("digest"), what)
-    size = unsafe.get("size")
-    if not isinstance(size, int) or size < 0:
-        raise UserError(f"{what}: descriptor {oci.short(digest)} has no valid size")
-    annotations = unsafe.get("annotations") if isinstance(unsafe.get("annotations"), dict) else {}
-    return oci.Descriptor(str(unsafe.get("mediaType", "")), digest, size, annotations)
-
-
 def _read_blob(source: Source, desc: oci.Descriptor, what: str) -> bytes:
     data = source.read(blob_path(desc.digest), what)
     actual = oci.sha256_digest(data)
@@ -68,7 +57,7 @@ def _resolve_manifest(source: Source, desc: oci.Descriptor, depth: int) -> tuple
         candidates = [m for m in unsafe.get("manifests") or [] if isinstance(m, dict) and _platform_ok(m)]
         if not candidates:
             raise UserError(f"{source.label}: index {oci.short(desc.digest)} has no image for linux/{_ARCH}")
-        return _resolve_manifest(source, _descriptor(candidates[0], source.label), depth + 1)
+        return _resolve_manifest(source, oci.parse_descriptor(candidates[0], source.label), depth + 1)
     if media_type and media_type not in oci.MANIFEST_MEDIA_TYPES:
         raise UserError(f"{source.label}: {oci.short(desc.digest)} has unsupported media type {media_type!r}")
     return desc, unsafe
@@ -84,7 +73,7 @@ def read_images(source: Source) -> list[SourceImage]:
         raise UserError(f"{source.label}: index.json lists no manifests")
     by_config: dict[str, SourceImage] = {}
     for unsafe_desc in unsafe_manifests:
-        desc = _descriptor(unsafe_desc, f"{source.label}: index.json")
+        desc = oci.parse_descriptor(unsafe_desc, f"{source.label}: index.json")
         _, manifest = _resolve_manifest(source, desc, 0)
         image = _image_from_manifest(source, manifest, desc.digest)
         image = by_config.setdefault(image.config_digest, image)
@@ -109,7 +98,7 @@ def _image_name(annotations: dict) -> str | None:
 
 def _image_from_manifest(source: Source, unsafe: dict, digest: str) -> SourceImage:
     what = f"{source.label}: manifest {oci.short(digest)}"
-    config_desc = _descriptor(unsafe.get("config"), what)
+    config_desc = oci.parse_descriptor(unsafe.get("config"), what)
     config_bytes = _read_blob(source, config_desc, "config")
     config = oci.parse_json(config_bytes, f"{source.label}: config {oci.short(config_desc.digest)}")
     diff_ids = oci.config_diff_ids(config, f"{source.label}: config {oci.short(config_desc.digest)}")
@@ -118,7 +107,7 @@ def _image_from_manifest(source: Source, unsafe: dict, digest: str) -> SourceIma
         raise UserError(f"{what}: the number of layers does not match the config's diff_ids")
     layers = []
     for unsafe_layer, diff_id in zip(unsafe_layers, diff_ids):
-        d = _descriptor(unsafe_layer, what)
+        d = oci.parse_descriptor(unsafe_layer, what)
         if d.media_type and d.media_type not in oci.LAYER_MEDIA_TYPES:
             raise UserError(f"{what}: layer {oci.short(d.digest)} has unsupported media type {d.media_type!r}")
         layers.append(SourceLayer(blob_path(d.digest), d.digest, d.size, diff_id, d.media_type))

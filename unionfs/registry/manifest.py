@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from unionfs.errors import UserError
 from unionfs.image import oci
-from unionfs.image.oci import LayerInfo
+from unionfs.image.oci import Descriptor, LayerInfo
 
 # Manifests, indexes and configs larger than this are refused.
 MAX_MANIFEST_SIZE = 4 << 20
@@ -20,14 +20,6 @@ MT_DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
                      "application/vnd.docker.distribution.manifest.v1+prettyjws")
 # The layer media type each push format names a blob by, by its compression.
 _DOCKER_LAYER_TYPE = {"gzip": oci.MT_DOCKER_LAYER_GZIP, "none": MT_DOCKER_LAYER}
-
-
-@dataclass
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    platform: dict | None = None
 
 
 @dataclass
@@ -45,18 +37,6 @@ def platform_str(p: dict) -> str:
     return "/".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
 
 
-def _descriptor(unsafe, what: str) -> Descriptor:
-    if not isinstance(unsafe, dict):
-        raise UserError(f"{what}: malformed descriptor")
-    digest = oci.check_digest(unsafe.get("digest"), what)
-    size = unsafe.get("size")
-    if not isinstance(size, int) or size < 0:
-        raise UserError(f"{what}: descriptor {oci.short(digest)} has no valid size")
-    platform = unsafe.get("platform")
-    return Descriptor(str(unsafe.get("mediaType", "")), digest, size,
-                      platform if isinstance(platform, dict) else None)
-
-
 def parse(data: bytes, content_type: str, what: str) -> Manifest | Index:
     doc = oci.parse_json(data, what)
     if not isinstance(doc, dict):
@@ -68,13 +48,13 @@ def parse(data: bytes, content_type: str, what: str) -> Manifest | Index:
         unsafe = doc.get("manifests")
         if not isinstance(unsafe, list):
             raise UserError(f"{what}: index without manifests")
-        return Index([_descriptor(d, f"{what}: index entry") for d in unsafe])
+        return Index([oci.parse_descriptor(d, f"{what}: index entry") for d in unsafe])
     if media_type in oci.MANIFEST_MEDIA_TYPES or (not media_type and "config" in doc):
         unsafe_layers = doc.get("layers")
         if not isinstance(unsafe_layers, list):
             raise UserError(f"{what}: manifest without layers")
-        return Manifest(_descriptor(doc.get("config"), f"{what}: config"),
-                        [_descriptor(d, f"{what}: layer") for d in unsafe_layers])
+        return Manifest(oci.parse_descriptor(doc.get("config"), f"{what}: config"),
+                        [oci.parse_descriptor(d, f"{what}: layer") for d in unsafe_layers])
     raise UserError(f"{what}: unsupported manifest media type {media_type!r}")
 
 
