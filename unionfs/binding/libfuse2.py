@@ -111,3 +111,11 @@ def run(handlers, mountpoint, options, threaded=False):
 def library_version():
     v = _p("fuse_version", c_int)()
     return f"{v // 10}.{v % 10}"
+
+
+NAME = "libfuse2"
+
+
+def describe():
+    """What ``fuse-unionfs --version`` says of this binding."""
+    return [f"FUSE binding version {NAME}", f"FUSE library version {library_version()}"]
