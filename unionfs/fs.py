@@ -387,13 +387,32 @@ class UnionFS:
     # -- files ----------------------------------------------------------------------
 
     def open(self, req, nodeid, flags):
-        fd = self.union.open(self._path(nodeid), flags)
+        path = self._path(nodeid)
+        fd = self.union.open(path, flags)
         fi = ll.fuse_file_info()
         fi.flags = flags
         fi.fh = fd
         fi.keep_cache = 1           # see "Caching" in the module doc
-        self._inode(nodeid).fd = fd
-        ll.reply_open(req, fi)
+        inode = self._inode(nodeid)
+        inode.fd = fd
+        if ll.reply_open(req, fi) == -errno.ESTALE:
+            self._open_as_new_inode(req, inode, path, fd)
+
+    def _open_as_new_inode(self, req, inode, path, fd):
+        """The binding could not give the kernel open ``fd`` as ``inode``
+        (the kernel passes the inode's I/O through to another file: the
+        lower one, before this open copied it up). Give ``path`` a new node
+        id and answer ESTALE: the kernel then looks the name up again and
+        opens it as a new inode. Opens made before keep the old one."""
+        if inode.fd == fd:
+            inode.fd = None
+        os.close(fd)
+        with self._table:
+            if self._by_path.get(path) is inode:
+                del self._by_path[path]
+            if inode.ident is not None and self._by_ident.get(inode.ident) is inode:
+                del self._by_ident[inode.ident]
+        ll.reply_err(req, errno.ESTALE)
 
     def create(self, req, parent, name, mode, fi):
         path = child_path(self._path(parent), os.fsdecode(name))
@@ -408,13 +427,17 @@ class UnionFS:
         f.keep_cache = 1
         inode = self._inodes[e.ino]
         inode.fd = fd
-        if ll.reply_create(req, e, fi) == -errno.ENOENT:
+        sent = ll.reply_create(req, e, fi)
+        if sent == -errno.ENOENT:
             # Interrupted: the kernel will neither release the file nor
             # forget the lookup (the file stays created, as it would natively).
             if inode.fd == fd:
                 inode.fd = None
             os.close(fd)
             self._unlookup(e.ino)
+        elif sent == -errno.ESTALE:         # not sent: see open
+            self._unlookup(e.ino)
+            self._open_as_new_inode(req, inode, path, fd)
 
     # Data moves between the backing file and /dev/fuse inside libfuse (C):
     # no Python bytes objects, and the GIL is free while it happens.

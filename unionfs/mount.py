@@ -111,6 +111,10 @@ def parse_options(optstrings, strict=True, warn=None):
                 spec.timeout = float(value)
             except ValueError:
                 raise UserError(f"{key}={value}: not a number of seconds")
+        elif key == "passthrough" and eq:
+            if value not in ("on", "off"):
+                raise UserError(f"passthrough={value}: must be on or off")
+            spec.fuse_options["passthrough"] = value
         elif key == "threaded" and eq:
             spec.threaded = value not in ("0", "false", "no")
         elif key in REFUSED:
@@ -211,6 +215,8 @@ def fuse_options_for(spec, ll):
     opts.update(spec.fuse_options)
     if opts.pop("rw", None) and spec.upperdir is None:
         opts["ro"] = True
+    if not getattr(ll, "PASSTHROUGH", False):
+        opts.pop("passthrough", None)   # only the /dev/fuse binding can
     return opts
 
 

@@ -40,6 +40,7 @@ from unionfs.binding import fuseproto as P
 from unionfs.binding.common import MountError
 
 CACHE_READDIR = True
+PASSTHROUGH = True                      # -o passthrough=off turns it off
 DEFAULT_OPTIONS = {}
 DROPPED_OPTIONS = {"big_writes", "nonempty"}   # libfuse 2's; nothing to do here
 
@@ -72,7 +73,8 @@ _MS = {"ro": (os.ST_RDONLY, True), "rw": (os.ST_RDONLY, False),
 _KERNEL_OPTS = {"allow_other", "default_permissions", "max_read", "blksize",
                 "context", "fscontext", "defcontext", "rootcontext"}
 # Options of the connection, applied at INIT.
-_CONN_OPTS = {"max_write", "max_readahead", "max_background", "congestion_threshold"}
+_CONN_OPTS = {"max_write", "max_readahead", "max_background", "congestion_threshold",
+              "passthrough"}
 # libfuse 3's connection options that change nothing here: splicing is
 # libfuse's way of moving data, and no locks are served remotely.
 _CONN_FLAGS = {"async_read", "sync_read", "atomic_o_trunc", "no_remote_lock",
@@ -260,30 +262,43 @@ def reply_entry(req, e):
     return _send(req, 0, (_entry_out(e),))
 
 
-def _open_out(req, fi):
-    f = getattr(fi, "contents", fi)
+def _open_out(req, nodeid, f):
+    """fuse_open_out's bytes for file ``f``, or None if the kernel could not
+    take this open of ``nodeid`` as it stands (see Backing)."""
     flags = ((f.direct_io and P.FOPEN_DIRECT_IO) | (f.keep_cache and P.FOPEN_KEEP_CACHE)
              | (f.nonseekable and P.FOPEN_NONSEEKABLE)
              | (f.cache_readdir and P.FOPEN_CACHE_DIR) | (f.noflush and P.FOPEN_NOFLUSH))
     backing_id = 0
     if req is not None and req.opcode != P.OPENDIR:
-        flags, backing_id = req.session.backing.open(req.nodeid, f.fh, flags)
+        got = req.session.backing.open(nodeid, f.fh, flags, f.flags & os.O_ACCMODE)
+        if got is None:
+            return None
+        flags, backing_id = got
     return P.OPEN_OUT.pack(f.fh, flags, backing_id)
 
 
 def reply_create(req, e, fi):
-    out = _open_out(req, fi)
+    """Answer a CREATE; -ESTALE (nothing sent) if the kernel could not take
+    the open (see Backing), else as the other replies."""
+    f = getattr(fi, "contents", fi)
+    out = _open_out(req, _ENTRY_PARAM_HEAD.unpack_from(e)[0], f)
+    if out is None:
+        return -errno.ESTALE
     sent = _send(req, 0, (_entry_out(e), out))
     if sent and req is not None:
-        req.session.backing.release(getattr(fi, "contents", fi).fh)
+        req.session.backing.release(f.fh)
     return sent
 
 
 def reply_open(req, fi):
-    out = _open_out(req, fi)
+    """Answer an OPEN or OPENDIR; -ESTALE as reply_create."""
+    f = getattr(fi, "contents", fi)
+    out = _open_out(req, req.nodeid if req is not None else 0, f)
+    if out is None:
+        return -errno.ESTALE
     sent = _send(req, 0, (out,))
     if sent and req is not None and req.opcode != P.OPENDIR:
-        req.session.backing.release(getattr(fi, "contents", fi).fh)
+        req.session.backing.release(f.fh)
     return sent
 
 
@@ -418,16 +433,123 @@ def inval_entry(parent, name):
 class Backing:
     """Which open files the kernel reads and writes itself (passthrough).
 
-    Disabled in this version: every open is served by the daemon."""
+    The kernel holds one backing file per inode at a time: every open of an
+    inode open for passthrough must name the same backing file (it refuses a
+    daemon-served open then too), and an inode with daemon-served opens
+    takes no passthrough open until they are closed. So each inode is in one
+    mode while it has opens -- passthrough to one backing file, or served
+    here -- and new opens follow it. One open cannot: a write-open of an
+    inode whose lower file is passed through (the open copied it up), or
+    one whose backing file was opened read-only. ``open`` returns None for
+    it, and fs.py gives the path a new node id and answers ESTALE: the
+    kernel looks the name up again and opens a new inode, on the upper file
+    (opens made before keep reading what they opened, as before copy-up
+    with this daemon always did).
 
-    def __init__(self, session):
+    A backing id is registered with the first passthrough open of an inode
+    and closed with its last release. Passthrough needs CAP_SYS_ADMIN in the
+    initial user namespace; without it (or on a kernel without it) every
+    file is served by the daemon.
+    """
+
+    # The open flags the kernel allows with FOPEN_PASSTHROUGH.
+    _PASSTHROUGH_FLAGS = P.FOPEN_PASSTHROUGH | P.FOPEN_DIRECT_IO | P.FOPEN_NOFLUSH
+    # Backing files may be on a filesystem stacked once (overlayfs); a
+    # unionfs mount so configured cannot itself be stacked upon by one more.
+    STACK_DEPTH = 1
+
+    def __init__(self, session, allowed):
         self.session = session
+        self.allowed = allowed          # -o passthrough=on and the privilege for it
+        self.enabled = False            # negotiated at INIT
+        self._lock = threading.Lock()
+        self._inodes = {}               # nodeid -> _Shared, while it has opens
+        self._files = {}                # fh -> nodeid of each open counted there
 
-    def open(self, nodeid, fd, flags):
-        return flags, 0
+    def negotiate(self, offered):
+        """The INIT bits to ask for, and max_stack_depth."""
+        self.enabled = self.allowed and bool(offered & P.PASSTHROUGH)
+        return (P.PASSTHROUGH, self.STACK_DEPTH) if self.enabled else (0, 0)
 
-    def release(self, fd):
-        pass
+    def open(self, nodeid, fd, flags, access):
+        """The (open_flags, backing_id) to answer an open of ``nodeid`` with
+        (daemon fd ``fd``, opened with ``access`` O_RDONLY/O_WRONLY/O_RDWR),
+        or None if the kernel could not take it (see the class doc)."""
+        if not self.enabled:
+            return flags, 0
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return flags, 0
+        ident = (st.st_dev, st.st_ino)
+        writes = access != os.O_RDONLY
+        with self._lock:
+            shared = self._inodes.get(nodeid)
+            if shared is None:
+                shared = self._inodes[nodeid] = self._start(fd, ident, writes)
+            elif shared.backing_id is not None and (
+                    shared.ident != ident or (writes and not shared.writable)):
+                return None
+            shared.opens += 1
+            self._files[fd] = nodeid
+        if shared.backing_id is None:
+            return flags, 0
+        return (flags & self._PASSTHROUGH_FLAGS) | P.FOPEN_PASSTHROUGH, shared.backing_id
+
+    def _start(self, fd, ident, writes):
+        """The mode of an inode's first open: passthrough to ``fd``'s file if
+        the kernel takes it. A write-open's backing file is opened anew,
+        read-write and without O_APPEND, so that any later open can share it."""
+        shared = _Shared(ident, writes)
+        if not self.enabled:
+            return shared
+        backing = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC) if writes else fd
+        try:
+            # A mutable buffer makes ioctl return the call's result: the id.
+            shared.backing_id = fcntl.ioctl(self.session.fd, P.DEV_IOC_BACKING_OPEN,
+                                            bytearray(P.BACKING_MAP.pack(backing, 0, 0)), True)
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                self.enabled = False        # not privileged: never again
+        finally:
+            if backing != fd:
+                os.close(backing)
+        return shared
+
+    def release(self, fh):
+        """The kernel released open ``fh`` (or never got it)."""
+        with self._lock:
+            nodeid = self._files.pop(fh, None)
+            if nodeid is None:
+                return
+            shared = self._inodes[nodeid]
+            shared.opens -= 1
+            if shared.opens:
+                return
+            del self._inodes[nodeid]
+        if shared.backing_id is not None:
+            try:
+                fcntl.ioctl(self.session.fd, P.DEV_IOC_BACKING_CLOSE,
+                            P.S("=I").pack(shared.backing_id))
+            except OSError:
+                pass            # the connection is gone, and the id with it
+
+    def held(self):
+        """Backing ids registered now (for tests and the debug log)."""
+        with self._lock:
+            return sum(1 for s in self._inodes.values() if s.backing_id is not None)
+
+
+class _Shared:
+    """An inode with opens: passthrough to ``backing_id`` (a file with
+    ``ident`` = (st_dev, st_ino), ``writable`` or not), or served by the
+    daemon (``backing_id`` None)."""
+    __slots__ = ("ident", "writable", "backing_id", "opens")
+
+    def __init__(self, ident, writable):
+        self.ident = ident
+        self.writable = writable
+        self.backing_id = None
+        self.opens = 0
 
 
 # -- the session ----------------------------------------------------------------------------
@@ -435,7 +557,7 @@ class Backing:
 class Session:
     """One mounted connection: its device fds, the operations, the loop."""
 
-    def __init__(self, handlers, debug=False):
+    def __init__(self, handlers, debug=False, passthrough=True):
         self.handlers = handlers
         self.debug = debug
         self.fd = -1
@@ -444,7 +566,7 @@ class Session:
         self.done = threading.Event()
         self.unmounted = False          # the kernel ended the connection
         self.error = None
-        self.backing = Backing(self)
+        self.backing = Backing(self, passthrough and _may_pass_through())
         self._table = self._dispatch_table()
 
     # Notifications are written like replies (unique 0, the code in error).
@@ -676,10 +798,11 @@ class Session:
         offered = flags | (flags2 << 32 if flags & P.INIT_EXT else 0)
         self.proto_minor = min(minor, P.KERNEL_MINOR_VERSION)
         want = offered & self.wanted()
+        passthrough, stack_depth = self.backing.negotiate(offered)
+        want |= passthrough
         c = self.conn
         max_write = min(int(c.get("max_write", MAX_WRITE)), MAX_WRITE)
         max_readahead = min(int(c.get("max_readahead", max_readahead)), max_readahead)
-        stack_depth = self.backing.negotiate(want) if hasattr(self.backing, "negotiate") else 0
         self.negotiated = want
         _send(req, 0, (P.INIT_OUT.pack(
             P.KERNEL_VERSION, self.proto_minor, max_readahead, want & 0xFFFFFFFF,
@@ -694,6 +817,19 @@ class Session:
         if self.conn.get("sync_read"):
             want &= ~P.ASYNC_READ
         return want
+
+
+def _may_pass_through():
+    """Registering backing files takes CAP_SYS_ADMIN in the initial user
+    namespace: root outside any user namespace (checked here, so that a
+    mount that cannot use passthrough does not ask for it)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 # -- mounting -----------------------------------------------------------------------------
@@ -816,7 +952,7 @@ def _clone(fd):
     """A new device fd reading the same connection (FUSE_DEV_IOC_CLONE)."""
     new = _open_device()
     try:
-        fcntl.ioctl(new, P.DEV_IOC_CLONE, P.S("=I").pack(fd))
+        fcntl.ioctl(new, P.DEV_IOC_CLONE, bytearray(P.S("=I").pack(fd)), True)
     except OSError:
         os.close(new)
         return None
@@ -829,7 +965,7 @@ def run(handlers, mountpoint, options, threaded=False):
     global _session
     debug = "debug" in options
     flags, kernel, fusermount, conn, fsname, subtype, names = _split(options)
-    session = Session(handlers, debug=debug)
+    session = Session(handlers, debug=debug, passthrough=conn.pop("passthrough", "on") != "off")
     session.conn = conn
     as_root = os.geteuid() == 0 and not fusermount
     helper = None
