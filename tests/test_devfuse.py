@@ -207,3 +207,37 @@ def test_version_names_the_binding():
     r = run([FUSE_UNIONFS, "--version"])
     assert r.returncode == 0
     assert "FUSE binding version devfuse" in r.stdout.splitlines()
+
+
+@requires_passthrough
+def test_a_reader_follows_a_writer_that_opened_after_it(layers, mounted):
+    """`tail -f` of a log: the reader's open came first (read-only), the
+    writer's second; the reader sees the file grow, by fstat and by read."""
+    mnt = mounted()
+    (mnt / "log").write_bytes(b"1\n")
+    with open(mnt / "log", "rb") as reader:
+        assert reader.read() == b"1\n"
+        with open(mnt / "log", "ab") as writer:
+            for line in (b"2\n", b"3\n"):
+                writer.write(line)
+                writer.flush()
+                assert os.fstat(reader.fileno()).st_size == reader.tell() + 2
+                assert reader.read() == line
+        assert os.stat(mnt / "log").st_size == 6
+
+
+@requires_passthrough
+def test_a_reader_of_a_file_still_being_written(layers, mounted):
+    """A file created write-only (as by a shell's `>`), read while the
+    writer still writes."""
+    mnt = mounted()
+    with open(mnt / "out", "wb") as writer:
+        writer.write(b"abc")
+        writer.flush()
+        with open(mnt / "out", "rb") as reader:
+            assert reader.read() == b"abc"
+            writer.write(b"def")
+            writer.flush()
+            assert os.fstat(reader.fileno()).st_size == 6
+            assert reader.read() == b"def"
+    assert (layers.upper / "out").read_bytes() == b"abcdef"

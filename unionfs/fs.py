@@ -225,10 +225,10 @@ class UnionFS:
         e.entry_timeout = self.timeout
         return e
 
-    def _reply_attr(self, req, st, ino, merged=False):
+    def _reply_attr(self, req, st, ino, merged=False, timeout=None):
         cst = common.c_stat()
         _fill_stat(cst, st, ino, merged)
-        ll.reply_attr(req, cst, self.timeout)
+        ll.reply_attr(req, cst, self.timeout if timeout is None else timeout)
 
     @staticmethod
     def _owner(req):
@@ -284,6 +284,12 @@ class UnionFS:
                 raise OSError(errno.ENOENT, "unlinked")
             st = os.fstat(inode.fd)
             self._reply_attr(req, st, st.st_ino)
+            return
+        if self._by_path.get(inode.path) is not inode:
+            # Its name now has a new inode (_open_as_new_inode), which the
+            # kernel keeps coherent; this one it is told nothing of, so it
+            # must ask every time.
+            self._reply_attr(req, *self.union.lstat(inode.path), timeout=0.0)
             return
         self._reply_attr(req, *self.union.lstat(inode.path))
 
@@ -403,7 +409,8 @@ class UnionFS:
         (the kernel passes the inode's I/O through to another file: the
         lower one, before this open copied it up). Give ``path`` a new node
         id and answer ESTALE: the kernel then looks the name up again and
-        opens it as a new inode. Opens made before keep the old one."""
+        opens it as a new inode. Opens made before keep the old one, whose
+        attributes the kernel must ask for from now on (see getattr)."""
         if inode.fd == fd:
             inode.fd = None
         os.close(fd)
@@ -412,6 +419,7 @@ class UnionFS:
                 del self._by_path[path]
             if inode.ident is not None and self._by_ident.get(inode.ident) is inode:
                 del self._by_ident[inode.ident]
+        ll.inval_inode(inode.nodeid, attrs_only=True)
         ll.reply_err(req, errno.ESTALE)
 
     def create(self, req, parent, name, mode, fi):

@@ -440,7 +440,8 @@ class Backing:
     mode while it has opens -- passthrough to one backing file, or served
     here -- and new opens follow it. One open cannot: a write-open of an
     inode whose lower file is passed through (the open copied it up), or
-    one whose backing file was opened read-only. ``open`` returns None for
+    one whose backing file lacks the access it needs (an earlier open was
+    read-only, or write-only). ``open`` returns None for
     it, and fs.py gives the path a new node id and answers ESTALE: the
     kernel looks the name up again and opens a new inode, on the upper file
     (opens made before keep reading what they opened, as before copy-up
@@ -481,13 +482,14 @@ class Backing:
         if not stat.S_ISREG(st.st_mode):
             return flags, 0
         ident = (st.st_dev, st.st_ino)
-        writes = access != os.O_RDONLY
         with self._lock:
             shared = self._inodes.get(nodeid)
             if shared is None:
-                shared = self._inodes[nodeid] = self._start(fd, ident, writes)
+                shared = self._inodes[nodeid] = self._start(fd, ident, access)
             elif shared.backing_id is not None and (
-                    shared.ident != ident or (writes and not shared.writable)):
+                    shared.ident != ident
+                    or (access != os.O_WRONLY and not shared.readable)
+                    or (access != os.O_RDONLY and not shared.writable)):
                 return None
             shared.opens += 1
             self._files[fd] = nodeid
@@ -495,14 +497,20 @@ class Backing:
             return flags, 0
         return (flags & self._PASSTHROUGH_FLAGS) | P.FOPEN_PASSTHROUGH, shared.backing_id
 
-    def _start(self, fd, ident, writes):
+    # File flags that would change every sharer's I/O: the kernel writes
+    # through the backing file with its own flags.
+    _PRIVATE_FLAGS = os.O_APPEND | os.O_SYNC | os.O_DSYNC
+
+    def _start(self, fd, ident, access):
         """The mode of an inode's first open: passthrough to ``fd``'s file if
-        the kernel takes it. A write-open's backing file is opened anew,
-        read-write and without O_APPEND, so that any later open can share it."""
-        shared = _Shared(ident, writes)
+        the kernel takes it. Later opens share that file, so one opened with
+        O_APPEND or O_SYNC is opened anew without them."""
+        shared = _Shared(ident, access != os.O_WRONLY, access != os.O_RDONLY)
         if not self.enabled:
             return shared
-        backing = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC) if writes else fd
+        backing = fd
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & self._PRIVATE_FLAGS:
+            backing = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC)
         try:
             # A mutable buffer makes ioctl return the call's result: the id.
             shared.backing_id = fcntl.ioctl(self.session.fd, P.DEV_IOC_BACKING_OPEN,
@@ -541,12 +549,13 @@ class Backing:
 
 class _Shared:
     """An inode with opens: passthrough to ``backing_id`` (a file with
-    ``ident`` = (st_dev, st_ino), ``writable`` or not), or served by the
-    daemon (``backing_id`` None)."""
-    __slots__ = ("ident", "writable", "backing_id", "opens")
+    ``ident`` = (st_dev, st_ino), ``readable`` and ``writable`` or not), or
+    served by the daemon (``backing_id`` None)."""
+    __slots__ = ("ident", "readable", "writable", "backing_id", "opens")
 
-    def __init__(self, ident, writable):
+    def __init__(self, ident, readable, writable):
         self.ident = ident
+        self.readable = readable
         self.writable = writable
         self.backing_id = None
         self.opens = 0
