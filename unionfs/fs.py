@@ -22,7 +22,6 @@ are kept across opens (``keep_cache``).
 import bisect
 import ctypes
 import errno
-import logging
 import os
 import queue
 import stat
@@ -36,8 +35,6 @@ from unionfs.layers import child_path, split_path
 from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 ll = binding.load()
-
-log = logging.getLogger("unionfs")
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
 MAX_LISTED_ENTRIES = 1_000_000  # directory entries kept ready for readdir
@@ -732,7 +729,8 @@ class UnionFS:
             except OSError as e:
                 reply_err(req, e.errno or errno.EIO)
             except Exception:
-                log.exception("unionfs: %s failed", name)
+                import logging      # only here: a daemon start need not load it
+                logging.getLogger("unionfs").exception("unionfs: %s failed", name)
                 reply_err(req, errno.EIO)
         return call
 

@@ -10,8 +10,6 @@ import dataclasses
 import errno
 import hashlib
 import os
-import subprocess
-import tempfile
 import time
 
 from unionfs import whiteout as wh
@@ -189,9 +187,16 @@ def validate(spec, mountpoint):
 
 # -- the daemon -----------------------------------------------------------------
 
+# subprocess and tempfile are imported where used: a mount needs neither,
+# and every container start pays for each module the daemon imports.
+
 def _runtime_dir():
-    base = "/run/unionfs" if os.geteuid() == 0 else os.path.join(
-        os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"unionfs-{os.geteuid()}")
+    if os.geteuid() == 0:
+        base = "/run/unionfs"
+    else:
+        import tempfile
+        base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(),
+                            f"unionfs-{os.geteuid()}")
     os.makedirs(base, mode=0o700, exist_ok=True)
     return base
 
@@ -265,7 +270,7 @@ def mount(spec, mountpoint, foreground=False, debug=False):
             _remove(pidfile)
         return
 
-    errlog = tempfile.TemporaryFile()
+    errlog = os.fdopen(os.memfd_create("unionfs-errlog"), "w+b")    # the daemon's stderr
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:                                    # the daemon
@@ -433,6 +438,7 @@ def umount(mountpoint, timeout=30):
     cmd = ["fusermount", "-u"] + (["-z"] if stale else []) + [mountpoint]
     if os.geteuid() == 0:
         cmd = ["umount"] + (["-l"] if stale else []) + [mountpoint]
+    import subprocess
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["failed"])[-1]

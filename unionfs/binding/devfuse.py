@@ -28,9 +28,7 @@ import errno
 import fcntl
 import os
 import signal
-import socket
 import stat
-import subprocess
 import sys
 import threading
 from operator import itemgetter
@@ -57,9 +55,12 @@ READERS = 4                             # reader threads with threaded=1
 # Never WRITEBACK_CACHE (writes must reach the upper: crash guarantees) nor
 # HANDLE_KILLPRIV (the daemon writes as root, which never clears set-id bits:
 # the kernel must send the setattr that does).
+# Beyond libfuse's defaults: symlink targets kept in the kernel's page cache
+# (a symlink's target never changes under one node id: a new link is a new
+# inode), so `ls -l` and path walks through links ask once.
 WANTED = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.AUTO_INVAL_DATA
           | P.DO_READDIRPLUS | P.READDIRPLUS_AUTO | P.ASYNC_DIO | P.PARALLEL_DIROPS
-          | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT)
+          | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.CACHE_SYMLINKS)
 
 # Mount flags (mount(2)) by option; the second value says set or clear.
 _MS = {"ro": (os.ST_RDONLY, True), "rw": (os.ST_RDONLY, False),
@@ -920,6 +921,8 @@ def _mount_with_fusermount(mountpoint, names, kernel, fusermount, fsname, subtyp
     """Have fusermount3 (set-uid root) mount, and take the device fd it opened
     from the socket named by _FUSE_COMMFD. With auto_unmount it stays
     running to unmount when we die; its process is returned to keep."""
+    import socket
+    import subprocess
     opts = names + kernel + fusermount + [f"fsname={fsname}"]
     if subtype:
         opts.append(f"subtype={subtype}")
@@ -950,6 +953,7 @@ def _unmount(mountpoint, as_root):
         if as_root:
             _libc_call("umount2", os.fsencode(mountpoint), 2)        # MNT_DETACH
         else:
+            import subprocess
             subprocess.run([_fusermount(), "-u", "-q", "-z", "--", mountpoint],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
