@@ -8,9 +8,13 @@ counters (``rchar``/``wchar`` in /proc/PID/io count every byte it reads or
 writes): a user sees it as the daemon's CPU time, which they replace.
 """
 
+import errno
 import mmap
 import os
+import struct
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -241,3 +245,109 @@ def test_a_reader_of_a_file_still_being_written(layers, mounted):
             assert os.fstat(reader.fileno()).st_size == 6
             assert reader.read() == b"def"
     assert (layers.upper / "out").read_bytes() == b"abcdef"
+
+
+# -- POSIX ACLs: enforced and cached by the kernel (FUSE_POSIX_ACL), as on
+# kernel overlayfs --------------------------------------------------------------
+
+def _acl(entries):
+    """A system.posix_acl_* value: version 2, then (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+_ANY = 0xFFFFFFFF
+NOBODY = 65534
+# owner rw, user nobody r, group -, mask r, other -
+_READ_FOR_NOBODY = _acl([(1, 6, _ANY), (2, 4, NOBODY), (4, 0, _ANY), (0x10, 4, _ANY),
+                         (0x20, 0, _ANY)])
+
+
+def _as_nobody_read(path):
+    r = subprocess.run([sys.executable, "-c", (
+        "import os, sys\nos.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "try:\n    print(open(sys.argv[1]).read().strip())\n"
+        "except OSError as e:\n    print('errno', e.errno)\n"), str(path)],
+        capture_output=True, text=True, timeout=60)
+    return r.stdout.strip() or r.stderr.strip()
+
+
+def _xattr(path, name):
+    try:
+        return os.getxattr(path, name).hex()
+    except OSError as e:
+        return f"errno {e.errno}"
+
+
+def _acl_story(m):
+    """What a user sees of ACLs on mount ``m`` (lower: f 0640 with an ACL
+    granting nobody read, d 0777 with that ACL as default)."""
+    out = {"nobody reads f": _as_nobody_read(m / "f"),
+           "f acl": _xattr(m / "f", "system.posix_acl_access")}
+    old = os.umask(0o022)
+    try:
+        (m / "d" / "new").write_text("n")
+        os.mkdir(m / "d" / "sub", 0o777)
+    finally:
+        os.umask(old)
+    out["new mode"] = oct(os.stat(m / "d" / "new").st_mode)
+    out["new acl"] = _xattr(m / "d" / "new", "system.posix_acl_access")
+    out["sub mode"] = oct(os.stat(m / "d" / "sub").st_mode)
+    out["sub default acl"] = _xattr(m / "d" / "sub", "system.posix_acl_default")
+    os.chmod(m / "f", 0o604)                    # the mask follows group bits
+    out["f acl after chmod"] = _xattr(m / "f", "system.posix_acl_access")
+    out["nobody reads f after chmod"] = _as_nobody_read(m / "f")
+    (m / "g").write_text("g")
+    os.chmod(m / "g", 0o600)
+    out["nobody reads g"] = _as_nobody_read(m / "g")
+    os.setxattr(m / "g", "system.posix_acl_access", _READ_FOR_NOBODY)
+    out["g mode after setting an acl"] = oct(os.stat(m / "g").st_mode)
+    out["nobody reads g with the acl"] = _as_nobody_read(m / "g")
+    os.removexattr(m / "g", "system.posix_acl_access")
+    out["nobody reads g without it"] = _as_nobody_read(m / "g")
+    return out
+
+
+@pytest.fixture
+def traversable_dir():
+    """A directory every user may traverse (tmp_path is 0700)."""
+    import shutil
+    import tempfile
+    base = tempfile.mkdtemp(prefix="unionfs-acl-")
+    os.chmod(base, 0o755)
+    try:
+        yield Path(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root (kernel overlayfs, other users)")
+def test_posix_acls_as_kernel_overlayfs(traversable_dir, mounter):
+    """ACLs grant and deny, are inherited and follow chmod as on kernel
+    overlayfs (the kernel enforces them: FUSE_POSIX_ACL)."""
+    stories = {}
+    for system in ("overlayfs", "unionfs"):
+        layers = Layers(traversable_dir / system, nlower=1)
+        low = layers.lowers[0]
+        (low / "f").write_text("data")
+        os.chmod(low / "f", 0o640)
+        (low / "d").mkdir()
+        os.chmod(low / "d", 0o777)
+        try:
+            os.setxattr(low / "f", "system.posix_acl_access", _READ_FOR_NOBODY)
+            os.setxattr(low / "d", "system.posix_acl_default", _READ_FOR_NOBODY)
+        except OSError as e:
+            pytest.skip(f"no POSIX ACLs on {low}: {e}")
+        for d in (traversable_dir / system, layers.mnt):
+            os.chmod(d, 0o755)
+        if system == "overlayfs":
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", layers.options(),
+                            str(layers.mnt)], check=True)
+            try:
+                stories[system] = _acl_story(layers.mnt)
+            finally:
+                subprocess.run(["umount", str(layers.mnt)], check=True)
+        else:
+            stories[system] = _acl_story(mounter.mount(layers))
+    assert stories["unionfs"] == stories["overlayfs"]
+    assert stories["unionfs"]["nobody reads f"] == "data"       # the ACL grants it
+    assert stories["unionfs"]["nobody reads g"] == f"errno {errno.EACCES}"

@@ -57,10 +57,15 @@ READERS = 4                             # reader threads with threaded=1
 # the kernel must send the setattr that does).
 # Beyond libfuse's defaults: symlink targets kept in the kernel's page cache
 # (a symlink's target never changes under one node id: a new link is a new
-# inode), so `ls -l` and path walks through links ask once.
+# inode), so `ls -l` and path walks through links ask once; and POSIX ACLs
+# handled by the kernel: it enforces them in its permission checks (as
+# overlayfs does; without it a FUSE mount checks mode bits only) and caches
+# them, so `ls -l` asks for system.posix_acl_access once per file, not on
+# every listing. The upper's filesystem keeps ACL and mode in step (chmod,
+# setting an ACL, inheriting a default ACL), as it does under overlayfs.
 WANTED = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.AUTO_INVAL_DATA
           | P.DO_READDIRPLUS | P.READDIRPLUS_AUTO | P.ASYNC_DIO | P.PARALLEL_DIROPS
-          | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.CACHE_SYMLINKS)
+          | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.CACHE_SYMLINKS | P.POSIX_ACL)
 
 # Mount flags (mount(2)) by option; the second value says set or clear.
 _MS = {"ro": (os.ST_RDONLY, True), "rw": (os.ST_RDONLY, False),
