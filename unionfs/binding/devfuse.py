@@ -31,6 +31,7 @@ import signal
 import stat
 import sys
 import threading
+from functools import partial
 from operator import itemgetter
 
 from unionfs.binding import common
@@ -184,39 +185,61 @@ def _stat_layout():
             ("gid", cs.st_gid.offset, cs.st_gid.size),
             ("rdev", cs.st_rdev.offset, cs.st_rdev.size),
             ("blksize", cs.st_blksize.offset, cs.st_blksize.size)]
+    # Times are signed, the rest unsigned (as fuse_attr has them).
+    signed = {"atime", "mtime", "ctime"}
     by_offset = sorted(range(len(want)), key=lambda i: want[i][1])
-    fmt, pos = "=", 0
+    fmt, pos = "", 0
     for i in by_offset:
-        _, off, size = want[i]
-        fmt += "x" * (off - pos) + {8: "q", 4: "i"}[size]
+        name, off, size = want[i]
+        code = {8: "q", 4: "i"}[size]
+        fmt += "x" * (off - pos) + (code if name in signed else code.upper())
         pos = off + size
     fmt += "x" * (ctypes.sizeof(cs) - pos)
     order = [by_offset.index(i) for i in range(len(want))]
-    return P.S(fmt), itemgetter(*order)
+    return fmt, order
 
 
-_STAT, _attr_order = _stat_layout()
-_ENTRY_PARAM_HEAD = P.S("=QQ")                  # ino generation
-_ENTRY_PARAM_TIMES = P.S("=dd")                 # attr_timeout entry_timeout
+_STAT_FMT, _STAT_ORDER = _stat_layout()
+_STAT = P.S("=" + _STAT_FMT)
+_attr_order = itemgetter(*_STAT_ORDER)
+# fs.py's fuse_entry_param read at once: ino, generation, the struct stat,
+# then attr_timeout and entry_timeout; the getter puts them in reply order.
 _EP_ATTR = common.fuse_entry_param.attr.offset
 _EP_TIMES = common.fuse_entry_param.attr_timeout.offset
+_ENTRY_PARAM = P.S("=QQ" + "x" * (_EP_ATTR - 16) + _STAT_FMT
+                   + "x" * (_EP_TIMES - _EP_ATTR - ctypes.sizeof(common.c_stat)) + "dd")
+_ep_attr = itemgetter(*[2 + i for i in _STAT_ORDER])
+_EP_ATTR_TIMEOUT = 2 + len(_STAT_ORDER)
 _S_IFMT = stat.S_IFMT(0o177777)
+_U32 = 0xFFFFFFFF
+
+
+def _fit(a):
+    """fuse_attr's rdev and nlink are 32 bits (rdev as new_encode_dev)."""
+    a = list(a)
+    a[13] &= _U32
+    a[10] = min(a[10], _U32)
+    return a
 
 
 def _attr(buf, off=0):
     """fuse_attr's fields (without flags) from a struct stat at ``off``."""
     a = _attr_order(_STAT.unpack_from(buf, off))
-    if a[13] > 0xFFFFFFFF or a[13] < 0 or a[10] > 0xFFFFFFFF:  # rdev, nlink: 32 bits
-        a = list(a)
-        a[13] &= 0xFFFFFFFF
-        a[10] = min(a[10], 0xFFFFFFFF)
-    if a[0] < 0 or a[1] < 0 or a[2] < 0 or a[14] < 0:
-        a = [max(v, 0) if i in (0, 1, 2, 14) else v for i, v in enumerate(a)]
-    return a
+    return _fit(a) if a[13] > _U32 or a[10] > _U32 else a
+
+
+_timeouts = {}
 
 
 def _split_timeout(t):
     """A cache lifetime in seconds as the kernel's (seconds, nanoseconds)."""
+    got = _timeouts.get(t)
+    if got is None:
+        got = _timeouts[t] = _seconds_nanos(t)
+    return got
+
+
+def _seconds_nanos(t):
     if t <= 0:
         return 0, 0
     if t >= 2 ** 63:
@@ -252,13 +275,15 @@ def reply_none(req):
 
 def _entry_out(e):
     """fuse_entry_out's bytes for a fuse_entry_param ``e``."""
-    ino, gen = _ENTRY_PARAM_HEAD.unpack_from(e)
-    at, et = _ENTRY_PARAM_TIMES.unpack_from(e, _EP_TIMES)
-    es, ens = _split_timeout(et)
-    as_, ans = _split_timeout(at)
-    if ino == 0:            # a negative entry: only its lifetime matters
+    v = _ENTRY_PARAM.unpack_from(e)
+    es, ens = _split_timeout(v[-1])
+    if v[0] == 0:           # a negative entry: only its lifetime matters
         return P.ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *_ZERO_ATTR)
-    return P.ENTRY_OUT.pack(ino, gen, es, as_, ens, ans, *_attr(e, _EP_ATTR), 0)
+    as_, ans = _split_timeout(v[_EP_ATTR_TIMEOUT])
+    a = _ep_attr(v)
+    if a[13] > _U32 or a[10] > _U32:
+        a = _fit(a)
+    return P.ENTRY_OUT.pack(v[0], v[1], es, as_, ens, ans, *a, 0)
 
 
 _ZERO_ATTR = (0,) * 16
@@ -287,7 +312,7 @@ def reply_create(req, e, fi):
     """Answer a CREATE; -ESTALE (nothing sent) if the kernel could not take
     the open (see Backing), else as the other replies."""
     f = getattr(fi, "contents", fi)
-    out = _open_out(req, _ENTRY_PARAM_HEAD.unpack_from(e)[0], f)
+    out = _open_out(req, _ENTRY_PARAM.unpack_from(e)[0], f)
     if out is None:
         return -errno.ESTALE
     sent = _send(req, 0, (_entry_out(e), out))
@@ -598,12 +623,15 @@ class Session:
         """Read and answer requests on ``fd`` until the connection ends."""
         buf = bytearray(BUFFER_SIZE)
         mv = memoryview(buf)
+        iov = [buf]
+        readv = os.readv
         unpack_header = P.IN_HEADER.unpack_from
         table = self._table
         session = self
+        debug = self.debug
         while True:
             try:
-                n = os.readv(fd, [buf])
+                n = readv(fd, iov)
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue            # ENOENT: a request interrupted before we read it
@@ -617,7 +645,7 @@ class Session:
                 continue
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack_header(buf)
             req = Request(session, unique, nodeid, opcode, uid, gid, pid)
-            if self.debug:
+            if debug:
                 print(f"unionfs: {P.OPCODE_NAMES.get(opcode, opcode)} unique={unique} "
                       f"nodeid={nodeid} len={n}", file=sys.stderr, flush=True)
             handle = table.get(opcode)
@@ -679,9 +707,7 @@ class Session:
 
     @staticmethod
     def _bind(decode, op):
-        def handle(req, nodeid, buf, mv, n):
-            decode(op, req, nodeid, buf, mv, n)
-        return handle
+        return partial(decode, op)          # handle(req, nodeid, buf, mv, n)
 
     _H = P.IN_HEADER.size
 
