@@ -351,3 +351,29 @@ def test_posix_acls_as_kernel_overlayfs(traversable_dir, mounter):
     assert stories["unionfs"] == stories["overlayfs"]
     assert stories["unionfs"]["nobody reads f"] == "data"       # the ACL grants it
     assert stories["unionfs"]["nobody reads g"] == f"errno {errno.EACCES}"
+
+
+def test_threaded_readers_answer_every_request(layers, mounted):
+    """threaded=1: several threads, each reading its own clone of the
+    device fd (a request must be answered on the fd it came from)."""
+    (layers.lowers[0] / "a").write_text("lower")
+    mnt = mounted(extra="threaded=1")
+    script = (
+        "import os, sys\n"
+        "m, i = sys.argv[1], sys.argv[2]\n"
+        "for j in range(100):\n"
+        "    with open(f'{m}/f{i}', 'w') as f: f.write(str(j))\n"
+        "    assert open(f'{m}/a').read() == 'lower'\n"
+        "    os.stat(f'{m}/f{i}'); os.listdir(m)\n"
+        "print(open(f'{m}/f{i}').read())\n")
+    # Every access from a child with a timeout: a lost reply hangs its caller.
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(mnt), str(i)],
+                              stdout=subprocess.PIPE, text=True) for i in range(6)]
+    try:
+        outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert outs == ["99"] * 6
+    listed = run([sys.executable, "-c", f"import os; print(sorted(os.listdir({str(mnt)!r})))"])
+    assert listed.stdout.strip() == str(["a"] + sorted(f"f{i}" for i in range(6)))

@@ -124,12 +124,14 @@ class FileInfo:
 
 
 class Request:
-    """One request's identity: where and under which ``unique`` to answer,
-    and who asked (``req_ctx``)."""
-    __slots__ = ("session", "unique", "nodeid", "opcode", "uid", "gid", "pid")
+    """One request's identity: where and under which ``unique`` to answer
+    (``fd``: the device fd it was read from -- a clone's requests are
+    answered on the clone), and who asked (``req_ctx``)."""
+    __slots__ = ("session", "fd", "unique", "nodeid", "opcode", "uid", "gid", "pid")
 
-    def __init__(self, session, unique, nodeid, opcode, uid, gid, pid):
+    def __init__(self, session, fd, unique, nodeid, opcode, uid, gid, pid):
         self.session = session
+        self.fd = fd
         self.unique = unique
         self.nodeid = nodeid
         self.opcode = opcode
@@ -259,7 +261,7 @@ def _send(req, error, parts):
     for p in parts:
         n += len(p)
     try:
-        os.writev(req.session.fd, [P.OUT_HEADER.pack(n, error, req.unique), *parts])
+        os.writev(req.fd, [P.OUT_HEADER.pack(n, error, req.unique), *parts])
     except OSError as e:
         return -(e.errno or errno.EIO)
     return 0
@@ -644,7 +646,7 @@ class Session:
             if n < P.IN_HEADER.size:
                 continue
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack_header(buf)
-            req = Request(session, unique, nodeid, opcode, uid, gid, pid)
+            req = Request(session, fd, unique, nodeid, opcode, uid, gid, pid)
             if debug:
                 print(f"unionfs: {P.OPCODE_NAMES.get(opcode, opcode)} unique={unique} "
                       f"nodeid={nodeid} len={n}", file=sys.stderr, flush=True)
