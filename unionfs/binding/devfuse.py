@@ -574,11 +574,6 @@ class Backing:
             except OSError:
                 pass            # the connection is gone, and the id with it
 
-    def held(self):
-        """Backing ids registered now (for tests and the debug log)."""
-        with self._lock:
-            return sum(1 for s in self._inodes.values() if s.backing_id is not None)
-
 
 class _Shared:
     """An inode with opens: passthrough to ``backing_id`` (a file with
@@ -846,7 +841,6 @@ class Session:
         c = self.conn
         max_write = min(int(c.get("max_write", MAX_WRITE)), MAX_WRITE)
         max_readahead = min(int(c.get("max_readahead", max_readahead)), max_readahead)
-        self.negotiated = want
         _send(req, 0, (P.INIT_OUT.pack(
             P.KERNEL_VERSION, self.proto_minor, max_readahead, want & 0xFFFFFFFF,
             int(c.get("max_background", 0)), int(c.get("congestion_threshold", 0)),
