@@ -37,12 +37,16 @@ setup: deps venv
 pytest_strict = $(PYTEST) -q $(1); rc=$$?; \
 	[ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; [ $$rc -eq 0 ]
 
-# The whole suite on the default binding (libfuse 3), then the mount tests
-# again on the fallback binding (libfuse 2).
+# The whole suite on the default binding (/dev/fuse spoken directly), then
+# the mount and binding tests again on each libfuse fallback, and the
+# differential test on libfuse 3 too (both bindings a user may run).
+BINDING_TESTS := tests/test_mount.py tests/test_binding.py
 test: setup
 	@$(call pytest_strict,)
+	@echo "== again with UNIONFS_LIBFUSE=3 (the libfuse 3 fallback)"
+	@UNIONFS_LIBFUSE=3 $(call pytest_strict,$(BINDING_TESTS) tests/test_differential.py)
 	@echo "== again with UNIONFS_LIBFUSE=2 (the libfuse 2 fallback)"
-	@UNIONFS_LIBFUSE=2 $(call pytest_strict,tests/test_mount.py tests/test_binding.py)
+	@UNIONFS_LIBFUSE=2 $(call pytest_strict,$(BINDING_TESTS))
 
 test-slow: setup
 	@$(call pytest_strict,-m slow)

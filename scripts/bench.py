@@ -63,8 +63,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-SYSTEMS = ("native", "overlayfs", "fuse-overlayfs", "unionfs")
-FUSE_SYSTEMS = ("fuse-overlayfs", "unionfs")
+SYSTEMS = ("native", "overlayfs", "fuse-overlayfs", "unionfs", "unionfs-libfuse3")
+# unionfs-libfuse3: unionfs on its libfuse 3 binding (UNIONFS_LIBFUSE=3), the
+# one it used before it spoke /dev/fuse itself: a before/after in one run.
+FUSE_SYSTEMS = ("fuse-overlayfs", "unionfs", "unionfs-libfuse3")
+UNIONFS_VARIANTS = {"unionfs": {}, "unionfs-libfuse3": {"UNIONFS_LIBFUSE": "3"}}
 MIB = 1 << 20
 
 # Python-stdlib packages byte-compiled by the "compileall" workload (plus
@@ -90,11 +93,13 @@ class Sizes:
     rm_files: int
     stdlib_packages: tuple[str, ...]
     stdlib_toplevel: bool
-    image_files: int = 5_000  # chown -R tree: small files, plus big_mib // 2 in 8 MiB ones
+    image_files: int = 5_000      # chown -R tree: small files, plus big_mib // 2 in 8 MiB ones
+    stat_files: int = 100_000     # stat of every path of a tree this big
+    random_reads: int = 20_000    # 4 KiB reads at random offsets of the big file
 
 
 FULL = Sizes(512, 512, 200, 100, 10_000, 10_000, STDLIB_PACKAGES_FULL, True)
-QUICK = Sizes(64, 64, 30, 100, 1_000, 1_000, STDLIB_PACKAGES_QUICK, False, 500)
+QUICK = Sizes(64, 64, 30, 100, 1_000, 1_000, STDLIB_PACKAGES_QUICK, False, 500, 10_000, 5_000)
 
 
 class BenchError(Exception):
@@ -195,7 +200,8 @@ def build_datasets(data: Path, sizes: Sizes, needed: set[str]) -> dict[str, Data
             for i in range(sizes.big_mib):
                 # vary every block a little so nothing below can dedupe it
                 f.write(i.to_bytes(8, "little") + block[8:])
-        out["big"] = Dataset("big", [l0], {"size": sizes.big_mib * MIB})
+        out["big"] = Dataset("big", [l0], {"size": sizes.big_mib * MIB,
+                                           "random_reads": sizes.random_reads})
 
     if "empty" in needed or "untar" in needed:
         l0 = layer("empty", 0)
@@ -218,6 +224,23 @@ def build_datasets(data: Path, sizes: Sizes, needed: set[str]) -> dict[str, Data
                     (layers[i + 1] / "tree" / f"d{d:03}" / f"f{j:03}").write_bytes(b"old")
         n = sizes.tree_dirs * sizes.tree_files_per_dir
         out["tree"] = Dataset("tree", layers, {"files": n, "dirs": sizes.tree_dirs + 1})
+
+    if "many" in needed:
+        # stat_files empty files in directories of 100, alternating over two
+        # layers (every directory in both); the list of their paths is input.
+        layers = [layer("many", i) for i in range(2)]
+        ndirs = max(1, sizes.stat_files // 100)
+        paths = []
+        for d in range(ndirs):
+            for lp in layers:
+                (lp / "many" / f"d{d:04}").mkdir(parents=True)
+            for j in range(100):
+                rel = f"many/d{d:04}/f{j:03}"
+                (layers[j % 2] / rel).touch()
+                paths.append(rel)
+        listing = data / "many-paths.txt"
+        listing.write_text("\n".join(paths) + "\n")
+        out["many"] = Dataset("many", layers, {"files": len(paths), "paths": listing})
 
     if "rmtree" in needed:
         layers = [layer("rmtree", i) for i in range(2)]
@@ -408,6 +431,15 @@ class Mounts:
             return None
         return out.stdout.strip() or None     # an old revision: no binding module
 
+    def env_for(self, system: str) -> dict | None:
+        """The environment of `system`'s mount command (None: ours)."""
+        if system not in UNIONFS_VARIANTS:
+            return None
+        extra = UNIONFS_VARIANTS[system]
+        if not extra:
+            return self.unionfs_env
+        return dict(self.unionfs_env or os.environ, **extra)
+
     @staticmethod
     def _find_unionfs() -> list[str]:
         # Next to the interpreter (the venv's bin/) when installed, else the
@@ -433,9 +465,9 @@ class Mounts:
             return "no /dev/fuse"
         if system == "fuse-overlayfs":
             return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not installed"
-        if system == "unionfs":
+        if system in UNIONFS_VARIANTS:
             probe = subprocess.run(self.unionfs_cmd + ["--help"], capture_output=True,
-                                   env=self.unionfs_env)
+                                   env=self.env_for(system))
             if probe.returncode != 0 or b"mount" not in probe.stdout:
                 tail = probe.stderr.decode(errors="replace").strip().splitlines()
                 return "unionfs command not usable: " + (tail[-1] if tail else "no mount subcommand")
@@ -457,7 +489,7 @@ class Mounts:
             # (fuse-overlayfs's default is nodev); dpkg's postinst writes the
             # rootfs's /dev/null, no other workload opens a device.
             cmd = ["fuse-overlayfs", "-o", opts + ",dev", str(mnt)]
-        elif system == "unionfs":
+        elif system in UNIONFS_VARIANTS:
             if self.unionfs_options:
                 opts += "," + self.unionfs_options
             cmd = self.unionfs_cmd + ["mount", "-o", opts, str(mnt)]
@@ -466,7 +498,7 @@ class Mounts:
         # Recorded before mounting: if the command dies half way, cleanup
         # still looks at this mountpoint.
         self.live.append((system, mnt))
-        run(cmd, self.timeout, env=self.unionfs_env if system == "unionfs" else None)
+        run(cmd, self.timeout, env=self.env_for(system))
         if str(mnt) not in mounted_paths():
             raise BenchError(f"{system}: mount returned but {mnt} is not mounted")
 
@@ -481,7 +513,7 @@ class Mounts:
             else:
                 cmd = self.unionfs_cmd + ["umount", str(mnt)]
             try:
-                run(cmd, self.timeout, env=self.unionfs_env if system == "unionfs" else None)
+                run(cmd, self.timeout, env=self.env_for(system))
             except BenchError as e:
                 # Busy or hung: detach it so nothing is left behind; a FUSE
                 # daemon exits once the kernel lets go of the connection.
@@ -536,6 +568,10 @@ def daemon_stats(pid: int) -> dict:
             if key in ("VmHWM", "VmRSS"):
                 stats[key] = int(value.split()[0])
     stats["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # utime + stime (fields 14 and 15 of the whole line), in clock ticks
+    stats["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return stats
 
 
@@ -621,6 +657,8 @@ class Workload:
     capture: bool = False
     # Extra mount options per system (metacopy for chown-R).
     options: dict = field(default_factory=dict)
+    # Untimed, after mounting: prepare(root, ds) -> argv (None: nothing).
+    prepare: Callable[[Path, Dataset], list[str]] | None = None
 
 
 def _expect(what: str, got, want) -> None:
@@ -679,6 +717,38 @@ def _dd_read(root, ds):
     return ["dd", f"if={root}/big.bin", "of=/dev/null", "bs=1M"]
 
 
+# Small programs the timed runs execute (python, so each is one process).
+_RANDOM_READ = """
+import os, random, sys
+path, n = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_RDONLY)
+blocks = os.fstat(fd).st_size // 4096
+rng = random.Random(7)
+total = 0
+for _ in range(n):
+    total += len(os.pread(fd, 4096, rng.randrange(blocks) * 4096))
+print(total)
+"""
+_STAT_ALL = """
+import os, sys
+root = sys.argv[1]
+n = 0
+with open(sys.argv[2]) as f:
+    for line in f:
+        os.lstat(root + "/" + line.rstrip("\\n"))
+        n += 1
+print(n)
+"""
+
+
+def _check_random(root, ds, proc):
+    _expect("bytes read", int(proc.stdout.split()[0]), 4096 * ds.expect["random_reads"])
+
+
+def _check_stat(root, ds, proc):
+    _expect("paths stat'ed", int(proc.stdout.split()[0]), ds.expect["files"])
+
+
 def _find(root, ds):
     return ["find", str(root / "tree"), "-type", "f", "-printf", "%s %m %T@\n"]
 
@@ -701,6 +771,17 @@ WORKLOADS: list[Workload] = [
              lambda root, ds: ["dd", "if=/dev/zero", f"of={root}/big.bin", "bs=4096",
                                "count=1", "oflag=append", "conv=notrunc"],
              _check_append, goal=1.0),
+    Workload("reread", "read of a file just written through the mount "
+             "(written untimed with dd conv=fsync)", "empty", "fresh", "copy",
+             lambda root, ds: ["dd", f"if={root}/out.bin", "of=/dev/null", "bs=1M"],
+             _check_read, goal=1.0,
+             prepare=lambda root, ds: ["dd", "if=/dev/zero", f"of={root}/out.bin", "bs=1M",
+                                       f"count={ds.expect['size'] // MIB}", "conv=fsync"]),
+    Workload("read-random", "random 4 KiB reads of the large lower file (lowers cached)",
+             "big", "fresh", "shared",
+             lambda root, ds: [sys.executable, "-c", _RANDOM_READ, f"{root}/big.bin",
+                               str(ds.expect["random_reads"])],
+             _check_random, goal=1.0, capture=True),
     Workload("find-cold", "find + stat of every file over 3 layers, caches dropped",
              "tree", "cold", "shared", _find, _check_find, capture=True),
     Workload("find-warm", "the same find again on the same mount",
@@ -708,6 +789,14 @@ WORKLOADS: list[Workload] = [
     Workload("ls-lR", "ls -lR of the same tree on a fresh mount",
              "tree", "fresh", "shared",
              lambda root, ds: ["ls", "-lR", str(root / "tree")], _check_ls, capture=True),
+    Workload("ls-lR-warm", "the same ls -lR again on the same mount",
+             "tree", "warm", "shared",
+             lambda root, ds: ["ls", "-lR", str(root / "tree")], _check_ls, capture=True),
+    Workload("stat-100k", "lstat of every path of a 100k-file tree over 2 layers "
+             "(fresh mount)", "many", "fresh", "shared",
+             lambda root, ds: [sys.executable, "-c", _STAT_ALL, str(root),
+                               str(ds.expect["paths"])],
+             _check_stat, capture=True),
     Workload("untar", "tar -x of small files (100 B..4 KiB) into the mount",
              "untar", "fresh", "copy",
              lambda root, ds: ["tar", "-xf", str(ds.expect["tarball"]), "-C", str(root)],
@@ -759,10 +848,11 @@ class Bench:
         self.seq = 0
         self.can_drop = os.geteuid() == 0
 
-    def ratio(self, workload: str) -> float | None:
-        """Median unionfs time / median fuse-overlayfs time."""
-        u = self.results.get(workload, {}).get("unionfs")
-        f = self.results.get(workload, {}).get("fuse-overlayfs")
+    def ratio(self, workload: str, of: str = "unionfs",
+              to: str = "fuse-overlayfs") -> float | None:
+        """Median `of` time / median `to` time (unionfs / fuse-overlayfs)."""
+        u = self.results.get(workload, {}).get(of)
+        f = self.results.get(workload, {}).get(to)
         if u and f and u.median is not None and f.median:
             return u.median / f.median
         return None
@@ -810,15 +900,18 @@ class Bench:
             if mounted:
                 t0 = time.perf_counter()
                 self.mounts.mount(system, ds.lowers, rundir / "upper", rundir / "work", root,
-                                  wl.options.get(system, ""))
+                                  wl.options.get("unionfs" if system in UNIONFS_VARIANTS else system, ""))
                 t_mount = time.perf_counter() - t0
             pid = daemon_pid(root) if system in FUSE_SYSTEMS else None
             before = daemon_stats(pid) if pid else None
             cmd = wl.command(root, ds)
+            if wl.prepare is not None:
+                run(wl.prepare(root, ds), self.args.timeout, capture=True)
             if wl.cache == "warm":
                 wl.check(root, ds, run(cmd, self.args.timeout, capture=True))
             if wl.cache != "cold":
                 os.sync()
+            cpu0 = daemon_stats(pid)["cpu_s"] if pid else None
             spy = self.start_profiler(pid, profile_to) if profile_to else None
             try:
                 t0 = time.perf_counter()
@@ -834,6 +927,8 @@ class Bench:
             if pid:
                 stats = daemon_stats(pid)
                 stats["fds_after_mount"] = before["fds"] if before else None
+                # the daemon's CPU time in the timed run alone
+                stats["cpu_run_s"] = stats["cpu_s"] - cpu0
             return elapsed, stats
         finally:
             if mounted:
@@ -1019,6 +1114,10 @@ def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) ->
 
     head = ["workload"] + systems
     ratio = "unionfs" in systems and "fuse-overlayfs" in systems
+    # Further ratios of unionfs: to kernel overlayfs, and to itself on its
+    # former binding (the before/after of the same run).
+    others = [o for o in ("overlayfs", "unionfs-libfuse3") if o in systems and "unionfs" in systems]
+    head += [f"unionfs / {o}" for o in others]
     if ratio:
         head += ["unionfs / fuse-overlayfs", "unionfs faster", "goal"]
     rows = []
@@ -1039,6 +1138,9 @@ def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) ->
                 if c.errors:
                     mark = f" [{note(f'{s}: {len(c.errors)} of {len(c.errors) + len(c.times)} runs failed: {c.errors[0]}')}]"
                 row.append(fmt(c.median) + mark)
+        for o in others:
+            r = bench.ratio(wl.name, "unionfs", o)
+            row.append("-" if r is None else f"{r:.2f}")
         if ratio:
             r = bench.ratio(wl.name)
             row.append("-" if r is None else f"{r:.2f}")
@@ -1073,15 +1175,17 @@ def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) ->
                 hwm = max(d["VmHWM"] for d in c.daemon) / 1024
                 fds = max(d["fds"] for d in c.daemon)
                 fds0 = max(d["fds_after_mount"] or 0 for d in c.daemon)
-                parts.append(f"{hwm:.0f} MiB, fds {fds0} -> {fds}")
+                cpu = statistics.median(d["cpu_run_s"] for d in c.daemon)
+                parts.append(f"{cpu:.2f} s, {hwm:.0f} MiB, fds {fds0} -> {fds}")
             elif s in systems:
                 parts.append("-")
         if any(p != "-" for p in parts):
             dmn.append(f"| {wl.name} | " + " | ".join(parts) + " |")
     if dmn:
         cols = [s for s in FUSE_SYSTEMS if s in systems]
-        text += ("\n\nDaemon peak RSS (VmHWM) and open fds (after mount -> after the "
-                 "run), worst over repetitions:\n\n| workload | " + " | ".join(cols) +
+        text += ("\n\nDaemon CPU time in the timed run (user + system, median), peak "
+                 "RSS (VmHWM) and open fds (after mount -> after the run, worst over "
+                 "repetitions):\n\n| workload | " + " | ".join(cols) +
                  " |\n|---|" + "---|" * len(cols) + "\n" + "\n".join(dmn))
     if notes:
         text += "\n\n" + "\n".join(f"[{i}] {n}" for i, n in enumerate(notes, 1))

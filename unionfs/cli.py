@@ -119,7 +119,7 @@ def fuse_main(argv=None):
             from unionfs import binding
             print(f"fuse-unionfs: version {__version__}")
             try:
-                print(f"FUSE library version {binding.load().library_version()}")
+                print("\n".join(binding.load().describe()))
             except (OSError, ImportError, ValueError) as e:
                 print(f"FUSE library: none ({e})")
             return EXIT_OK

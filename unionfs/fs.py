@@ -22,7 +22,6 @@ are kept across opens (``keep_cache``).
 import bisect
 import ctypes
 import errno
-import logging
 import os
 import queue
 import stat
@@ -36,8 +35,6 @@ from unionfs.layers import child_path
 from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 ll = binding.load()
-
-log = logging.getLogger("unionfs")
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
 MAX_LISTED_ENTRIES = 1_000_000  # directory entries kept ready for readdir
@@ -247,10 +244,12 @@ class UnionFS:
         e.entry_timeout = self.timeout
         return e
 
-    def _reply_attr(self, req, st, ino, nlink=None, alias=False):
+    def _reply_attr(self, req, st, ino, nlink=None, alias=False, timeout=None):
         cst = common.c_stat()
         _fill_stat(cst, st, ino, nlink, self.union.ids)
-        ll.reply_attr(req, cst, 0.0 if alias else self.timeout)
+        if timeout is None:
+            timeout = 0.0 if alias else self.timeout
+        ll.reply_attr(req, cst, timeout)
 
     @staticmethod
     def _owner(req):
@@ -305,6 +304,12 @@ class UnionFS:
             if inode.fd is None:
                 raise OSError(errno.ENOENT, "unlinked")
             self._reply_attr(req, os.fstat(inode.fd), inode.ino, alias=inode.alias)
+            return
+        if self._by_path.get(inode.path) is not inode:
+            # Its name now has a new inode (_open_as_new_inode), which the
+            # kernel keeps coherent; this one it is told nothing of, so it
+            # must ask every time.
+            self._reply_attr(req, *self.union.lstat(inode.path), timeout=0.0)
             return
         self._reply_attr(req, *self.union.lstat(inode.path), alias=inode.alias)
 
@@ -407,14 +412,34 @@ class UnionFS:
     # -- files ----------------------------------------------------------------------
 
     def open(self, req, nodeid, flags):
-        fd = self.union.open(self._path(nodeid), flags)
+        path = self._path(nodeid)
+        fd = self.union.open(path, flags)
         fi = ll.fuse_file_info()
         fi.flags = flags
         fi.fh = fd
         inode = self._inode(nodeid)
         fi.keep_cache = not inode.alias     # see "Caching" in the module doc
         inode.fd = fd
-        ll.reply_open(req, fi)
+        if ll.reply_open(req, fi) == -errno.ESTALE:
+            self._open_as_new_inode(req, inode, path, fd)
+
+    def _open_as_new_inode(self, req, inode, path, fd):
+        """The binding could not give the kernel open ``fd`` as ``inode``
+        (the kernel passes the inode's I/O through to another file: the
+        lower one, before this open copied it up). Give ``path`` a new node
+        id and answer ESTALE: the kernel then looks the name up again and
+        opens it as a new inode. Opens made before keep the old one, whose
+        attributes the kernel must ask for from now on (see getattr)."""
+        if inode.fd == fd:
+            inode.fd = None
+        os.close(fd)
+        with self._table:
+            if self._by_path.get(path) is inode:
+                del self._by_path[path]
+            if inode.ident is not None and self._by_ident.get(inode.ident) is inode:
+                del self._by_ident[inode.ident]
+        ll.inval_inode(inode.nodeid, attrs_only=True)
+        ll.reply_err(req, errno.ESTALE)
 
     def create(self, req, parent, name, mode, fi):
         path = child_path(self._path(parent), os.fsdecode(name))
@@ -429,13 +454,17 @@ class UnionFS:
         f.keep_cache = 1
         inode = self._inodes[e.ino]
         inode.fd = fd
-        if ll.reply_create(req, e, fi) == -errno.ENOENT:
+        sent = ll.reply_create(req, e, fi)
+        if sent == -errno.ENOENT:
             # Interrupted: the kernel will neither release the file nor
             # forget the lookup (the file stays created, as it would natively).
             if inode.fd == fd:
                 inode.fd = None
             os.close(fd)
             self._unlookup(e.ino)
+        elif sent == -errno.ESTALE:         # not sent: see open
+            self._unlookup(e.ino)
+            self._open_as_new_inode(req, inode, path, fd)
 
     # Data moves between the backing file and /dev/fuse inside libfuse (C):
     # no Python bytes objects, and the GIL is free while it happens.
@@ -725,7 +754,8 @@ class UnionFS:
             except OSError as e:
                 reply_err(req, e.errno or errno.EIO)
             except Exception:
-                log.exception("unionfs: %s failed", name)
+                import logging      # only here: a daemon start need not load it
+                logging.getLogger("unionfs").exception("unionfs: %s failed", name)
                 reply_err(req, errno.EIO)
         return call
 

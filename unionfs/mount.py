@@ -11,9 +11,7 @@ import errno
 import hashlib
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 from unionfs import control
@@ -134,6 +132,10 @@ def parse_options(optstrings, strict=True, warn=None, lowerdirs=()):
                 spec.timeout = float(value)
             except ValueError:
                 raise UserError(f"{key}={value}: not a number of seconds")
+        elif key == "passthrough" and eq:
+            if value not in ("on", "off"):
+                raise UserError(f"passthrough={value}: must be on or off")
+            spec.fuse_options["passthrough"] = value
         elif key == "threaded" and eq:
             spec.threaded = value not in ("0", "false", "no")
         elif key in ("uidmapping", "gidmapping") and eq:
@@ -226,9 +228,16 @@ def validate(spec, mountpoint):
 
 # -- the daemon -----------------------------------------------------------------
 
+# subprocess and tempfile are imported where used: a mount needs neither,
+# and every container start pays for each module the daemon imports.
+
 def _runtime_dir():
-    base = "/run/unionfs" if os.geteuid() == 0 else os.path.join(
-        os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"unionfs-{os.geteuid()}")
+    if os.geteuid() == 0:
+        base = "/run/unionfs"
+    else:
+        import tempfile
+        base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(),
+                            f"unionfs-{os.geteuid()}")
     os.makedirs(base, mode=0o700, exist_ok=True)
     return base
 
@@ -254,6 +263,8 @@ def fuse_options_for(spec, ll):
     opts.update(spec.fuse_options)
     if opts.pop("rw", None) and spec.upperdir is None:
         opts["ro"] = True
+    if not getattr(ll, "PASSTHROUGH", False):
+        opts.pop("passthrough", None)   # only the /dev/fuse binding can
     return opts
 
 
@@ -317,7 +328,7 @@ def mount(spec, mountpoint, foreground=False, debug=False):
             _remove(pidfile)
         return
 
-    errlog = tempfile.TemporaryFile()
+    errlog = os.fdopen(os.memfd_create("unionfs-errlog"), "w+b")    # the daemon's stderr
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:                                    # the daemon
@@ -494,6 +505,7 @@ def umount(mountpoint, timeout=30):
     cmd = ["fusermount", "-u"] + (["-z"] if stale else []) + [mountpoint]
     if os.geteuid() == 0:
         cmd = ["umount"] + (["-l"] if stale else []) + [mountpoint]
+    import subprocess
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["failed"])[-1]

@@ -1,21 +1,25 @@
-"""What libfuse 2.9's and libfuse 3's low-level APIs share: structures,
-constants and the reply functions, bound through ctypes.
+"""What the bindings share: glibc's ``struct stat`` and ``struct statvfs``
+(the structures fs.py fills), and for libfuse 2.9's and libfuse 3's
+low-level APIs their common structures, constants and reply functions,
+bound through ctypes.
 
-fusepy's per-architecture ``c_stat`` and ``c_statvfs`` layouts are reused
-(glibc's, the same for both libraries).
+The glibc layouts are spelled out here for x86_64 and aarch64 (as fusepy
+names them), so that a daemon on the /dev/fuse binding never loads fusepy or
+libfuse; other machines take fusepy's.
 """
 
 import ctypes
 import os
 import types
-from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_int, c_size_t,
+from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_int, c_long, c_size_t,
                     c_uint, c_uint64, c_ulong, c_void_p)
 
 
-def _point_fusepy_at_libfuse2():
+def point_fusepy_at_libfuse2():
     """fusepy finds libfuse 2 with ctypes.util.find_library, which runs
     `ldconfig -p`: milliseconds on every mount. Its FUSE_LIBRARY_PATH
-    knob skips that when the library loads by its soname."""
+    knob skips that when the library loads by its soname. Call before
+    importing fusepy."""
     if "FUSE_LIBRARY_PATH" not in os.environ:
         try:
             ctypes.CDLL("libfuse.so.2")
@@ -24,17 +28,51 @@ def _point_fusepy_at_libfuse2():
         os.environ["FUSE_LIBRARY_PATH"] = "libfuse.so.2"
 
 
-_point_fusepy_at_libfuse2()
-import fuse as _fusepy  # noqa: E402  (after the path is set)
+c_off_t = c_long
+c_mode_t = c_uint
+c_dev_t = c_ulong
+c_uid_t = c_uint
+c_gid_t = c_uint
+c_pid_t = c_int
 
-c_stat = _fusepy.c_stat
-c_statvfs = _fusepy.c_statvfs
-c_off_t = _fusepy.c_off_t
-c_mode_t = _fusepy.c_mode_t
-c_dev_t = _fusepy.c_dev_t
-c_uid_t = _fusepy.c_uid_t
-c_gid_t = _fusepy.c_gid_t
-c_pid_t = _fusepy.c_pid_t
+
+class c_timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", c_long), ("tv_nsec", c_long)]
+
+
+_TIMES = [("st_atimespec", c_timespec), ("st_mtimespec", c_timespec),
+          ("st_ctimespec", c_timespec)]
+_STAT_FIELDS = {
+    "x86_64": [("st_dev", c_dev_t), ("st_ino", c_ulong), ("st_nlink", c_ulong),
+               ("st_mode", c_mode_t), ("st_uid", c_uid_t), ("st_gid", c_gid_t),
+               ("__pad0", c_int), ("st_rdev", c_dev_t), ("st_size", c_off_t),
+               ("st_blksize", c_long), ("st_blocks", c_long)] + _TIMES,
+    "aarch64": [("st_dev", c_dev_t), ("st_ino", c_ulong), ("st_mode", c_mode_t),
+                ("st_nlink", c_uint), ("st_uid", c_uid_t), ("st_gid", c_gid_t),
+                ("st_rdev", c_dev_t), ("__pad1", c_ulong), ("st_size", c_off_t),
+                ("st_blksize", c_int), ("__pad2", c_int), ("st_blocks", c_long)] + _TIMES,
+}.get(os.uname().machine)
+
+if _STAT_FIELDS is not None:
+    class c_stat(ctypes.Structure):
+        _fields_ = _STAT_FIELDS
+
+    class c_statvfs(ctypes.Structure):
+        _fields_ = [(name, c_ulong) for name in (
+            "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+            "f_ffree", "f_favail", "f_fsid", "f_flag", "f_namemax")]
+else:
+    point_fusepy_at_libfuse2()
+    import fuse as _fusepy  # noqa: E402
+
+    c_stat = _fusepy.c_stat
+    c_statvfs = _fusepy.c_statvfs
+    c_off_t = _fusepy.c_off_t
+    c_mode_t = _fusepy.c_mode_t
+    c_dev_t = _fusepy.c_dev_t
+    c_uid_t = _fusepy.c_uid_t
+    c_gid_t = _fusepy.c_gid_t
+    c_pid_t = _fusepy.c_pid_t
 
 fuse_ino_t = c_uint64
 fuse_req_t = c_void_p

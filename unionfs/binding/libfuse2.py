@@ -9,10 +9,12 @@ import ctypes
 import os
 from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint, c_void_p
 
-import fuse as _fusepy
-
 from unionfs.binding import common
-from unionfs.binding.common import MountError
+
+common.point_fusepy_at_libfuse2()
+import fuse as _fusepy  # noqa: E402  (after the path is set)
+
+from unionfs.binding.common import MountError  # noqa: E402
 
 lib = _fusepy._libfuse
 fuse_file_info = _fusepy.fuse_file_info
@@ -111,3 +113,11 @@ def run(handlers, mountpoint, options, threaded=False):
 def library_version():
     v = _p("fuse_version", c_int)()
     return f"{v // 10}.{v % 10}"
+
+
+NAME = "libfuse2"
+
+
+def describe():
+    """What ``fuse-unionfs --version`` says of this binding."""
+    return [f"FUSE binding version {NAME}", f"FUSE library version {library_version()}"]

@@ -177,3 +177,11 @@ def run(handlers, mountpoint, options, threaded=False):
 
 def library_version():
     return _p("fuse_pkgversion", c_char_p)().decode()
+
+
+NAME = "libfuse3"
+
+
+def describe():
+    """What ``fuse-unionfs --version`` says of this binding."""
+    return [f"FUSE binding version {NAME}", f"FUSE library version {library_version()}"]
