@@ -336,3 +336,30 @@ def test_bad_input_gets_one_line(tmp_path):
         cli("stats", "--store", tmp_path / "store", "nosuchname", check=False))
     assert "not inside a unionfs mount" in one_line_error(cli("which", tmp_path, check=False))
     assert "needs a terminal" in one_line_error(cli("stats", "--watch", tmp_path, check=False))
+
+
+def test_prune_removes_sockets_only_of_killed_daemons(tmp_path, monkeypatch):
+    """A daemon killed before it wrote its pidfile leaves only its control
+    socket: the next mount's prune removes it, but never a socket something
+    still listens on (a daemon that is starting)."""
+    import importlib
+    import socket as socketmod
+
+    from unionfs import control
+    mountmod = importlib.import_module("unionfs.mount")    # `unionfs.mount` is the API's function
+    monkeypatch.setattr(mountmod, "_runtime_dir", lambda: str(tmp_path))
+    stale, live = tmp_path / ("a" * 24 + control.SUFFIX), tmp_path / ("b" * 24 + control.SUFFIX)
+    dead = socketmod.socket(socketmod.AF_UNIX)
+    dead.bind(str(stale))
+    dead.close()                    # the file stays; connecting is refused
+    listening = socketmod.socket(socketmod.AF_UNIX)
+    listening.bind(str(live))
+    listening.listen(1)
+    other = tmp_path / "notes.sock"  # not a control socket's name: not ours
+    other.write_text("")
+    try:
+        mountmod.prune_pidfiles()
+        assert not stale.exists()
+        assert live.exists() and other.exists()
+    finally:
+        listening.close()

@@ -42,6 +42,21 @@ def socket_for(pidfile):
     return pidfile[:-len(".pid")] + SUFFIX
 
 
+def is_stale(path):
+    """True if nothing listens on control socket ``path`` any more (its
+    daemon was killed before it could remove it): connecting is refused."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False        # not ours to judge (gone already, not a socket, no access)
+    finally:
+        sock.close()
+    return False
+
+
 def peer_uid(conn):
     """The uid of the process at the other end of unix socket ``conn``."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

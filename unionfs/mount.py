@@ -287,6 +287,9 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
         union.copyup.observer = recorder
     fs = UnionFS(union, timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
                  on_init=on_ready, watch=recorder)
+    options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec, ll).items()]
+    if debug:
+        options.append("debug")
     control_server = control.Server(control.socket_for(pidfile_for(mountpoint)), recorder,
                                     union, extra=fs.stats)
     try:
@@ -295,9 +298,6 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
         # The mount matters more than watching it: serve without.
         print(f"unionfs: warning: no control socket ({e}); stats and events are off",
               file=sys.stderr)
-    options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec, ll).items()]
-    if debug:
-        options.append("debug")
     # Default: one thread reads requests and answers the quick ones; slow
     # ones go to workers (measured faster than libfuse's thread-per-request
     # loop, whose threads fight over the GIL). threaded=1 selects the latter.
@@ -447,11 +447,16 @@ def prune_pidfiles():
     except OSError:
         return
     for name in names:
+        path = os.path.join(base, name)
         if name.endswith(".pid") and len(name) == _PIDFILE_KEY + len(".pid"):
-            path = os.path.join(base, name)
             if _read_pidfile(path) is None:
                 _remove(path)
                 _remove(control.socket_for(path))
+        elif name.endswith(control.SUFFIX) and len(name) == _PIDFILE_KEY + len(control.SUFFIX):
+            # A daemon killed before it wrote its pidfile leaves only this;
+            # one still starting listens already, so it is never taken.
+            if name[:_PIDFILE_KEY] + ".pid" not in names and control.is_stale(path):
+                _remove(path)
 
 
 def _remove(path):
