@@ -215,13 +215,20 @@ def test_private_has_an_interface_and_a_default_route(container, state_dir, help
     assert container.sh("ip route").startswith("default via "), "no default route"
 
 
-@requires_runc
-def test_private_forwards_a_tcp_port(container, state_dir, helper, token):
+def _serve_http_through_a_forward(container, state_dir, token):
+    """A private network with one TCP forward from a free 127.0.0.1 port to
+    an httpd in the container, checked to answer; returns the mapping."""
     tcp = PortMapping("127.0.0.1", free_port(), CTR_TCP_PORT, "tcp")
     network.attach("private", container.pid, [tcp], state_dir)
     container.start()
     container.sh_detached(f"exec httpd -f -p {CTR_TCP_PORT} -h /srv")
     assert http_get(tcp.host_port) == token
+    return tcp
+
+
+@requires_runc
+def test_private_forwards_a_tcp_port(container, state_dir, helper, token):
+    tcp = _serve_http_through_a_forward(container, state_dir, token)
 
 
 @requires_runc
@@ -312,11 +319,7 @@ def test_none_has_loopback_only(container, state_dir):
 
 @requires_runc
 def test_detach_stops_the_helper_and_is_idempotent(container, state_dir, helper, token):
-    tcp = PortMapping("127.0.0.1", free_port(), CTR_TCP_PORT, "tcp")
-    network.attach("private", container.pid, [tcp], state_dir)
-    container.start()
-    container.sh_detached(f"exec httpd -f -p {CTR_TCP_PORT} -h /srv")
-    assert http_get(tcp.host_port) == token
+    tcp = _serve_http_through_a_forward(container, state_dir, token)
     pid, start = recorded_helper(state_dir)
 
     network.detach(state_dir)
