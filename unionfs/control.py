@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 
@@ -189,16 +190,19 @@ class Server:
 
     def open_files(self):
         """Files open through the mount: the daemon's descriptors on files
-        in the layers (each open of a merged file holds one)."""
+        in the layers (each open of a merged file holds one). Directories
+        do not count: those are the daemon's own handles (layers.py; an
+        open merged directory holds no descriptor)."""
         roots = tuple(layer.root + "/" for layer in self.union.stack.layers)
         n = 0
         for fd in os.listdir("/proc/self/fd"):
             try:
                 target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith(roots) and \
+                        not stat.S_ISDIR(os.stat(f"/proc/self/fd/{fd}").st_mode):
+                    n += 1
             except OSError:
                 continue        # closed meanwhile
-            if target.startswith(roots):
-                n += 1
         return n
 
     def _events(self, conn, follow):

@@ -27,7 +27,7 @@ from unionfs import inodes
 from unionfs import metacopy
 from unionfs import osutil
 from unionfs import whiteout as wh
-from unionfs.layers import DIR, split_path
+from unionfs.layers import DIR, child_path, split_path
 from unionfs.observe import NO_OBSERVER
 
 # ``data`` of a copy-up that copies metadata only (metacopy.py): the copy is
@@ -48,10 +48,11 @@ _IS_ROOT = os.geteuid() == 0
 _XATTR_SKIP = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 
-def copy_xattrs(src, dst):
-    """Copy every non-private xattr of ``src`` to ``dst`` (no symlink follow)."""
+def copy_xattrs(src_layer, src, dst_layer, dst):
+    """Copy every non-private xattr of ``src`` (of ``src_layer``) to ``dst``
+    (of ``dst_layer``), no symlink followed."""
     try:
-        names = os.listxattr(src, follow_symlinks=False)
+        names = src_layer.listxattr(src)
     except OSError as e:
         if e.errno in _XATTR_SKIP:
             return
@@ -60,8 +61,7 @@ def copy_xattrs(src, dst):
         if wh.is_private_xattr(name):
             continue
         try:
-            value = os.getxattr(src, name, follow_symlinks=False)
-            os.setxattr(dst, name, value, follow_symlinks=False)
+            dst_layer.setxattr(dst, name, src_layer.getxattr(src, name))
         except OSError as e:
             if e.errno not in _XATTR_SKIP and e.errno != errno.ENODATA:
                 raise
@@ -121,17 +121,18 @@ def _copy_range(fd_in, fd_out, off, count, durable=False):
         off += len(buf)
 
 
-def set_metadata(src, dst, st):
-    """Give ``dst`` the owner, xattrs, mode and times of ``src`` (``st``).
+def set_metadata(src_layer, src, dst_layer, dst, st):
+    """Give ``dst`` (of ``dst_layer``) the owner, xattrs, mode and times of
+    ``src`` (of ``src_layer``, stat ``st``).
 
     Order matters: chown clears set-id bits, so the mode comes after it.
     """
     if _IS_ROOT:
-        os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
-    copy_xattrs(src, dst)
+        dst_layer.chown(dst, st.st_uid, st.st_gid)
+    copy_xattrs(src_layer, src, dst_layer, dst)
     if not stat.S_ISLNK(st.st_mode):
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        dst_layer.chmod(dst, stat.S_IMODE(st.st_mode))
+    dst_layer.utime(dst, (st.st_atime_ns, st.st_mtime_ns))
 
 
 class CopyUp:
@@ -140,7 +141,7 @@ class CopyUp:
     def __init__(self, stack, work, writer, fsync=True):
         self.stack = stack
         self.upper = stack.upper
-        self.work = work            # private temp dir on the upper's filesystem
+        self.work = work            # private temp dir on the upper's filesystem (a Layer)
         self.writer = writer
         self.fsync = fsync
         self.on_publish = None      # called with each path a copy-up published
@@ -151,15 +152,17 @@ class CopyUp:
     def recover(self):
         """Clean the work dir after an earlier daemon: finish the hard-link
         copy-ups it left half done, remove its temporaries (never published)."""
-        for entry in os.scandir(self.work):
-            if entry.name.startswith(LINKS_INTENT) and entry.is_file(follow_symlinks=False):
-                with open(entry.path, "rb") as f:
+        with self.work.scandir("/") as it:
+            names = [(e.name, e.is_file(follow_symlinks=False)) for e in it]
+        for name, is_file in names:
+            if name.startswith(LINKS_INTENT) and is_file:
+                with os.fdopen(self.work.open("/" + name, os.O_RDONLY), "rb") as f:
                     fields = os.fsdecode(f.read()).split(" ", 2)
                 # Cut short while being written: nothing was published yet.
                 if len(fields) == 3:
                     index, ino, path = fields
                     self._finish_links(self.stack.layers[int(index)], int(ino), path)
-            remove_tree(entry.path)
+            remove_tree(self.work, "/" + name)
 
     def _finish_links(self, layer, ino, path):
         """Link the names of lower inode ``ino`` (of ``layer``) still lower
@@ -167,8 +170,7 @@ class CopyUp:
         node = self.stack.lookup(path)
         if node is None or not node.in_upper or node.kind == DIR:
             return
-        copy = self.upper.real(path)
-        if inodes.recorded_ino(copy) != ino | layer.ino_tag:
+        if inodes.recorded_ino(self.upper, path) != ino | layer.ino_tag:
             return
         for name in layer.names_of(ino):
             try:
@@ -177,11 +179,13 @@ class CopyUp:
                 continue
             if shown is not None and shown.kind != DIR and shown.top is layer:
                 self.ensure_dir(split_path(name)[0])
-                self._publish(lambda dst: os.link(copy, dst), name, linked=True)
+                self._publish(lambda dst: self.upper.link(path, self.upper, dst),
+                              name, linked=True)
 
     def temp_name(self):
-        """A fresh name in the work dir (the pid keeps two daemons apart)."""
-        return os.path.join(self.work, f"#{os.getpid():x}.{next(self._seq):x}")
+        """A fresh name in the work dir, as a path of ``self.work`` (the pid
+        keeps two daemons apart)."""
+        return f"/#{os.getpid():x}.{next(self._seq):x}"
 
     def ensure_dir(self, path):
         """Copy directory ``path`` (and its parents) up if needed; return its node."""
@@ -205,13 +209,12 @@ class CopyUp:
         if node.in_upper:
             return node
         parent, _ = split_path(path)
-        src = node.top.real(path)
-        st = os.lstat(src)
+        st = node.top.lstat(path)
         if is_hard_link(st):
             return self._copy_up_links(path, node, st, data)
         self.ensure_dir(parent)
         t0 = time.perf_counter_ns()
-        tmp = self._build_copy(src, st, data, node.top, path)
+        tmp = self._build_copy(st, data, node.top, path)
         self._before_publish(path, st, data)
         self.publish(tmp, path)
         self._report(path, st, data, t0)
@@ -225,7 +228,7 @@ class CopyUp:
     def _before_publish(self, path, st, data):
         """A metacopy's parent is marked first (see metacopy.IMPURE_XATTRS)."""
         if data is META and stat.S_ISREG(st.st_mode):
-            metacopy.mark_impure(self.upper.real(split_path(path)[0]))
+            metacopy.mark_impure(self.upper, split_path(path)[0])
 
     def _copy_up_links(self, path, node, st, data):
         """Copy up a lower file that has several names (a hard link): one
@@ -252,25 +255,28 @@ class CopyUp:
         # Until every name is linked, an intent in the work dir says which
         # copy is being linked, so that the next mount finishes the job if
         # this daemon dies first (``recover``): no name is ever left behind.
-        intent = os.path.join(self.work, f"{LINKS_INTENT}{layer.index}.{st.st_ino}")
+        intent = f"/{LINKS_INTENT}{layer.index}.{st.st_ino}"
         if copy is None:
             self.ensure_dir(split_path(path)[0])
-            tmp = self._build_copy(layer.real(path), st, data, layer, path, hidden)
-            _write_intent(intent, f"{layer.index} {st.st_ino} {path}")
+            tmp = self._build_copy(st, data, layer, path, hidden)
+            self._write_intent(intent, f"{layer.index} {st.st_ino} {path}")
             self.publish(tmp, path, linked=True)
-            copy = self.upper.real(path)
+            copy = path
             lower_names.remove(path)
         else:
-            _write_intent(intent, f"{layer.index} {st.st_ino} {self.upper_name(copy)}")
+            self._write_intent(intent, f"{layer.index} {st.st_ino} {copy}")
         for name in lower_names:
             self.ensure_dir(split_path(name)[0])
-            self._publish(lambda dst: os.link(copy, dst), name, linked=True)
-        os.unlink(intent)
+            self._publish(lambda dst: self.upper.link(copy, self.upper, dst), name, linked=True)
+        self.work.unlink(intent)
         return self.stack.lookup(path)
 
-    def upper_name(self, real):
-        """The merged path of upper path ``real``."""
-        return real[len(self.upper.root):] or "/"
+    def _write_intent(self, intent, text):
+        fd = self.work.open(intent, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, os.fsencode(text))
+        finally:
+            os.close(fd)
 
     def copy_up_file(self, path, lock, data=True):
         """Copy up a non-directory, copying its data *outside* ``lock`` (the
@@ -287,17 +293,16 @@ class CopyUp:
                     raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                 if node.in_upper or node.kind == DIR:
                     return self.copy_up(path, node, data)
-                src = node.top.real(path)
-                st = os.lstat(src)
+                st = node.top.lstat(path)
                 if is_hard_link(st):
                     return self.copy_up(path, node, data)   # all names at once
                 self.ensure_dir(split_path(path)[0])
             t0 = time.perf_counter_ns()
-            tmp = self._build_copy(src, st, data, node.top, path)
+            tmp = self._build_copy(st, data, node.top, path)
             with lock:
                 now = self.stack.lookup(path)
                 if now is None or now.in_upper or now.top is not node.top:
-                    remove_tree(tmp)
+                    remove_tree(self.work, tmp)
                     if now is None:
                         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
                     return self.copy_up(path, now, data)
@@ -308,8 +313,9 @@ class CopyUp:
 
     def other_names(self, path, node, st):
         """(lower names, copy) of hard link ``path`` (lower ``node``, ``st``):
-        the other merged names that show the same lower file, and the upper
-        path of a copy of it already published at another name, or None."""
+        the other merged names that show the same lower file, and the merged
+        path of a copy of it already published in the upper at another
+        name, or None."""
         layer = node.top
         key = origin_ino(st, layer)
         lower_names, copy = [], None
@@ -325,81 +331,82 @@ class CopyUp:
             if shown.top is layer:
                 lower_names.append(other)
             elif copy is None and shown.in_upper and \
-                    inodes.recorded_ino(self.upper.real(other)) == key:
-                copy = self.upper.real(other)
+                    inodes.recorded_ino(self.upper, other) == key:
+                copy = other
         return lower_names, copy
 
     def publish(self, tmp, path, linked=False):
         """Rename work entry ``tmp`` to ``path`` in the upper."""
         try:
-            self._publish(lambda dst: os.rename(tmp, dst), path, linked)
+            self._publish(lambda dst: self.work.rename(tmp, self.upper, dst), path, linked)
         except BaseException:
-            remove_tree(tmp)
+            remove_tree(self.work, tmp)
             raise
 
     def _publish(self, put, path, linked=False):
-        """``put(upper path)`` the copy of ``path`` into the upper, keeping
-        the parent directory's times (as overlayfs does: a copy-up is not a
+        """``put(path)`` the copy of ``path`` into the upper, keeping the
+        parent directory's times (as overlayfs does: a copy-up is not a
         change of the parent). ``linked``: the copy has other merged names."""
-        parent_real = self.upper.real(split_path(path)[0])
-        pst = os.lstat(parent_real)
+        parent = split_path(path)[0]
+        pst = self.upper.lstat(parent)
         try:
-            put(self.upper.real(path))
+            put(path)
         finally:
             self.stack.invalidate(path)
-        os.utime(parent_real, ns=(pst.st_atime_ns, pst.st_mtime_ns),
-                 follow_symlinks=False)
+        self.upper.utime(parent, (pst.st_atime_ns, pst.st_mtime_ns))
         if self.on_publish is not None:
             self.on_publish(path, linked)
 
-    def _build_copy(self, src, st, data, layer, path, hidden_links=0):
-        """A copy of ``src`` (``st``, in lower ``layer``, merged ``path``) in
-        the work dir."""
+    def _build_copy(self, st, data, layer, path, hidden_links=0):
+        """A copy of ``path`` of lower ``layer`` (stat ``st``) in the work
+        dir; returns its name there."""
         tmp = self.temp_name()
+        work = self.work
         mode = st.st_mode
         ino = origin_ino(st, layer)
         try:
             if stat.S_ISREG(mode):
-                self._copy_file(src, tmp, st, data, (ino, hidden_links), path)
+                self._copy_file((layer, path), tmp, st, data, (ino, hidden_links), path)
                 return tmp
             if stat.S_ISDIR(mode):
-                os.mkdir(tmp, 0o700)
+                work.mkdir(tmp, 0o700)
             elif stat.S_ISLNK(mode):
-                os.symlink(os.readlink(src), tmp)
+                work.symlink(layer.readlink(path), tmp)
             else:
-                os.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
-            set_metadata(src, tmp, st)
-            inodes.record_ino(tmp, ino)
+                work.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            set_metadata(layer, path, work, tmp, st)
+            inodes.record_ino(work, tmp, ino)
         except BaseException:
-            remove_tree(tmp)
+            remove_tree(work, tmp)
             raise
         return tmp
 
     def _copy_file(self, src, tmp, st, data, record, path, meta_src=None):
-        """Build regular file ``tmp``: the data of ``src`` as ``data`` says,
-        the metadata of ``meta_src`` (default ``src``; ``st`` is its stat),
-        the inode record ``record`` (inodes.recorded)."""
-        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        """Build regular file ``tmp`` of the work dir: the data of ``src``
+        ((layer, path)) as ``data`` says, the metadata of ``meta_src``
+        (default ``src``; ``st`` is its stat), the inode record ``record``
+        (inodes.recorded)."""
+        work = self.work
+        fd_in = src[0].open(src[1], os.O_RDONLY)
         meta_src = src if meta_src is None else meta_src
         try:
-            fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd_out = work.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 if data is META:
                     os.ftruncate(fd_out, st.st_size)
                 elif data:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
-                set_metadata(meta_src, tmp, st)
-                inodes.record_ino(tmp, *record)
+                set_metadata(*meta_src, work, tmp, st)
+                inodes.record_ino(work, tmp, *record)
                 if data is META:
-                    metacopy.mark(tmp, path)
+                    metacopy.mark(work, tmp, path)
                 # No data copied, nothing to make durable before the rename
                 # (the journal orders metadata), as overlayfs skips its fsync.
                 elif self.fsync:
                     os.fsync(fd_out)
             except BaseException:
                 os.close(fd_out)
-                os.unlink(tmp)
+                work.unlink(tmp)
                 raise
             os.close(fd_out)
         finally:
@@ -408,7 +415,7 @@ class CopyUp:
     def complete(self, path, lock, locate, data=True):
         """Give metacopy ``path`` its data (``data=False``: none, the
         caller truncates to 0). ``locate(path, node)`` is the lower data file
-        of an upper node, or None once it has its own.
+        of an upper node ((layer, path)), or None once it has its own.
 
         The upper is replaced in one rename by a full copy (data from the
         lower, metadata, xattrs and inode number from the metacopy), built
@@ -424,29 +431,28 @@ class CopyUp:
                     src = locate(path, node) if node.in_upper and node.kind != DIR else None
                     if src is None:
                         return node
-                    real = self.upper.real(path)
-                    st = os.lstat(real)
+                    st = self.upper.lstat(path)
                     if attempt == 2:
-                        return self._complete(path, src, real, st, data)
-                tmp = self._build_completion(path, src, real, st, data)
+                        return self._complete(path, src, st, data)
+                tmp = self._build_completion(path, src, st, data)
                 with lock:
                     node = self.stack.lookup(path)
-                    now = os.lstat(real) if node is not None and node.in_upper else None
+                    now = self.upper.lstat(path) if node is not None and node.in_upper else None
                     if now is not None and (now.st_ino, now.st_ctime_ns) == \
                             (st.st_ino, st.st_ctime_ns) and locate(path, node) == src:
                         self.publish(tmp, path)
                         return self.stack.lookup(path)
-                    remove_tree(tmp)
+                    remove_tree(self.work, tmp)
 
-    def _complete(self, path, src, real, st, data):
-        self.publish(self._build_completion(path, src, real, st, data), path)
+    def _complete(self, path, src, st, data):
+        self.publish(self._build_completion(path, src, st, data), path)
         return self.stack.lookup(path)
 
-    def _build_completion(self, path, src, real, st, data):
+    def _build_completion(self, path, src, st, data):
         tmp = self.temp_name()
-        ino, hidden = inodes.recorded(real)
+        ino, hidden = inodes.recorded(self.upper, path)
         self._copy_file(src, tmp, st, data, (st.st_ino if ino is None else ino, hidden), path,
-                        meta_src=real)
+                        meta_src=(self.upper, path))
         return tmp
 
     def copy_up_tree(self, path, listing, data=True):
@@ -480,29 +486,27 @@ class CopyUp:
             if kind == DIR:
                 nbytes += self._copy_tree(child, listing, data)[1] or 0
             elif not cnode.in_upper:
-                cst = os.lstat(cnode.top.real(child))
+                cst = cnode.top.lstat(child)
                 self.copy_up(child, cnode, data)
                 nbytes += cst.st_size if data is True and stat.S_ISREG(cst.st_mode) else 0
-        real = self.upper.real(path)
-        self.writer.set_opaque(real)
+        upper = self.upper
+        self.writer.set_opaque(upper, path)
         self.observer.opaque(path)
         # Opaque and complete, the directory needs no whiteouts any more; and
         # it must not keep them: kernel overlayfs lists a directory nothing
         # merges with straight from disk, whiteouts included.
         # Removing them is not a change the user made: keep the times.
-        st = os.lstat(real)
-        removed = False
-        for entry in os.scandir(real):
-            if entry.name.startswith(wh.WH_PREFIX):
-                if entry.name != wh.WH_OPAQUE:
-                    os.unlink(entry.path)
-                    removed = True
-            elif not entry.is_dir(follow_symlinks=False) and \
-                    wh.is_whiteout_stat(entry.stat(follow_symlinks=False)):
-                os.unlink(entry.path)
-                removed = True
-        if removed:
-            os.utime(real, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        st = upper.lstat(path)
+        with upper.scandir(path) as it:
+            markers = [e.name for e in it
+                       if (e.name.startswith(wh.WH_PREFIX) and e.name != wh.WH_OPAQUE)
+                       or (not e.name.startswith(wh.WH_PREFIX)
+                           and not e.is_dir(follow_symlinks=False)
+                           and wh.is_whiteout_stat(e.stat(follow_symlinks=False)))]
+        for name in markers:
+            upper.unlink(child_path(path, name))
+        if markers:
+            upper.utime(path, (st.st_atime_ns, st.st_mtime_ns))
         self.stack.invalidate(path, tree=True)
         return self.stack.lookup(path), nbytes
 
@@ -518,24 +522,30 @@ def is_hard_link(st):
     return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)
 
 
-def _write_intent(path, text):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+def remove_tree(layer, path):
+    """Remove entry ``path`` of ``layer`` (a work-dir entry), of any type,
+    best effort (cleanup path only). Iterative, relative to each directory:
+    any depth works."""
     try:
-        os.write(fd, os.fsencode(text))
-    finally:
-        os.close(fd)
-
-
-def remove_tree(path):
-    """Remove a work-dir entry of any type, best effort (cleanup path only)."""
-    try:
-        st = os.lstat(path)
+        st = layer.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
+        layer.unlink(path)
         return
-    for entry in os.scandir(path):
-        remove_tree(entry.path)
-    os.rmdir(path)
+    # Depth first: a directory is removed once what it held is gone.
+    todo = [(path, False)]
+    while todo:
+        p, listed = todo.pop()
+        if listed:
+            layer.rmdir(p)
+            layer.forget_dirs(p)
+            continue
+        todo.append((p, True))
+        with layer.scandir(p) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for name, is_dir in entries:
+            if is_dir:
+                todo.append((child_path(p, name), False))
+            else:
+                layer.unlink(child_path(p, name))

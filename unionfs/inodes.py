@@ -46,14 +46,15 @@ def origin_xattr():
 ORIGIN = origin_xattr()
 
 
-def recorded(real):
-    """(inode number, hidden links) recorded on upper entry ``real`` by its
+def recorded(layer, path):
+    """(inode number, hidden links) recorded on entry ``path`` of ``layer``
+    (the upper, or the work dir) by its
     copy-up, or (None, 0) (made in the upper, or the record is unreadable).
     Hidden links: names of a lower hard link that its copy-up could not
     link because the merged view did not show them; they still count in
     st_nlink, as on overlayfs."""
     try:
-        fields = os.getxattr(real, ORIGIN, follow_symlinks=False).split()
+        fields = layer.getxattr(path, ORIGIN).split()
         return int(fields[0]), (int(fields[1]) if len(fields) > 1 else 0)
     except OSError:
         # ENODATA: not copied up; ENOTSUP/EPERM: no record possible here.
@@ -62,15 +63,15 @@ def recorded(real):
         return None, 0  # not written by us: ignore it
 
 
-def recorded_ino(real):
-    return recorded(real)[0]
+def recorded_ino(layer, path):
+    return recorded(layer, path)[0]
 
 
-def record_ino(real, ino, hidden_links=0):
-    """Record on the upper copy ``real`` the number ``ino`` it shows."""
+def record_ino(layer, path, ino, hidden_links=0):
+    """Record on the upper copy ``path`` of ``layer`` the number ``ino`` it shows."""
     value = f"{ino} {hidden_links}" if hidden_links else str(ino)
     try:
-        os.setxattr(real, ORIGIN, value.encode(), follow_symlinks=False)
+        layer.setxattr(path, ORIGIN, value.encode())
     except OSError as e:
         # EPERM: user.* xattrs on a symlink or device node; ENOTSUP: the
         # upper's filesystem has no xattrs. The copy then shows its own
@@ -79,8 +80,9 @@ def record_ino(real, ino, hidden_links=0):
             raise
 
 
-def copy_record(src, dst):
-    """Carry the record of upper entry ``src`` over to its replacement ``dst``."""
-    ino, hidden = recorded(src)
+def copy_record(layer, src, work, dst):
+    """Carry the record of upper entry ``src`` over to its replacement
+    ``dst`` in the work dir."""
+    ino, hidden = recorded(layer, src)
     if ino is not None:
-        record_ino(dst, ino, hidden)
+        record_ino(work, dst, ino, hidden)

@@ -1,11 +1,18 @@
 """The layer stack and path lookup (overlayfs's namei.c).
 
 A *merged path* is an absolute path in the mounted view ("/", "/etc/passwd").
-Every layer maps it to a backing path by prefixing the layer's root; because
-lookup walks one component at a time and only descends into components that
-are real directories in that layer, a symlink inside a layer is never
-followed while resolving a path (``root + path`` only ever crosses
-directories already seen as directories).
+No backing file is reached by an absolute path: every syscall on a layer goes
+through ``Layer``, relative to a directory descriptor (``openat``,
+``fstatat``, ``renameat2``, ... with ``dir_fd=``). ``Layer.dir`` opens the
+directory of a merged path one component at a time with
+``O_PATH|O_NOFOLLOW|O_DIRECTORY`` from the nearest cached ancestor, so
+
+- a symlink inside a layer is never followed while resolving a path (every
+  component is checked to be a real directory before anything is opened
+  below it);
+- a merged path of any length works (each call names one component);
+- an operation reaches the directory it looked up, even if a parent is
+  renamed meanwhile.
 
 Invariants the caches rely on:
 - lower layers never change while mounted (documented as undefined), so what
@@ -14,11 +21,13 @@ Invariants the caches rely on:
   ``LayerStack.invalidate`` for the paths it touched, after touching them.
 """
 
+import collections
 import errno
 import os
 import stat
 import threading
 
+from unionfs import osutil
 from unionfs import whiteout as wh
 
 # Entry kinds as seen in one layer.
@@ -29,6 +38,14 @@ WHITEOUT = "w"   # a whiteout: hides the name in every layer below
 # Bounds on cached lookups and listings; past them a cache starts over.
 MAX_CACHED_NODES = 400_000
 MAX_CACHED_LISTINGS = 20_000
+# Directory descriptors kept open, shared out among the layers of a stack
+# (each layer keeps at least MIN_DIRFDS): a cache miss costs one openat per
+# missing component, so a few hundred cover the working set of a tree walk.
+DIRFD_BUDGET = 1024
+MIN_DIRFDS = 32
+
+_O_DIRFD = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def child_path(parent, name):
@@ -39,6 +56,73 @@ def split_path(path):
     """'/a/b' -> ('/a', 'b'); '/a' -> ('/', 'a')."""
     parent, _, name = path.rpartition("/")
     return (parent or "/"), name
+
+
+class DirFd:
+    """An ``O_PATH`` descriptor of one backing directory.
+
+    Closed when the last holder drops it, not when the cache evicts it: a
+    caller that took it from the cache keeps it valid for as long as it
+    holds it, even if another thread evicts it meanwhile (the number is
+    never closed under it and handed out again). It converts to its fd
+    (``__index__``), so it is passed as ``dir_fd=`` itself and the call
+    holds it.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __index__(self):
+        return self.fd
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+def open_dir(dir_fd, name):
+    """The DirFd of directory ``name`` in ``dir_fd``, never through a
+    symlink: ENOTDIR if ``name`` is anything but a directory."""
+    d = DirFd(os.open(name, _O_DIRFD, dir_fd=dir_fd))
+    # O_PATH|O_NOFOLLOW opens a symlink itself (O_DIRECTORY is not checked
+    # then): refuse it here, so that nothing is ever resolved below it.
+    if not stat.S_ISDIR(os.stat(d.fd).st_mode):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), name)
+    return d
+
+
+def xattr_path(dir_fd, name):
+    """A short path naming entry ``name`` of ``dir_fd`` for the xattr calls,
+    which have no *at form in Python: /proc/self/fd/N is the directory
+    itself, whatever its path. Valid while ``dir_fd`` is held."""
+    return f"/proc/self/fd/{dir_fd.fd}/{name}"
+
+
+class OpenDir:
+    """A directory of a layer opened for listing: ``with layer.scandir(p)
+    as it: for e in it`` (``e.stat()`` works inside the block only)."""
+
+    __slots__ = ("fd", "_it")
+
+    def __init__(self, fd):
+        self.fd = fd
+        self._it = None
+
+    def __enter__(self):
+        try:
+            self._it = os.scandir(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self._it
+
+    def __exit__(self, *exc):
+        self._it.close()
+        os.close(self.fd)
+
+    def __iter__(self):
+        return self._it
 
 
 class DirIndex:
@@ -52,26 +136,196 @@ class DirIndex:
 
 
 class Layer:
-    """One backing directory of the stack. All reads of a layer go through here.
+    """One backing directory of the stack. All reads of a layer go through here,
+    and every syscall on it (see the module doc): each method takes a merged
+    path and works relative to the descriptor of its parent directory.
 
     ``index`` is the position in the stack (0 = top-most). ``ino_tag`` is or'ed
     into the inode numbers of this layer's entries (see inodes.py).
+    ``follow_root``: whether ``root`` itself may be a symlink (a layer given
+    by the user may; the work dir, whose contents get deleted, may not).
+
+    Directory descriptors are cached by merged path (LRU, ``max_dirfds``).
+    Lower layers never change, so theirs never go stale; the upper's are
+    dropped by ``forget_dirs`` (LayerStack.invalidate) when a directory is
+    renamed or removed, and one opened while that happened is not kept
+    (the generation check, as for lookups).
     """
 
-    def __init__(self, root, index, upper=False, ino_tag=0):
+    def __init__(self, root, index, upper=False, ino_tag=0, follow_root=True):
         self.root = os.path.abspath(root).rstrip("/")
         self.index = index
         self.upper = upper
         self.ino_tag = ino_tag
         self._dirs = {}         # lower layers only: merged dir path -> DirIndex
         self._links = None      # lower layers only: inode -> its names (names_of)
+        # (A trailing slash makes the last component resolve even if a symlink.)
+        self.fd = open_dir(None, self.root + "/" if follow_root else self.root)
+        self.max_dirfds = DIRFD_BUDGET
+        self._dirfds = collections.OrderedDict()    # merged dir path -> DirFd
+        self._dirfd_gen = 0
+        self._dirfd_lock = threading.Lock()
 
     def __repr__(self):
         return f"Layer({self.root!r}, {'upper' if self.upper else 'lower'} #{self.index})"
 
-    def real(self, path):
-        """Backing path of merged ``path`` in this layer (see module doc)."""
-        return self.root + path if path != "/" else self.root + "/"
+    # -- directory descriptors ---------------------------------------------------
+
+    def dir(self, path):
+        """The DirFd of directory ``path`` of this layer. Raises
+        FileNotFoundError, or ENOTDIR if a component is not a directory
+        (a symlink included)."""
+        d = self._dirfds.get(path)
+        if d is not None:
+            try:
+                self._dirfds.move_to_end(path)
+            except KeyError:
+                pass            # evicted by another thread meanwhile: still ours
+            return d
+        if path == "/":
+            return self.fd
+        gen = self._dirfd_gen
+        # From the nearest cached ancestor down, one component at a time.
+        names = []
+        p = path
+        while True:
+            p, _, name = p.rpartition("/")
+            names.append(name)
+            if not p:
+                p, d = "/", self.fd
+                break
+            d = self._dirfds.get(p)
+            if d is not None:
+                break
+        for name in reversed(names):
+            d = open_dir(d, name)
+            p = "/" + name if p == "/" else p + "/" + name
+            self._keep(gen, p, d)
+        return d
+
+    def _keep(self, gen, path, d):
+        with self._dirfd_lock:
+            if gen == self._dirfd_gen:
+                self._dirfds[path] = d
+                if len(self._dirfds) > self.max_dirfds:
+                    self._dirfds.popitem(last=False)
+
+    def forget_dirs(self, path, tree=False):
+        """Drop the cached descriptor of ``path`` (and with ``tree`` those
+        below it): it was renamed or removed."""
+        with self._dirfd_lock:
+            self._dirfd_gen += 1
+            self._dirfds.pop(path, None)
+            if tree:
+                if path == "/":
+                    self._dirfds.clear()
+                    return
+                prefix = path + "/"
+                for key in [k for k in self._dirfds if k.startswith(prefix)]:
+                    del self._dirfds[key]
+
+    def at(self, path):
+        """(DirFd of the parent, name) of merged ``path``: its *at form."""
+        if path == "/":
+            return self.fd, "."
+        parent, _, name = path.rpartition("/")
+        return self.dir(parent or "/"), name
+
+    # -- syscalls on entries (never following a symlink in the last place) ------
+
+    def lstat(self, path):
+        d, name = self.at(path)
+        return os.stat(name, dir_fd=d, follow_symlinks=False)
+
+    def exists(self, path):
+        """lexists(): True if ``path`` names an entry of any type here."""
+        try:
+            self.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    def open(self, path, flags, mode=0o777):
+        d, name = self.at(path)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=d)
+
+    def scandir(self, path):
+        """``with layer.scandir(path) as it``: the entries of directory ``path``."""
+        return OpenDir(os.open(".", _O_LIST, dir_fd=self.dir(path)))
+
+    def readlink(self, path):
+        d, name = self.at(path)
+        return os.readlink(name, dir_fd=d)
+
+    def mkdir(self, path, mode):
+        d, name = self.at(path)
+        os.mkdir(name, mode, dir_fd=d)
+
+    def mknod(self, path, mode, dev=0):
+        d, name = self.at(path)
+        os.mknod(name, mode, dev, dir_fd=d)
+
+    def symlink(self, target, path):
+        d, name = self.at(path)
+        os.symlink(target, name, dir_fd=d)
+
+    def unlink(self, path):
+        d, name = self.at(path)
+        os.unlink(name, dir_fd=d)
+
+    def rmdir(self, path):
+        d, name = self.at(path)
+        os.rmdir(name, dir_fd=d)
+
+    def chmod(self, path, mode):
+        d, name = self.at(path)
+        os.chmod(name, mode, dir_fd=d, follow_symlinks=False)
+
+    def chown(self, path, uid, gid):
+        d, name = self.at(path)
+        os.chown(name, uid, gid, dir_fd=d, follow_symlinks=False)
+
+    def utime(self, path, ns):
+        d, name = self.at(path)
+        os.utime(name, ns=ns, dir_fd=d, follow_symlinks=False)
+
+    def link(self, path, dst_layer, dst_path):
+        """Hard-link ``path`` of this layer as ``dst_path`` of ``dst_layer``."""
+        d, name = self.at(path)
+        dd, dname = dst_layer.at(dst_path)
+        os.link(name, dname, src_dir_fd=d, dst_dir_fd=dd, follow_symlinks=False)
+
+    def rename(self, path, dst_layer, dst_path, flags=0):
+        """renameat2() of ``path`` to ``dst_path`` of ``dst_layer`` (the
+        upper and the work dir: one filesystem), with osutil's ``flags``."""
+        d, name = self.at(path)
+        dd, dname = dst_layer.at(dst_path)
+        if flags:
+            osutil.rename2(name, dname, flags, d.fd, dd.fd)
+        else:
+            os.rename(name, dname, src_dir_fd=d, dst_dir_fd=dd)
+
+    def statvfs(self):
+        return os.statvfs(self.fd.fd)
+
+    # xattrs: through /proc/self/fd (see xattr_path), never following the
+    # entry itself.
+
+    def getxattr(self, path, attr):
+        d, name = self.at(path)
+        return os.getxattr(xattr_path(d, name), attr, follow_symlinks=False)
+
+    def listxattr(self, path):
+        d, name = self.at(path)
+        return os.listxattr(xattr_path(d, name), follow_symlinks=False)
+
+    def setxattr(self, path, attr, value, flags=0):
+        d, name = self.at(path)
+        os.setxattr(xattr_path(d, name), attr, value, flags, follow_symlinks=False)
+
+    def removexattr(self, path, attr):
+        d, name = self.at(path)
+        os.removexattr(xattr_path(d, name), attr, follow_symlinks=False)
 
     def names_of(self, ino):
         """Every path of this lower layer that names inode ``ino`` (a
@@ -84,7 +338,7 @@ class Layer:
             while todo:
                 d = todo.pop()
                 try:
-                    it = os.scandir(self.real(d))
+                    it = self.scandir(d)
                 except PermissionError:
                     continue        # unreadable to this daemon: no names there
                 with it:
@@ -107,12 +361,10 @@ class Layer:
             if idx is None:
                 idx = self._load(parent)
             return idx.kinds.get(name)
-        path = self.root + child_path(parent, name)
         try:
-            st = os.lstat(path)
+            st = self.lstat(child_path(parent, name))
         except (FileNotFoundError, NotADirectoryError):
-            prefix = self.root + parent if parent != "/" else self.root
-            if os.path.lexists(prefix + "/" + wh.WH_PREFIX + name):
+            if self.exists(child_path(parent, wh.WH_PREFIX + name)):
                 return WHITEOUT
             return None
         if stat.S_ISDIR(st.st_mode):
@@ -128,18 +380,16 @@ class Layer:
             if idx is None:
                 idx = self._load(path)
             return idx.opaque
-        real = self.real(path)
-        return wh.has_opaque_xattr(real) or os.path.lexists(
-            os.path.join(real, wh.WH_OPAQUE))
+        return wh.has_opaque_xattr(path, self) or self.exists(
+            child_path(path, wh.WH_OPAQUE))
 
     def _load(self, path):
         """Read lower directory ``path`` once: its entries, whiteouts, opacity."""
         kinds = {}
         hidden = []
         opaque = False
-        real = self.real(path)
         try:
-            it = os.scandir(real)
+            it = self.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
             it = None
         if it is not None:
@@ -160,7 +410,7 @@ class Layer:
                     else:
                         st = e.stat(follow_symlinks=False)
                         kinds[name] = WHITEOUT if wh.is_whiteout_stat(st) else NONDIR
-            opaque = opaque or wh.has_opaque_xattr(real)
+            opaque = opaque or wh.has_opaque_xattr(path, self)
         for name in hidden:
             # An entry present in the same layer as its marker stays visible.
             kinds.setdefault(name, WHITEOUT)
@@ -268,7 +518,7 @@ class LayerStack:
         dirs = []
         for layer in layers:
             if root:
-                kind = DIR if os.path.isdir(layer.root + "/") else None
+                kind = DIR      # (a layer's root is a directory: Layer())
             else:
                 kind = layer.child_kind(parent, name)
             if kind is None:
@@ -331,6 +581,8 @@ class LayerStack:
 
         Called by every operation that changed the upper, after the change.
         """
+        if self.upper is not None:
+            self.upper.forget_dirs(path, tree)
         with self._cache_lock:
             self._gen += 1
             self._cache.pop(path, None)

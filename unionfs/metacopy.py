@@ -30,26 +30,26 @@ IMPURE_XATTRS = ("trusted.overlay.impure", "user.overlay.impure")
 _OWN = 0 if os.geteuid() == 0 else 1
 
 
-def mark(real, data_path):
-    """Mark upper file ``real`` as metacopy, its data at merged ``data_path``."""
-    os.setxattr(real, METACOPY_XATTRS[_OWN], b"", follow_symlinks=False)
-    os.setxattr(real, REDIRECT_XATTRS[_OWN], os.fsencode(data_path), follow_symlinks=False)
+def mark(layer, path, data_path):
+    """Mark file ``path`` of ``layer`` (a copy being built in the work dir)
+    as metacopy, its data at merged ``data_path``."""
+    layer.setxattr(path, METACOPY_XATTRS[_OWN], b"")
+    layer.setxattr(path, REDIRECT_XATTRS[_OWN], os.fsencode(data_path))
 
 
-def mark_impure(real_dir):
-    """Mark upper directory ``real_dir`` as holding a metacopy."""
-    os.setxattr(real_dir, IMPURE_XATTRS[_OWN], b"y", follow_symlinks=False)
+def mark_impure(layer, path):
+    """Mark directory ``path`` of ``layer`` (the upper) as holding a metacopy."""
+    layer.setxattr(path, IMPURE_XATTRS[_OWN], b"y")
 
 
-def data_path(real, path, xattr_names):
+def data_path(get, path, xattr_names):
     """The merged path whose lower entry holds the data of upper file
-    ``real`` (merged ``path``), or None if it holds its own.
-    ``xattr_names``: ``real``'s xattr names, already listed by the caller."""
+    ``path``, or None if it holds its own. ``get(name)`` reads one of its
+    xattrs; ``xattr_names``: its xattr names, already listed by the caller."""
     for i, name in enumerate(METACOPY_XATTRS):
         if name in xattr_names:
             try:
-                redirect = os.fsdecode(os.getxattr(real, REDIRECT_XATTRS[i],
-                                                   follow_symlinks=False))
+                redirect = os.fsdecode(get(REDIRECT_XATTRS[i]))
             except OSError:     # ENODATA: not renamed since (a kernel's copy)
                 return path
             # A relative redirect (a kernel rename within one directory)
@@ -68,17 +68,19 @@ class LowerData:
         from unionfs.layers import Layer, LayerStack
         self._stack = LayerStack(None, [Layer(d, i + 1) for i, d in enumerate(lowerdirs)])
 
-    def source(self, real, path):
-        """The backing path holding the bytes of upper file ``real``
-        (merged ``path``): ``real`` itself unless it is a metacopy."""
+    def open(self, real, path):
+        """An fd (read-only) on the bytes of upper file ``real`` (merged
+        ``path``): ``real`` itself unless it is a metacopy, else its lower
+        data, reached relative to the lower's directories."""
         try:
             names = os.listxattr(real, follow_symlinks=False)
         except OSError:
-            return real
-        data = data_path(real, path, names) if names else None
+            names = ()
+        data = data_path(lambda name: os.getxattr(real, name, follow_symlinks=False),
+                         path, names) if names else None
         if data is None:
-            return real
+            return os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         node = self._stack.lookup(data)
         if node is None or node.is_dir:
             raise OSError(errno.EIO, "metacopy without its lower data", real)
-        return node.top.real(data)
+        return node.top.open(data, os.O_RDONLY)

@@ -24,7 +24,7 @@ from unionfs import metacopy
 from unionfs import whiteout as wh
 from unionfs.copyup import META, is_hard_link, remove_tree, set_metadata
 from unionfs.layers import DIR, NONDIR, WHITEOUT, Node, split_path
-from unionfs.osutil import rename_exchange, rename_whiteout
+from unionfs.osutil import RENAME_EXCHANGE, RENAME_WHITEOUT
 from unionfs.readdir import merged_entries
 
 _IS_ROOT = os.geteuid() == 0
@@ -45,8 +45,10 @@ def check_name(name):
         raise _err(errno.ENAMETOOLONG, name)
 
 
-def _set_owner(real, owner, parent_real, is_dir):
-    """Give a new entry the caller's uid/gid (set-gid parents keep their gid).
+def _set_owner(u, layer, path, owner, parent, is_dir):
+    """Give new entry ``path`` of ``layer`` (the upper, or the work dir) the
+    caller's uid/gid (set-gid parents keep their gid); ``parent``: the
+    merged directory it is made for.
 
     Only a privileged daemon can; otherwise entries belong to the daemon's
     user, who is the only user of such a mount.
@@ -54,21 +56,21 @@ def _set_owner(real, owner, parent_real, is_dir):
     if owner is None or not _IS_ROOT or owner == _DAEMON_OWNER:
         return      # (the daemon's own: the filesystem already did it right)
     uid, gid = owner
-    pst = os.lstat(parent_real)
+    pst = u.upper.lstat(parent)
     if pst.st_mode & stat.S_ISGID:
         gid = pst.st_gid
-    st = os.lstat(real)
-    os.chown(real, uid, gid, follow_symlinks=False)
+    st = layer.lstat(path)
+    layer.chown(path, uid, gid)
     # chown clears set-id bits of non-directories: put back what was asked.
     if not is_dir and not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-        os.chmod(real, stat.S_IMODE(st.st_mode))
+        layer.chmod(path, stat.S_IMODE(st.st_mode))
 
 
 def _new_entry(u, path, build, is_dir, owner):
-    """Create a new name at merged ``path`` with ``build(real_path)``.
+    """Create a new name at merged ``path`` with ``build(layer, path)``.
 
-    ``build`` makes the entry at the path it is given and returns what the
-    caller wants back (an fd for create). Returns that value.
+    ``build`` makes the entry at the path of the Layer it is given and
+    returns what the caller wants back (an fd for create). Returns that value.
     """
     u.check_writable()
     parent, name = split_path(path)
@@ -97,9 +99,8 @@ def _new_entry(u, path, build, is_dir, owner):
 
 
 def _make_in_place(u, path, build, is_dir, owner):
-    dst = u.upper.real(path)
-    result = build(dst)
-    _set_owner(dst, owner, u.upper.real(split_path(path)[0]), is_dir)
+    result = build(u.upper, path)
+    _set_owner(u, u.upper, path, owner, split_path(path)[0], is_dir)
     return result
 
 
@@ -107,27 +108,26 @@ def _publish_over_whiteout(u, path, build, is_dir, owner):
     """Build the entry in the work dir, then replace the whiteout with it in
     one step (a directory made opaque first, so nothing below shows)."""
     parent, name = split_path(path)
-    parent_real = u.upper.real(parent)
-    dst = u.upper.real(path)
+    upper, work = u.upper, u.work
     tmp = u.copyup.temp_name()
-    result = build(tmp)
+    result = build(work, tmp)
     try:
-        _set_owner(tmp, owner, parent_real, is_dir)
+        _set_owner(u, work, tmp, owner, parent, is_dir)
         if is_dir:
-            u.writer.set_opaque(tmp)
-        if os.path.lexists(dst):
+            u.writer.set_opaque(work, tmp)
+        if upper.exists(path):
             # An overlay whiteout (0/0 device) holds the name.
             if is_dir:
-                rename_exchange(tmp, dst)
-                os.unlink(tmp)
+                work.rename(tmp, upper, path, RENAME_EXCHANGE)
+                work.unlink(tmp)
             else:
-                os.rename(tmp, dst)
+                work.rename(tmp, upper, path)
         else:
             # An OCI marker hides the name: publish, then drop it.
-            os.rename(tmp, dst)
-            os.unlink(u.writer.marker_path(parent_real, name))
+            work.rename(tmp, upper, path)
+            upper.unlink(u.writer.marker_path(parent, name))
     except BaseException:
-        remove_tree(tmp)
+        remove_tree(work, tmp)
         if isinstance(result, int):
             os.close(result)        # create's descriptor: nobody will get it
         raise
@@ -140,22 +140,22 @@ def create(u, path, mode, flags, owner):
     accmode = flags & os.O_ACCMODE
     keep = flags & (os.O_APPEND | os.O_SYNC | os.O_DSYNC)
 
-    def build(real):
-        return os.open(real, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                       | (accmode or os.O_RDONLY) | keep, stat.S_IMODE(mode))
+    def build(layer, p):
+        return layer.open(p, os.O_CREAT | os.O_EXCL | (accmode or os.O_RDONLY) | keep,
+                          stat.S_IMODE(mode))
     return _new_entry(u, path, build, False, owner)
 
 
 def mkdir(u, path, mode, owner):
-    _new_entry(u, path, lambda real: os.mkdir(real, stat.S_IMODE(mode)), True, owner)
+    _new_entry(u, path, lambda layer, p: layer.mkdir(p, stat.S_IMODE(mode)), True, owner)
 
 
 def mknod(u, path, mode, dev, owner):
-    _new_entry(u, path, lambda real: os.mknod(real, mode, dev), False, owner)
+    _new_entry(u, path, lambda layer, p: layer.mknod(p, mode, dev), False, owner)
 
 
 def symlink(u, path, target, owner):
-    _new_entry(u, path, lambda real: os.symlink(target, real), False, owner)
+    _new_entry(u, path, lambda layer, p: layer.symlink(target, p), False, owner)
 
 
 def link(u, existing, path):
@@ -165,9 +165,9 @@ def link(u, existing, path):
         if node.kind == DIR:
             raise _err(errno.EPERM, existing)
         # With its data: a metacopy's data must not have to follow two names.
-        src = u.upper_path(existing)
+        upper = u.upper_path(existing)
         try:
-            _new_entry(u, path, lambda real: os.link(src, real), False, None)
+            _new_entry(u, path, lambda layer, p: upper.link(existing, layer, p), False, None)
         finally:
             u.stack.invalidate(existing)
 
@@ -179,7 +179,7 @@ def _link_before_removal(u, path, node):
     overlayfs with index=on. Returns the node of ``path``."""
     if node.in_upper:
         return node
-    st = os.lstat(node.top.real(path))
+    st = node.top.lstat(path)
     if is_hard_link(st) and any(u.copyup.other_names(path, node, st)):
         return u.copyup.copy_up(path, node)
     return node
@@ -196,35 +196,37 @@ def _whiteout(u, path, is_dir):
     whiteout, atomically where the format allows. (The caller reports it:
     a rename may take two steps to leave one.)"""
     parent, name = split_path(path)
-    upper = u.upper
-    dst = upper.real(path)
-    existing = os.path.lexists(dst)
+    upper, work = u.upper, u.work
+    existing = upper.exists(path)
     if u.writer.format == wh.FORMAT_OVERLAY:
         tmp = u.copyup.temp_name()
-        u.writer.make_device_whiteout(tmp)
+        u.writer.make_device_whiteout(work, tmp)
         try:
             if existing and is_dir:
-                rename_exchange(tmp, dst)       # tmp now holds the old dir
+                work.rename(tmp, upper, path, RENAME_EXCHANGE)  # tmp now holds the old dir
+                upper.forget_dirs(path, tree=True)
             else:
-                os.rename(tmp, dst)
+                work.rename(tmp, upper, path)
         finally:
-            remove_tree(tmp)
+            remove_tree(work, tmp)
         return
     # OCI: the marker first, so the name is never visible-then-gone-then-back.
-    u.writer.make_marker(upper.real(parent), name)
+    u.writer.make_marker(upper, parent, name)
     if existing:
-        _remove_upper(u, dst, is_dir)
+        _remove_upper(u, path, is_dir)
 
 
-def _remove_upper(u, real, is_dir):
+def _remove_upper(u, path, is_dir):
+    """Remove ``path`` from the upper."""
     if is_dir:
         # Move it out of sight in one step, then empty it at leisure: it
         # holds only whiteouts and markers (the merged dir was empty).
         tmp = u.copyup.temp_name()
-        os.rename(real, tmp)
-        remove_tree(tmp)
+        u.upper.rename(path, u.work, tmp)
+        u.upper.forget_dirs(path, tree=True)
+        remove_tree(u.work, tmp)
     else:
-        os.unlink(real)
+        u.upper.unlink(path)
 
 
 def unlink(u, path):
@@ -257,7 +259,7 @@ def _remove(u, path, node, is_dir):
             _whiteout(u, path, is_dir and node.in_upper)
             u.copyup.observer.whiteout(path)
         else:
-            _remove_upper(u, u.upper.real(path), is_dir)
+            _remove_upper(u, path, is_dir)
     finally:
         u.stack.invalidate(path, tree=is_dir)
 
@@ -305,7 +307,7 @@ def rename(u, old, new, noreplace=False):
             if dst.kind == DIR and merged_entries(new, dst):
                 raise _err(errno.ENOTEMPTY, new)
             if src.kind != DIR and src.in_upper and dst.in_upper:
-                a, b = os.lstat(u.upper.real(old)), os.lstat(u.upper.real(new))
+                a, b = u.upper.lstat(old), u.upper.lstat(new)
                 if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
                     return      # two links of one file: rename does nothing
         pnode = u.stack.lookup(new_parent)
@@ -339,52 +341,54 @@ def _rename_locked(u, old, new, src):
     new_parent, new_name = split_path(new)
     u.copyup.ensure_dir(new_parent)
     if not is_dir and u.lower_data(old, u.node(old)) is not None:
-        metacopy.mark_impure(upper.real(new_parent))
+        metacopy.mark_impure(upper, new_parent)
     old_needs_whiteout = _remove_whiteout_needed(u, old)
     below_new = u.stack.lookup_below(new)
-    upper_old, upper_new = upper.real(old), upper.real(new)
     # Lower layers have a directory at the target: the moved directory
     # must hide it, or its entries would merge into ours.
     opaque_new = is_dir and below_new is not None and below_new.kind == DIR \
         and not upper.is_opaque(old)
     if opaque_new:
-        u.writer.set_opaque(upper_old)
+        u.writer.set_opaque(upper, old)
 
     overlay = u.writer.format == wh.FORMAT_OVERLAY
     kind_new = upper.child_kind(new_parent, new_name)
     marker_new = None
-    if kind_new == WHITEOUT and not os.path.lexists(upper_new):
-        marker_new = u.writer.marker_path(upper.real(new_parent), new_name)
+    if kind_new == WHITEOUT and not upper.exists(new):
+        marker_new = u.writer.marker_path(new_parent, new_name)
         kind_new = None
     if kind_new == DIR and overlay:
         _replace_with_empty_opaque(u, new)
         kind_new = None     # now truly empty: rename(2) can replace it
     if old_needs_whiteout and not overlay:
-        u.writer.make_marker(upper.real(old_parent), old_name)
+        u.writer.make_marker(upper, old_parent, old_name)
 
     if is_dir and kind_new in (WHITEOUT, DIR):
         # A directory onto a whiteout device, or onto an upper directory
         # rename(2) cannot replace: swap them, then deal with what is left.
-        rename_exchange(upper_old, upper_new)
-        st = os.lstat(upper_old)
+        upper.rename(old, upper, new, RENAME_EXCHANGE)
+        upper.forget_dirs(old, tree=True)
+        upper.forget_dirs(new, tree=True)
+        st = upper.lstat(old)
         if not (overlay and old_needs_whiteout and wh.is_whiteout_stat(st)):
-            _remove_upper(u, upper_old, stat.S_ISDIR(st.st_mode))
+            _remove_upper(u, old, stat.S_ISDIR(st.st_mode))
             if overlay and old_needs_whiteout:
                 _whiteout(u, old, False)
     elif overlay and old_needs_whiteout:
         try:
-            rename_whiteout(upper_old, upper_new)
+            upper.rename(old, upper, new, RENAME_WHITEOUT)
         except OSError as e:
             # The upper's filesystem cannot: two steps (a crash between
             # them shows the entry under both names).
             if e.errno not in (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
-            os.rename(upper_old, upper_new)
+            upper.rename(old, upper, new)
+            upper.forget_dirs(old, tree=True)
             _whiteout(u, old, False)
     else:
-        os.rename(upper_old, upper_new)
+        upper.rename(old, upper, new)
     if marker_new is not None:
-        os.unlink(marker_new)
+        upper.unlink(marker_new)
     if old_needs_whiteout:
         u.copyup.observer.whiteout(old)
     if opaque_new:
@@ -410,7 +414,7 @@ def exchange(u, a, b):
         nodes = {p: u.node(p) for p in (a, b)}
         if all(n.kind != DIR for n in nodes.values()) and all(
                 n.in_upper for n in nodes.values()):
-            sa, sb = os.lstat(u.upper.real(a)), os.lstat(u.upper.real(b))
+            sa, sb = u.upper.lstat(a), u.upper.lstat(b)
             if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
                 return          # two links of one file: nothing to swap
         made_opaque = []        # where directories made opaque will land
@@ -425,12 +429,12 @@ def exchange(u, a, b):
                     continue
                 below = u.stack.lookup_below(there)
                 if below is not None and below.kind == DIR:
-                    u.writer.set_opaque(u.upper.real(p))
+                    u.writer.set_opaque(u.upper, p)
                     made_opaque.append(there)
             for p, there in ((a, b), (b, a)):
                 if nodes[p].kind != DIR and u.lower_data(p, u.node(p)) is not None:
-                    metacopy.mark_impure(u.upper.real(split_path(there)[0]))
-            rename_exchange(u.upper.real(a), u.upper.real(b))
+                    metacopy.mark_impure(u.upper, split_path(there)[0])
+            u.upper.rename(a, u.upper, b, RENAME_EXCHANGE)
             for p in made_opaque:
                 u.copyup.observer.opaque(p)
         finally:
@@ -442,14 +446,15 @@ def _replace_with_empty_opaque(u, path):
     """Swap the upper directory at ``path`` (empty in the merged view, but
     holding whiteouts) for an empty opaque copy of it: the merged view does
     not change, and rename(2) can then replace it."""
-    real = u.upper.real(path)
-    st = os.lstat(real)
+    upper, work = u.upper, u.work
+    st = upper.lstat(path)
     tmp = u.copyup.temp_name()
-    os.mkdir(tmp, 0o700)
+    work.mkdir(tmp, 0o700)
     try:
-        set_metadata(real, tmp, st)
-        inodes.copy_record(real, tmp)
-        u.writer.set_opaque(tmp)
-        rename_exchange(tmp, real)
+        set_metadata(upper, path, work, tmp, st)
+        inodes.copy_record(upper, path, work, tmp)
+        u.writer.set_opaque(work, tmp)
+        work.rename(tmp, upper, path, RENAME_EXCHANGE)
+        upper.forget_dirs(path, tree=True)
     finally:
-        remove_tree(tmp)
+        remove_tree(work, tmp)

@@ -13,25 +13,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
 
-def rename2(a, b, flags):
-    """renameat2(2) of paths ``a`` and ``b`` with ``flags``."""
+def rename2(a, b, flags, a_dir_fd=_AT_FDCWD, b_dir_fd=_AT_FDCWD):
+    """renameat2(2) of ``a`` (relative to directory fd ``a_dir_fd``) to
+    ``b`` (relative to ``b_dir_fd``) with ``flags``."""
     if _renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) != 0:
+    if _renameat2(a_dir_fd, os.fsencode(a), b_dir_fd, os.fsencode(b), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), a)
-
-
-def rename_exchange(a, b):
-    """Atomically swap the entries at paths ``a`` and ``b``."""
-    rename2(a, b, RENAME_EXCHANGE)
-
-
-def rename_whiteout(a, b):
-    """rename(a, b) that atomically leaves an overlay whiteout (0/0 character
-    device) at ``a``. Needs CAP_MKNOD and a filesystem that supports it:
-    EINVAL, EPERM or ENOSYS otherwise."""
-    rename2(a, b, RENAME_WHITEOUT)
 
 
 _sync_file_range = getattr(_libc, "sync_file_range", None)

@@ -32,7 +32,8 @@ def merged_entries(path, node):
         layer_hidden = []
         tag = layer.ino_tag
         upper = layer.upper
-        with os.scandir(layer.real(path)) as it:
+        prefix = "/" if path == "/" else path + "/"
+        with layer.scandir(path) as it:
             for e in it:
                 name = e.name
                 if name.startswith(wh.WH_PREFIX):
@@ -54,7 +55,7 @@ def merged_entries(path, node):
                         continue
                     ftype = stat.S_IFMT(st.st_mode)
                 seen.add(name)
-                ino = recorded_ino(e.path) if upper else None
+                ino = recorded_ino(layer, prefix + name) if upper else None
                 out.append((name, ftype, e.inode() | tag if ino is None else ino))
         # Markers hide names in the layers below, not in their own layer.
         hidden.update(layer_hidden)

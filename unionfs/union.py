@@ -12,6 +12,7 @@ not take it.
 
 import errno
 import os
+import resource
 import stat
 import threading
 
@@ -21,7 +22,7 @@ from unionfs import namespace
 from unionfs import whiteout as wh
 from unionfs.copyup import META, CopyUp
 from unionfs.idmap import IdMap
-from unionfs.layers import DIR, Layer, LayerStack
+from unionfs.layers import DIR, DIRFD_BUDGET, MIN_DIRFDS, Layer, LayerStack
 from unionfs.readdir import merged_entries
 
 # Our temporaries live in WORKDIR/WORK_SUBDIR: kernel overlayfs owns
@@ -61,6 +62,7 @@ class Union:
             lowers.append(Layer(d, i + 1, upper=False, ino_tag=tag))
         upper = Layer(upperdir, 0, upper=True) if upperdir is not None else None
         self.stack = LayerStack(upper, lowers)
+        _share_dirfds(self.stack.layers)
         # The lowers alone, where a metacopy's data is looked up by path.
         self.lower_stack = LayerStack(None, lowers)
         self.metacopy = metacopy
@@ -72,8 +74,7 @@ class Union:
         self.copyup = None
         self.writer = None
         if upper is not None:
-            self.work = os.path.join(workdir, WORK_SUBDIR)
-            self._prepare_work()
+            self.work = self._prepare_work(os.path.join(workdir, WORK_SUBDIR))
             if whiteout == wh.FORMAT_AUTO:
                 whiteout = (wh.FORMAT_OVERLAY if wh.can_write_overlay_whiteouts(self.work)
                             else wh.FORMAT_OCI)
@@ -81,15 +82,22 @@ class Union:
             self.copyup = CopyUp(self.stack, self.work, self.writer, fsync=fsync)
             self.copyup.recover()
 
-    def _prepare_work(self):
-        """Create the work dir. What an earlier daemon left in it is dealt
-        with by ``CopyUp.recover`` once the union is set up."""
+    @staticmethod
+    def _prepare_work(work):
+        """Create the work dir; return it as a Layer (its temporaries are
+        reached relative to it, as the upper's entries). What an earlier
+        daemon left in it is dealt with by ``CopyUp.recover`` once the
+        union is set up."""
         try:
-            os.mkdir(self.work, 0o700)
+            os.mkdir(work, 0o700)
         except FileExistsError:
             # Never follow a symlink here: everything inside is deleted.
-            if not stat.S_ISDIR(os.lstat(self.work).st_mode):
-                raise OSError(errno.ENOTDIR, "not a directory (a symlink?)", self.work)
+            if not stat.S_ISDIR(os.lstat(work).st_mode):
+                raise OSError(errno.ENOTDIR, "not a directory (a symlink?)", work)
+        # (follow_root=False: a symlink put there since is refused too.)
+        layer = Layer(work, -1, upper=True, follow_root=False)
+        layer.max_dirfds = MIN_DIRFDS      # only short-lived temporaries below it
+        return layer
 
     # -- lookup ---------------------------------------------------------------
 
@@ -117,45 +125,45 @@ class Union:
         learned once per cached lookup, so a stat costs one lstat."""
         node = self.node(path)
         layer = node.layers[0]
-        real = layer.real(path)
-        st = os.lstat(real)
+        st = layer.lstat(path)
         if node.ino is None:
-            self._learn(path, node, real, st)
+            self._learn(path, node, st)
         if len(node.layers) > 1:
             return st, node.ino, layer, 1
         return st, node.ino, layer, st.st_nlink + node.hidden_links
 
-    def _learn(self, path, node, real, st):
+    def _learn(self, path, node, st):
         """Fill in ``node.ino`` and ``node.data`` (where its bytes are:
         None for its own, else the merged path of a metacopy's lower data):
         one listxattr tells an upper entry's records."""
         if node.in_upper:
+            upper = node.top
             try:
-                names = os.listxattr(real, follow_symlinks=False)
+                names = upper.listxattr(path)
             except OSError:     # ENOTSUP: no xattrs, so no records either
                 names = ()
-            ino, node.hidden_links = (inodes.recorded(real) if inodes.ORIGIN in names
+            ino, node.hidden_links = (inodes.recorded(upper, path) if inodes.ORIGIN in names
                                       else (None, 0))
             if names and node.kind != DIR:
-                node.data = metacopy.data_path(real, path, names)
+                node.data = metacopy.data_path(lambda name: upper.getxattr(path, name),
+                                               path, names)
             node.ino = st.st_ino if ino is None else ino
         else:
             node.ino = st.st_ino | node.top.ino_tag
 
     def lower_data(self, path, node):
-        """The backing path of the lower file holding the data of upper
+        """(lower layer, merged path) of the file holding the data of upper
         metacopy ``node`` at ``path``; None if it holds its own data."""
         if not node.in_upper or node.kind == DIR:
             return None
         if node.ino is None:
-            real = node.top.real(path)
-            self._learn(path, node, real, os.lstat(real))
+            self._learn(path, node, node.top.lstat(path))
         if node.data is None:
             return None
         lower = self.lower_stack.lookup(node.data)
         if lower is None or lower.kind == DIR:
             raise OSError(errno.EIO, "metacopy without its lower data", path)
-        return lower.top.real(node.data)
+        return lower.top, node.data
 
     def listdir(self, path):
         node = self.node(path)
@@ -165,16 +173,17 @@ class Union:
 
     def readlink(self, path):
         node = self.node(path)
-        return os.readlink(node.top.real(path))
+        return node.top.readlink(path)
 
     def statfs(self):
         top = self.upper if self.upper is not None else self.stack.layers[0]
-        return os.statvfs(top.real("/"))
+        return top.statvfs()
 
     # -- copy-up --------------------------------------------------------------
 
     def upper_path(self, path, data=True):
-        """Copy ``path`` up if needed; return its backing path in the upper.
+        """Copy ``path`` up if needed; return the upper Layer (where
+        ``path`` now is).
 
         ``data``: what the caller needs of the data: all of it (True), none
         (False: it truncates to 0 next), or only the metadata (``META``,
@@ -191,7 +200,7 @@ class Union:
                 self.copyup.copy_up_file(path, self.lock, data=data)
         elif data is not META and self.lower_data(path, node) is not None:
             self.copyup.complete(path, self.lock, self.lower_data, data=data)
-        return self.upper.real(path)
+        return self.upper
 
     def settled(self, path):
         """True if changing ``path`` needs no copy-up of data, so it is
@@ -210,32 +219,36 @@ class Union:
         backing = flags & _OPEN_PASS
         if flags & _WRITE_FLAGS:
             truncating = bool(flags & os.O_TRUNC)
-            real = self.upper_path(path, data=not truncating)
+            layer = self.upper_path(path, data=not truncating)
             if truncating:
                 backing |= os.O_TRUNC
         else:
             node = self.node(path)
-            real = self.lower_data(path, node) or node.top.real(path)
-        return os.open(real, backing | os.O_NOFOLLOW | os.O_CLOEXEC)
+            layer, path = self.lower_data(path, node) or (node.top, path)
+        return layer.open(path, backing)
 
     def truncate(self, path, length):
-        os.truncate(self.upper_path(path, data=length > 0), length)
+        fd = self.upper_path(path, data=length > 0).open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
 
     # -- attributes -------------------------------------------------------------
 
     def chmod(self, path, mode):
-        os.chmod(self.upper_path(path, META), stat.S_IMODE(mode), follow_symlinks=False)
+        self.upper_path(path, META).chmod(path, stat.S_IMODE(mode))
 
     def chown(self, path, uid, gid):
         if self.ids is not None:
             uid, gid = self.ids.stored_uid(uid), self.ids.stored_gid(gid)
-        real = self.upper_path(path, META)
-        st = os.lstat(real)
-        os.chown(real, uid, gid, follow_symlinks=False)
+        upper = self.upper_path(path, META)
+        st = upper.lstat(path)
+        upper.chown(path, uid, gid)
         # chown of a non-directory clears set-id bits when the caller is not
         # privileged; the daemon is, so the kernel won't: do it as it would.
         if not stat.S_ISDIR(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-            new = os.lstat(real)
+            new = upper.lstat(path)
             keep = stat.S_IMODE(new.st_mode)
             if keep != stat.S_IMODE(st.st_mode):
                 return          # the kernel already cleared them
@@ -243,16 +256,16 @@ class Union:
             if st.st_mode & stat.S_IXGRP:
                 keep &= ~stat.S_ISGID
             if not stat.S_ISLNK(st.st_mode):
-                os.chmod(real, keep)
+                upper.chmod(path, keep)
 
     def utimens(self, path, atime_ns, mtime_ns):
         """Set times; ``None`` for either means "leave it" (UTIME_OMIT)."""
-        real = self.upper_path(path, META)
+        upper = self.upper_path(path, META)
         if atime_ns is None or mtime_ns is None:
-            st = os.lstat(real)
+            st = upper.lstat(path)
             atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
             mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-        os.utime(real, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        upper.utime(path, (atime_ns, mtime_ns))
 
     # -- xattrs ---------------------------------------------------------------
 
@@ -260,17 +273,17 @@ class Union:
         if wh.is_private_xattr(name):
             raise _err(errno.ENODATA, path)
         node = self.node(path)
-        return os.getxattr(node.top.real(path), name, follow_symlinks=False)
+        return node.top.getxattr(path, name)
 
     def listxattr(self, path):
         node = self.node(path)
-        names = os.listxattr(node.top.real(path), follow_symlinks=False)
+        names = node.top.listxattr(path)
         return [n for n in names if not wh.is_private_xattr(n)]
 
     def setxattr(self, path, name, value, flags):
         if wh.is_private_xattr(name):
             raise _err(errno.EPERM, path)
-        os.setxattr(self.upper_path(path, META), name, value, flags, follow_symlinks=False)
+        self.upper_path(path, META).setxattr(path, name, value, flags)
 
     def removexattr(self, path, name):
         if wh.is_private_xattr(name):
@@ -278,8 +291,8 @@ class Union:
         self.check_writable()
         node = self.node(path)
         # Removing what is not there must not cost a copy-up.
-        os.getxattr(node.top.real(path), name, follow_symlinks=False)
-        os.removexattr(self.upper_path(path, META), name, follow_symlinks=False)
+        node.top.getxattr(path, name)
+        self.upper_path(path, META).removexattr(path, name)
 
     # -- namespace (see namespace.py) --------------------------------------------
 
@@ -312,3 +325,18 @@ class Union:
 
     def exchange(self, a, b):
         namespace.exchange(self, a, b)
+
+
+def _share_dirfds(layers):
+    """Share the budget of cached directory descriptors among ``layers``,
+    and let the process hold them (beside its open files): raise the soft
+    limit on descriptors to the hard one."""
+    each = max(MIN_DIRFDS, DIRFD_BUDGET // max(1, len(layers)))
+    for layer in layers:
+        layer.max_dirfds = each
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass        # kept as it is: the caches still fit in most limits

@@ -44,11 +44,14 @@ def is_private_xattr(name):
     return name.startswith(PRIVATE_XATTR_PREFIXES)
 
 
-def has_opaque_xattr(path):
-    """True if the directory at ``path`` carries an overlay opaque xattr."""
+def has_opaque_xattr(path, layer=None):
+    """True if the directory at ``path`` carries an overlay opaque xattr:
+    a backing path, or with ``layer`` a merged path of that Layer."""
     for name in OVL_OPAQUE_XATTRS:
         try:
-            if os.getxattr(path, name, follow_symlinks=False) == OVL_OPAQUE_VALUE:
+            value = (layer.getxattr(path, name) if layer is not None
+                     else os.getxattr(path, name, follow_symlinks=False))
+            if value == OVL_OPAQUE_VALUE:
                 return True
         except OSError:
             # ENODATA (not set), ENOTSUP/EPERM (namespace unavailable to us):
@@ -57,19 +60,19 @@ def has_opaque_xattr(path):
     return False
 
 
-def can_write_overlay_whiteouts(workdir):
+def can_write_overlay_whiteouts(work):
     """Whether the daemon may create 0/0 character devices (needs CAP_MKNOD).
 
-    Probed by trying it in ``workdir``: the only reliable answer inside user
-    namespaces and containers.
+    Probed by trying it in the work dir (a Layer): the only reliable answer
+    inside user namespaces and containers.
     """
-    probe = os.path.join(workdir, ".unionfs-whiteout-probe")
+    probe = "/.unionfs-whiteout-probe"
     try:
-        os.mknod(probe, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        work.mknod(probe, stat.S_IFCHR | 0o600, os.makedev(0, 0))
     except OSError:
         return False
     try:
-        os.unlink(probe)
+        work.unlink(probe)
     except OSError:
         pass
     return True
@@ -93,29 +96,28 @@ class Writer:
         self.format = fmt
         self.opaque_xattr = opaque_xattr_name()
 
-    def make_device_whiteout(self, path):
-        """Create an overlay whiteout (0/0 character device) at ``path``."""
-        os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    def make_device_whiteout(self, layer, path):
+        """Create an overlay whiteout (0/0 character device) at ``path`` of ``layer``."""
+        layer.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
-    def marker_path(self, real_parent, name):
-        return os.path.join(real_parent, WH_PREFIX + name)
+    def marker_path(self, parent, name):
+        """The OCI whiteout of ``name`` in directory ``parent`` (merged paths)."""
+        return ("/" if parent == "/" else parent + "/") + WH_PREFIX + name
 
-    def make_marker(self, real_parent, name):
-        """Create the OCI whiteout ``.wh.NAME`` in ``real_parent``."""
-        fd = os.open(self.marker_path(real_parent, name),
-                     os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o000)
+    def make_marker(self, layer, parent, name):
+        """Create the OCI whiteout ``.wh.NAME`` in directory ``parent`` of ``layer``."""
+        fd = layer.open(self.marker_path(parent, name), os.O_WRONLY | os.O_CREAT, 0o000)
         os.close(fd)
 
-    def set_opaque(self, real_dir):
-        """Mark directory ``real_dir`` opaque in this writer's format."""
+    def set_opaque(self, layer, path):
+        """Mark directory ``path`` of ``layer`` opaque in this writer's format."""
         if self.format == FORMAT_OVERLAY:
-            os.setxattr(real_dir, self.opaque_xattr, OVL_OPAQUE_VALUE,
-                        follow_symlinks=False)
+            layer.setxattr(path, self.opaque_xattr, OVL_OPAQUE_VALUE)
         else:
             # A marker file is an entry: keep the directory's times as they
             # were, since marking it opaque is not a change the user made.
-            st = os.lstat(real_dir)
-            fd = os.open(os.path.join(real_dir, WH_OPAQUE),
-                         os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o000)
+            st = layer.lstat(path)
+            fd = layer.open(("/" if path == "/" else path + "/") + WH_OPAQUE,
+                            os.O_WRONLY | os.O_CREAT, 0o000)
             os.close(fd)
-            os.utime(real_dir, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            layer.utime(path, (st.st_atime_ns, st.st_mtime_ns))

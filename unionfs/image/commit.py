@@ -114,8 +114,7 @@ def write_layer(upper: str, out, warn, progress=None, lowers: list[str] = ()) ->
                 first_link[key] = name
             if stat.S_ISREG(mode):
                 ti.type = tarfile.REGTYPE
-                fd = os.open(data.source(entry.path, "/" + name),
-                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = data.open(entry.path, "/" + name)
                 with os.fdopen(fd, "rb") as f:
                     ti.size = os.fstat(f.fileno()).st_size
                     tf.addfile(ti, f)
