@@ -138,10 +138,6 @@ def test_paths_deeper_than_path_max_fail_cleanly(layers):
     quick_unmount(mnt)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug/limitation reported to the lead: the daemon works on absolute backing paths "
-    "(layer root + merged path), so merged paths longer than ~PATH_MAX fail with "
-    "ENAMETOOLONG; kernel overlayfs and local filesystems allow any depth"))
 def test_paths_deeper_than_path_max_work(layers):
     mnt = mount_cli(layers)
     comp = "p" * 200

@@ -238,10 +238,12 @@ class Layer:
         return os.stat(name, dir_fd=d, follow_symlinks=False)
 
     def exists(self, path):
-        """lexists(): True if ``path`` names an entry of any type here."""
+        """lexists(): True if ``path`` names an entry of any type here
+        (False on any error, as os.path.lexists: e.g. a marker name that
+        would be too long cannot exist)."""
         try:
             self.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             return False
         return True
 
