@@ -183,3 +183,37 @@ def test_commit_errors(container, tmp_path):
     assert rc == 1 and "does not exist" in err
     rc, _, err = run_cli("rm", "--store", s.root, "ghost")
     assert rc == 1 and "no such container" in err
+
+
+def test_diff_and_commit_of_paths_longer_than_path_max(container):
+    """An upper holding a tree deeper than PATH_MAX (as a mount can make
+    it): diff lists it and commit stores it, file data and xattrs included."""
+    s, c = container
+    comp, depth = "d" * 200, 26
+    fd = os.open(c.upper, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(comp, dir_fd=fd)
+        nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    out = os.open("deep", os.O_WRONLY | os.O_CREAT, 0o640, dir_fd=fd)
+    os.write(out, b"deep data\n")
+    os.close(out)
+    os.setxattr(f"/proc/self/fd/{fd}/deep", "user.deep", b"1")
+    os.symlink("deep", "link", dir_fd=fd)
+    os.close(fd)
+    deep = "/".join([comp] * depth)
+    assert len(os.path.join(c.upper, deep)) > os.pathconf("/", "PC_PATH_MAX")
+
+    rc, out, err = run_cli("diff", "--store", s.root, "c1")
+    assert rc == 0, err
+    assert f"A /{deep}/deep" in out.splitlines() and f"A /{deep}/link" in out.splitlines()
+    rc, _, err = run_cli("commit", "--store", s.root, "c1", "deep:1")
+    assert rc == 0, err
+    members, data = layer_entries(s, "deep:1")
+    by_name = {m.name: m for m in members}
+    assert by_name[f"{deep}/link"].linkname == "deep"
+    m = by_name[f"{deep}/deep"]
+    assert m.mode & 0o777 == 0o640 and m.pax_headers.get("SCHILY.xattr.user.deep") == "1"
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        assert tf.extractfile(f"{deep}/deep").read() == b"deep data\n"

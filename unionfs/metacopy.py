@@ -68,19 +68,17 @@ class LowerData:
         from unionfs.layers import Layer, LayerStack
         self._stack = LayerStack(None, [Layer(d, i + 1) for i, d in enumerate(lowerdirs)])
 
-    def open(self, real, path):
-        """An fd (read-only) on the bytes of upper file ``real`` (merged
-        ``path``): ``real`` itself unless it is a metacopy, else its lower
-        data, reached relative to the lower's directories."""
+    def open(self, upper, path):
+        """An fd (read-only) on the bytes of file ``path`` of ``upper`` (a
+        Layer): its own unless it is a metacopy, else its lower data."""
         try:
-            names = os.listxattr(real, follow_symlinks=False)
+            names = upper.listxattr(path)
         except OSError:
             names = ()
-        data = data_path(lambda name: os.getxattr(real, name, follow_symlinks=False),
-                         path, names) if names else None
+        data = data_path(lambda name: upper.getxattr(path, name), path, names) if names else None
         if data is None:
-            return os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return upper.open(path, os.O_RDONLY)
         node = self._stack.lookup(data)
         if node is None or node.is_dir:
-            raise OSError(errno.EIO, "metacopy without its lower data", real)
+            raise OSError(errno.EIO, "metacopy without its lower data", upper.root + path)
         return node.top.open(data, os.O_RDONLY)

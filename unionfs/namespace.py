@@ -165,7 +165,7 @@ def link(u, existing, path):
         if node.kind == DIR:
             raise _err(errno.EPERM, existing)
         # With its data: a metacopy's data must not have to follow two names.
-        upper = u.upper_path(existing)
+        upper = u.upper_for(existing)
         try:
             _new_entry(u, path, lambda layer, p: upper.link(existing, layer, p), False, None)
         finally:

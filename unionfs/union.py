@@ -181,9 +181,9 @@ class Union:
 
     # -- copy-up --------------------------------------------------------------
 
-    def upper_path(self, path, data=True):
-        """Copy ``path`` up if needed; return the upper Layer (where
-        ``path`` now is).
+    def upper_for(self, path, data=True):
+        """Copy ``path`` up if needed; return the upper Layer, where
+        ``path`` now is (``upper_for(p).chmod(p, mode)``).
 
         ``data``: what the caller needs of the data: all of it (True), none
         (False: it truncates to 0 next), or only the metadata (``META``,
@@ -219,7 +219,7 @@ class Union:
         backing = flags & _OPEN_PASS
         if flags & _WRITE_FLAGS:
             truncating = bool(flags & os.O_TRUNC)
-            layer = self.upper_path(path, data=not truncating)
+            layer = self.upper_for(path, data=not truncating)
             if truncating:
                 backing |= os.O_TRUNC
         else:
@@ -228,7 +228,9 @@ class Union:
         return layer.open(path, backing)
 
     def truncate(self, path, length):
-        fd = self.upper_path(path, data=length > 0).open(path, os.O_WRONLY)
+        # (Only regular files get here: the kernel refuses truncate(2) of
+        # others. O_NONBLOCK all the same: an open never waits on a FIFO.)
+        fd = self.upper_for(path, data=length > 0).open(path, os.O_WRONLY | os.O_NONBLOCK)
         try:
             os.ftruncate(fd, length)
         finally:
@@ -237,12 +239,12 @@ class Union:
     # -- attributes -------------------------------------------------------------
 
     def chmod(self, path, mode):
-        self.upper_path(path, META).chmod(path, stat.S_IMODE(mode))
+        self.upper_for(path, META).chmod(path, stat.S_IMODE(mode))
 
     def chown(self, path, uid, gid):
         if self.ids is not None:
             uid, gid = self.ids.stored_uid(uid), self.ids.stored_gid(gid)
-        upper = self.upper_path(path, META)
+        upper = self.upper_for(path, META)
         st = upper.lstat(path)
         upper.chown(path, uid, gid)
         # chown of a non-directory clears set-id bits when the caller is not
@@ -260,7 +262,7 @@ class Union:
 
     def utimens(self, path, atime_ns, mtime_ns):
         """Set times; ``None`` for either means "leave it" (UTIME_OMIT)."""
-        upper = self.upper_path(path, META)
+        upper = self.upper_for(path, META)
         if atime_ns is None or mtime_ns is None:
             st = upper.lstat(path)
             atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
@@ -283,7 +285,7 @@ class Union:
     def setxattr(self, path, name, value, flags):
         if wh.is_private_xattr(name):
             raise _err(errno.EPERM, path)
-        self.upper_path(path, META).setxattr(path, name, value, flags)
+        self.upper_for(path, META).setxattr(path, name, value, flags)
 
     def removexattr(self, path, name):
         if wh.is_private_xattr(name):
@@ -292,7 +294,7 @@ class Union:
         node = self.node(path)
         # Removing what is not there must not cost a copy-up.
         node.top.getxattr(path, name)
-        self.upper_path(path, META).removexattr(path, name)
+        self.upper_for(path, META).removexattr(path, name)
 
     # -- namespace (see namespace.py) --------------------------------------------
 

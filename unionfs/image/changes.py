@@ -26,8 +26,9 @@ from unionfs.readdir import merged_entries
 class Entry:
     kind: str                      # "dir", "node" (any non-directory) or "whiteout"
     parts: tuple[str, ...]
-    path: str                      # in the upper (for a whiteout: the whiteout itself)
+    path: str                      # of `upper` (for a whiteout: the whiteout itself)
     st: os.stat_result
+    upper: Layer                   # the upper dir: reach `path` through it (any depth)
     opaque: bool = False           # dirs only
     names: set = field(default_factory=set)   # dirs only: every name the upper has in it
 
@@ -36,11 +37,11 @@ class Entry:
         return "/" + "/".join(self.parts)
 
 
-def file_xattrs(path: str) -> dict[str, bytes]:
-    """The xattrs a layer should carry for `path`, sorted; the union's own
-    bookkeeping (overlay opaque markers etc.) is left out."""
+def file_xattrs(upper: Layer, path: str) -> dict[str, bytes]:
+    """The xattrs a layer should carry for `path` of `upper`, sorted; the
+    union's own bookkeeping (overlay opaque markers etc.) is left out."""
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = upper.listxattr(path)
     except OSError as e:
         if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return {}
@@ -50,7 +51,7 @@ def file_xattrs(path: str) -> dict[str, bytes]:
         if wh.is_private_xattr(name):
             continue
         try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
+            out[name] = upper.getxattr(path, name)
         except OSError as e:
             if e.errno != errno.ENODATA:  # removed meanwhile
                 raise
@@ -58,36 +59,41 @@ def file_xattrs(path: str) -> dict[str, bytes]:
 
 
 def walk_upper(upper: str):
-    """Yield `Entry`s of the upper dir in layer order (see the module doc)."""
-    yield from _walk(upper, (), os.lstat(upper))
+    """Yield `Entry`s of the upper dir in layer order (see the module doc).
+    Entries are reached relative to their directories (layers.Layer), so
+    paths longer than PATH_MAX work."""
+    layer = Layer(upper, 0, upper=True)
+    yield from _walk(layer, "/", (), layer.lstat("/"))
 
 
-def _walk(path: str, parts: tuple[str, ...], st: os.stat_result):
-    opaque = wh.has_opaque_xattr(path)
+def _walk(upper: Layer, path: str, parts: tuple[str, ...], st: os.stat_result):
+    opaque = wh.has_opaque_xattr(path, upper)
     whiteouts, nodes, names = [], [], set()
-    with os.scandir(path) as it:
-        listing = sorted(it, key=lambda e: os.fsencode(e.name))
-    for e in listing:
-        est = e.stat(follow_symlinks=False)
-        names.add(e.name)
-        if e.name == wh.WH_OPAQUE:
+    prefix = "/" if path == "/" else path + "/"
+    with upper.scandir(path) as it:
+        listing = sorted(((e.name, e.stat(follow_symlinks=False)) for e in it),
+                         key=lambda e: os.fsencode(e[0]))
+    for name, est in listing:
+        names.add(name)
+        if name == wh.WH_OPAQUE:
             opaque = True
-        elif e.name.startswith(wh.WH_PREFIX + wh.WH_PREFIX):
+        elif name.startswith(wh.WH_PREFIX + wh.WH_PREFIX):
             continue  # other ".wh..wh.*" names are aufs metadata, not entries
-        elif e.name.startswith(wh.WH_PREFIX):
-            whiteouts.append(Entry("whiteout", parts + (e.name[len(wh.WH_PREFIX):],), e.path, est))
+        elif name.startswith(wh.WH_PREFIX):
+            whiteouts.append(Entry("whiteout", parts + (name[len(wh.WH_PREFIX):],),
+                                   prefix + name, est, upper))
         elif wh.is_whiteout_stat(est):
-            whiteouts.append(Entry("whiteout", parts + (e.name,), e.path, est))
+            whiteouts.append(Entry("whiteout", parts + (name,), prefix + name, est, upper))
         else:
-            nodes.append((e, est))
+            nodes.append((name, est))
     if parts:
-        yield Entry("dir", parts, path, st, opaque, names)
+        yield Entry("dir", parts, path, st, upper, opaque, names)
     yield from sorted(whiteouts, key=lambda w: os.fsencode(w.parts[-1]))
-    for e, est in nodes:
+    for name, est in nodes:
         if stat.S_ISDIR(est.st_mode):
-            yield from _walk(e.path, parts + (e.name,), est)
+            yield from _walk(upper, prefix + name, parts + (name,), est)
         else:
-            yield Entry("node", parts + (e.name,), e.path, est)
+            yield Entry("node", parts + (name,), prefix + name, est, upper)
 
 
 class LowerView:

@@ -96,7 +96,7 @@ def write_layer(upper: str, out, warn, progress=None, lowers: list[str] = ()) ->
                     warn(f'commit: sockets cannot be stored in a layer: skipped "/{name}" and any others')
                     warned_sockets = True
                 continue
-            ti = _tarinfo(name, st, file_xattrs(entry.path))
+            ti = _tarinfo(name, st, file_xattrs(entry.upper, entry.path))
             if entry.kind == "dir":
                 ti.type = tarfile.DIRTYPE
                 tf.addfile(ti)
@@ -114,13 +114,13 @@ def write_layer(upper: str, out, warn, progress=None, lowers: list[str] = ()) ->
                 first_link[key] = name
             if stat.S_ISREG(mode):
                 ti.type = tarfile.REGTYPE
-                fd = data.open(entry.path, "/" + name)
+                fd = data.open(entry.upper, entry.path)
                 with os.fdopen(fd, "rb") as f:
                     ti.size = os.fstat(f.fileno()).st_size
                     tf.addfile(ti, f)
             elif stat.S_ISLNK(mode):
                 ti.type = tarfile.SYMTYPE
-                ti.linkname = os.readlink(entry.path)
+                ti.linkname = entry.upper.readlink(entry.path)
             elif stat.S_ISFIFO(mode):
                 ti.type = tarfile.FIFOTYPE
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
