@@ -7,9 +7,8 @@ through ``Layer``, relative to a directory descriptor (``openat``,
 directory of a merged path one component at a time with
 ``O_PATH|O_NOFOLLOW|O_DIRECTORY`` from the nearest cached ancestor, so
 
-- a symlink inside a layer is never followed while resolving a path (every
-  component is checked to be a real directory before anything is opened
-  below it);
+- a symlink inside a layer is never followed while resolving a path (the
+  kernel opens each component only if it is a real directory);
 - a merged path of any length works (each call names one component);
 - an operation reaches the directory it looked up, even if a parent is
   renamed meanwhile.
@@ -77,8 +76,8 @@ class DirFd:
     def __index__(self):
         return self.fd
 
-    def __del__(self):
-        os.close(self.fd)
+    def __del__(self, _close=os.close):     # (bound now: usable at exit too)
+        _close(self.fd)
 
 
 def open_dir(dir_fd, name):
@@ -218,8 +217,10 @@ class Layer:
                     self._dirfds.clear()
                     return
                 prefix = path + "/"
-                for key in [k for k in self._dirfds if k.startswith(prefix)]:
-                    del self._dirfds[key]
+                # list() copies the keys in one step: dir() may reorder
+                # the cache meanwhile (move_to_end takes no lock).
+                for key in [k for k in list(self._dirfds) if k.startswith(prefix)]:
+                    self._dirfds.pop(key, None)
 
     def at(self, path):
         """(DirFd of the parent, name) of merged ``path``: its *at form."""
