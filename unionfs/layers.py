@@ -428,7 +428,7 @@ class Node:
     shows, once known; ``data``: see ``Union._learn``.
     """
 
-    __slots__ = ("kind", "layers", "ino", "data", "hidden_links")
+    __slots__ = ("kind", "layers", "ino", "data", "hidden_links", "xattrs")
 
     def __init__(self, kind, layers):
         self.kind = kind
@@ -436,6 +436,7 @@ class Node:
         self.ino = None
         self.data = None    # a metacopy's lower data path (Union._learn)
         self.hidden_links = 0
+        self.xattrs = None  # a lower entry's xattr names, once listed (Union.getxattr)
 
     @property
     def is_dir(self):

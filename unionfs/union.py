@@ -275,12 +275,27 @@ class Union:
         if wh.is_private_xattr(name):
             raise _err(errno.ENODATA, path)
         node = self.node(path)
+        if not node.in_upper and name not in self._lower_xattrs(path, node):
+            raise _err(errno.ENODATA, path)
         return node.top.getxattr(path, name)
 
     def listxattr(self, path):
         node = self.node(path)
-        names = node.top.listxattr(path)
+        names = node.top.listxattr(path) if node.in_upper else self._lower_xattrs(path, node)
         return [n for n in names if not wh.is_private_xattr(n)]
+
+    @staticmethod
+    def _lower_xattrs(path, node):
+        """The xattr names of lower entry ``node``, listed once per cached
+        lookup (lowers never change; a copy-up gives the path a new node):
+        most getxattr requests (security.selinux and the ACLs of every
+        file `ls -l` shows) ask for names a lower file does not have, and
+        are then answered without a syscall. (An upper entry's xattrs
+        change: setxattr, a write dropping security.capability.)"""
+        names = node.xattrs
+        if names is None:
+            names = node.xattrs = frozenset(node.top.listxattr(path))
+        return names
 
     def setxattr(self, path, name, value, flags):
         if wh.is_private_xattr(name):
