@@ -46,17 +46,27 @@ def is_private_xattr(name):
 
 def has_opaque_xattr(path, layer=None):
     """True if the directory at ``path`` carries an overlay opaque xattr:
-    a backing path, or with ``layer`` a merged path of that Layer."""
+    a backing path, or with ``layer`` a merged path of that Layer. One
+    listxattr, and a getxattr only of a marker it names: most directories
+    have none. (listxattr hides trusted.* from an unprivileged daemon, which
+    could not read them either.)"""
+    try:
+        names = (layer.listxattr(path) if layer is not None
+                 else os.listxattr(path, follow_symlinks=False))
+    except OSError:
+        return False        # ENOTSUP: no xattrs here, so no marker
     for name in OVL_OPAQUE_XATTRS:
+        if name not in names:
+            continue
         try:
             value = (layer.getxattr(path, name) if layer is not None
                      else os.getxattr(path, name, follow_symlinks=False))
-            if value == OVL_OPAQUE_VALUE:
-                return True
         except OSError:
-            # ENODATA (not set), ENOTSUP/EPERM (namespace unavailable to us):
-            # either way this marker is absent.
-            pass
+            # ENODATA (removed meanwhile), EPERM (namespace unavailable to
+            # us): either way this marker is absent.
+            continue
+        if value == OVL_OPAQUE_VALUE:
+            return True
     return False
 
 
