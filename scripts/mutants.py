@@ -88,7 +88,7 @@ MUTANTS = [
       "    if not stat.S_ISLNK",
       ["tests/test_core.py::test_write_copies_up_with_metadata"],
       "copy-up drops the xattrs"),
-    M("unionfs/copyup.py", "        dst_layer.chmod(dst, stat.S_IMODE(st.st_mode))",
+    M("unionfs/copyup.py", "        dst_layer.chmod(dst, stat.S_IMODE(st.st_mode), follow_symlinks=True)",
       "        pass",
       ["tests/test_core.py::test_write_copies_up_with_metadata"],
       "copy-up drops the mode"),

@@ -131,7 +131,8 @@ def set_metadata(src_layer, src, dst_layer, dst, st):
         dst_layer.chown(dst, st.st_uid, st.st_gid)
     copy_xattrs(src_layer, src, dst_layer, dst)
     if not stat.S_ISLNK(st.st_mode):
-        dst_layer.chmod(dst, stat.S_IMODE(st.st_mode))
+        # (``dst`` is a copy being made, not a symlink: nothing to follow.)
+        dst_layer.chmod(dst, stat.S_IMODE(st.st_mode), follow_symlinks=True)
     dst_layer.utime(dst, (st.st_atime_ns, st.st_mtime_ns))
 
 

@@ -277,9 +277,12 @@ class Layer:
         d, name = self.at(path)
         os.rmdir(name, dir_fd=d)
 
-    def chmod(self, path, mode):
+    def chmod(self, path, mode, follow_symlinks=False):
+        """``follow_symlinks=True`` only for an entry known not to be a
+        symlink (a copy just made): glibc emulates the no-follow form
+        through /proc, at three more syscalls."""
         d, name = self.at(path)
-        os.chmod(name, mode, dir_fd=d, follow_symlinks=False)
+        os.chmod(name, mode, dir_fd=d, follow_symlinks=follow_symlinks)
 
     def chown(self, path, uid, gid):
         d, name = self.at(path)
