@@ -191,3 +191,40 @@ def test_lower_stack_shares_descriptors_with_the_budget(tmp_path):
     u = Union(dirs, str(tmp_path / "upper"), str(tmp_path / "work"))
     total = sum(layer.max_dirfds for layer in u.stack.layers)
     assert total <= max(L.DIRFD_BUDGET, L.MIN_DIRFDS * len(u.stack.layers))
+
+
+@pytest.mark.parametrize("thread_cwd", [False, True])
+def test_xattrs_by_proc_path_or_thread_cwd(tmp_path, monkeypatch, thread_cwd):
+    """Both ways to reach an entry's xattrs (layers.xattr_call) name the
+    entry itself, at any depth, and leave every thread's cwd as it was."""
+    import threading
+    monkeypatch.setattr(L, "thread_cwd", thread_cwd)
+    monkeypatch.setattr(L, "_cwd", threading.local())
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(DEPTH):
+        os.mkdir(COMP, dir_fd=fd)
+        nfd = os.open(COMP, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.symlink("f", "link", dir_fd=fd)
+    os.close(fd)
+    layer = Layer(tmp_path, 0, upper=True)
+    deep = deep_path()
+    cwd = os.getcwd()
+    seen = []
+
+    def work():
+        layer.setxattr(deep + "/f", "user.a", b"1")
+        seen.append((layer.getxattr(deep + "/f", "user.a"), layer.listxattr(deep + "/f"),
+                     layer.listxattr(deep + "/link"), os.getcwd()))
+        layer.removexattr(deep + "/f", "user.a")
+        seen.append(layer.listxattr(deep + "/f"))
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == [(b"1", ["user.a"], [], cwd), []]
+    work()                                  # and on this thread
+    assert seen[2:] == [(b"1", ["user.a"], [], cwd), []]
+    assert os.getcwd() == cwd

@@ -270,7 +270,7 @@ def fuse_options_for(spec, ll):
 
 def serve(spec, mountpoint, debug=False, on_ready=None):
     """Run the filesystem in this process until it is unmounted."""
-    from unionfs import observe
+    from unionfs import layers, observe
     from unionfs.binding import common
     from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers, ll
     from unionfs.union import Union
@@ -282,6 +282,7 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     except OSError as e:
         raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
     os.umask(0)     # modes arrive from the kernel with the caller's umask applied
+    layers.thread_cwd = True    # this process is the daemon's (layers.xattr_call)
     recorder = observe.Recorder()
     if union.copyup is not None:
         union.copyup.observer = recorder

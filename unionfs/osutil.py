@@ -23,6 +23,17 @@ def rename2(a, b, flags, a_dir_fd=_AT_FDCWD, b_dir_fd=_AT_FDCWD):
         raise OSError(e, os.strerror(e), a)
 
 
+_CLONE_FS = 0x00000200
+_unshare = getattr(_libc, "unshare", None)
+
+
+def unshare_fs():
+    """Give the calling thread its own working directory, root and umask
+    (unshare(CLONE_FS)): a chdir in it no longer moves the other threads.
+    False where that is not allowed."""
+    return _unshare is not None and _unshare(_CLONE_FS) == 0
+
+
 _sync_file_range = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
