@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 
-from unionfs import binding
+from unionfs import binding, killpriv
 from unionfs.binding import common
 from unionfs.layers import child_path
 from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -319,14 +319,23 @@ class UnionFS:
         inode = self._inode(nodeid)
         u = self.union
         path = inode.path
+        drop = 0
+        if not to_set or to_set & common.SET_ATTR_KILL_SUIDGID:
+            # The kernel asks to remove set-id bits: with nothing to set
+            # (before a write: file_remove_privs; a chown to -1:-1), or on
+            # the truncate or chown it marks so (HANDLE_KILLPRIV_V2).
+            st = os.fstat(fh) if path is None and fh is not None else u.lstat(self._path(nodeid))[0]
+            drop = self._bits_to_drop(req, st)
         if to_set & common.SET_ATTR_SIZE:
             if fh is not None:
                 os.ftruncate(fh, a.size)
             else:
                 u.truncate(self._path(nodeid), a.size)
         if path is None:
-            if to_set & ~common.SET_ATTR_SIZE or fh is None:
+            if to_set & ~(common.SET_ATTR_SIZE | common.SET_ATTR_KILL_SUIDGID) or fh is None:
                 raise OSError(errno.ENOENT, "unlinked")
+            if drop:
+                os.fchmod(fh, stat.S_IMODE(os.fstat(fh).st_mode) & ~drop)
             self._reply_attr(req, os.fstat(fh), inode.ino, alias=inode.alias)
             return
         if to_set & common.SET_ATTR_MODE:
@@ -347,7 +356,29 @@ class UnionFS:
             elif to_set & common.SET_ATTR_MTIME:
                 mtime = a.mtime_ns
             u.utimens(path, atime, mtime)
+        if drop:
+            mode = stat.S_IMODE(u.lstat(path)[0].st_mode)
+            if mode & drop:
+                u.chmod(path, mode & ~drop)
         self._reply_attr(req, *u.lstat(path), alias=inode.alias)
+
+    def _drop_setid(self, req, nodeid, fd):
+        """Remove the set-id bits a write or truncate through open ``fd`` by
+        ``req``'s caller removes (the kernel marked the request so), and
+        make the kernel forget the mode it caches."""
+        st = os.fstat(fd)
+        drop = self._bits_to_drop(req, st)
+        if drop:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~drop)
+            ll.inval_inode(nodeid, attrs_only=True)
+
+    def _bits_to_drop(self, req, st):
+        """The set-id bits a change by ``req``'s caller removes from a file
+        of stat ``st`` (see killpriv)."""
+        ctx = ll.req_ctx(req).contents
+        ids = self.union.ids
+        gid = st.st_gid if ids is None else ids.shown_gid(st.st_gid)
+        return killpriv.bits_to_drop(st.st_mode, gid, ctx.gid, ctx.pid)
 
     def readlink(self, req, nodeid):
         ll.reply_readlink(req, os.fsencode(self.union.readlink(self._path(nodeid))))
@@ -411,9 +442,16 @@ class UnionFS:
 
     # -- files ----------------------------------------------------------------------
 
-    def open(self, req, nodeid, flags):
+    def open(self, req, nodeid, flags, kill_suidgid=False):
+        """``kill_suidgid``: the open truncates, and removes set-id bits."""
         path = self._path(nodeid)
         fd = self.union.open(path, flags)
+        if kill_suidgid:
+            try:
+                self._drop_setid(req, nodeid, fd)
+            except BaseException:
+                os.close(fd)
+                raise
         fi = ll.fuse_file_info()
         fi.flags = flags
         fi.fh = fd
@@ -473,7 +511,10 @@ class UnionFS:
         ll.reply_data(req, common.fd_bufvec(fi.contents.fh, size, off), 0)
 
     def write_buf(self, req, nodeid, bufv, off, fi):
-        dst = common.fd_bufvec(fi.contents.fh, ll.buf_size(bufv), off)
+        f = fi.contents
+        if getattr(f, "kill_suidgid", False):
+            self._drop_setid(req, nodeid, f.fh)
+        dst = common.fd_bufvec(f.fh, ll.buf_size(bufv), off)
         n = ll.buf_copy(dst, bufv, 0)
         if n < 0:
             raise OSError(-n, os.strerror(-n))
@@ -671,8 +712,9 @@ class UnionFS:
     # the loop moves on, so the C-side arguments are copied first.
     MAY_BLOCK = {
         # name: (copy the C arguments, "does this call need a worker?")
-        "open": (lambda req, ino, fi: (req, ino, fi.contents.flags),
-                 lambda self, req, ino, flags: bool(flags & _WRITE_FLAGS)
+        "open": (lambda req, ino, fi: (req, ino, fi.contents.flags,
+                                       getattr(fi.contents, "kill_suidgid", False)),
+                 lambda self, req, ino, flags, kill_suidgid: bool(flags & _WRITE_FLAGS)
                  and not self._settled(ino)),
         "fsync": (lambda req, ino, datasync, fi: (req, ino, datasync, fi.contents.fh),
                   lambda self, *args: True),
