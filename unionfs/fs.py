@@ -102,6 +102,7 @@ class UnionFS:
         self._next_dh = 1
         self._listings = {}                # dir path -> (entries, Listing)
         self._listed = 0                   # entries held by the map above
+        self._later = _Later()             # notifications sent after their request
         if union.copyup is not None:
             union.copyup.on_publish = self._copied_up
 
@@ -190,20 +191,60 @@ class UnionFS:
         an xattr change does not send: drop its cached attributes.
 
         ``linked``: ``path`` is one name of a lower hard link, now one upper
-        file with its other names. Names the kernel already knows keep
-        their own node ids (it would have to forget their entries to join
-        them), so each is an *alias*: its attributes are not cached and its
-        pages are dropped at every open, so a change through one name shows
-        through the others (close-to-open, as NFS). Names looked up later
-        join one node id (``_remember``).
+        file with its other names (published one after the other). The
+        first name the kernel knows keeps its node id, and the file is
+        found by its upper inode from then on (``_by_ident``). Each other
+        name the kernel knows under another node id is made to forget it
+        (``_join``), so its next lookup finds that one node: one kernel
+        inode per file, as on overlayfs. Without a way to tell the kernel
+        (the libfuse bindings), such a name stays an *alias*: its attributes
+        are not cached and its pages are dropped at every open, so a change
+        through one name shows through the others (close-to-open, as NFS).
 
         Its cached pages may stay: a copy-up does not change the bytes (and
         dropping pages from inside a request could deadlock with a reader
         waiting on this loop)."""
         inode = self._by_path.get(path)
+        if linked and self._join(path, inode):
+            return
         if inode is not None:
             inode.alias = inode.alias or linked
             ll.inval_inode(inode.nodeid, attrs_only=True)
+
+    def _join(self, path, inode):
+        """Make ``path``, a just published name of an upper hard link, one
+        node with the others (see _copied_up); False if the kernel cannot be
+        told to forget a name."""
+        inval_entry = getattr(ll, "inval_entry", None)
+        if inval_entry is None:
+            return False
+        st = self.union.lstat(path)[0]
+        ident = (st.st_dev, st.st_ino)
+        parent, name = path.rsplit("/", 1)
+        with self._table:
+            first = self._by_ident.get(ident)
+            if first is None or first.path is None:
+                if inode is not None:
+                    inode.ident = ident
+                    self._by_ident[ident] = inode
+                forget = None
+            elif inode is not None and inode is not first:
+                # Its node stays for open files (and for the kernel's entry
+                # until the notification below lands), answered as a name
+                # that has a new node (see getattr and open).
+                del self._by_path[path]
+                inode.alias = True
+                forget = self._by_path.get(parent or "/")
+            else:
+                forget = None
+        if forget is not None:
+            # Sent from another thread, after this request: the kernel locks
+            # the directory to forget the entry, and the request that copied
+            # up (a link, a rename) may hold that lock until it is answered.
+            self._later.call(inval_entry, forget.nodeid, os.fsencode(name))
+        if inode is not None:
+            ll.inval_inode(inode.nodeid, attrs_only=True)
+        return True
 
     def _exchanged(self, a, b):
         """Swap in the table: what was at ``a`` (and below) is at ``b``, and
@@ -445,6 +486,11 @@ class UnionFS:
     def open(self, req, nodeid, flags, kill_suidgid=False):
         """``kill_suidgid``: the open truncates, and removes set-id bits."""
         path = self._path(nodeid)
+        if self._by_path.get(path) is not self._inodes.get(nodeid):
+            # The name has another node now (_join, _open_as_new_inode)
+            # that the kernel has not looked up yet: ESTALE has it look the
+            # name up again and open that one.
+            raise OSError(errno.ESTALE, "the name has a new node")
         fd = self.union.open(path, flags)
         if kill_suidgid:
             try:
@@ -845,6 +891,34 @@ class SetAttr:
         self.gid = st.st_gid
         self.atime_ns = st.st_atimespec.tv_sec * 1_000_000_000 + st.st_atimespec.tv_nsec
         self.mtime_ns = st.st_mtimespec.tv_sec * 1_000_000_000 + st.st_mtimespec.tv_nsec
+
+
+class _Later:
+    """Calls made after the request that asked for them, in order, by one
+    thread started on first use (notifications that may wait for a lock a
+    request holds until it is answered)."""
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._start = threading.Lock()
+
+    def call(self, fn, *args):
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="unionfs-later",
+                                                daemon=True)
+                self._thread.start()
+        self._queue.put((fn, args))
+
+    def _run(self):
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception:
+                import logging
+                logging.getLogger("unionfs").exception("unionfs: a notification failed")
 
 
 class Workers:
