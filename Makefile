@@ -14,6 +14,8 @@ all: test
 APT_PKGS := libfuse3-3 libfuse2 fuse3 fuse-overlayfs attr busybox-static umoci skopeo podman runc passt slirp4netns debootstrap
 # The registry tests: a real registry (distribution), htpasswd for Basic auth, openssl for its CA.
 APT_PKGS += docker-registry apache2-utils openssl
+# Rootless podman in the tests: newuidmap/newgidmap.
+APT_PKGS += uidmap
 
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -415,7 +415,10 @@ def test_id_mapping_both_ways():
     squashed = IdMap(uids=parse_ranges("0:1000:10"), squash_root=True, squash_gid=7)
     assert (squashed.shown_uid(3), squashed.shown_gid(3)) == (0, 7)
     assert squashed.stored_uid(1003) == 3               # stored ids are still mapped
-    for bad in ("", "1:2", "a:b:c", "0:0:0", "-1:0:1"):
+    # containers/storage's form (rootless podman): a leading colon
+    assert parse_ranges(":0:100:5000") == ((0, 100, 5000),)
+    assert parse_ranges(":0:1:1:1:200:10") == ((0, 1, 1), (1, 200, 10))
+    for bad in ("", ":", "1:2", "a:b:c", "0:0:0", "-1:0:1"):
         with pytest.raises(ValueError):
             parse_ranges(bad)
 

@@ -9,6 +9,7 @@ writes): a user sees it as the daemon's CPU time, which they replace.
 """
 
 import errno
+import json
 import mmap
 import os
 import struct
@@ -377,3 +378,116 @@ def test_threaded_readers_answer_every_request(layers, mounted):
     assert outs == ["99"] * 6
     listed = run([sys.executable, "-c", f"import os; print(sorted(os.listdir({str(mnt)!r})))"])
     assert listed.stdout.strip() == str(["a"] + sorted(f"f{i}" for i in range(6)))
+
+
+# -- set-id bits (HANDLE_KILLPRIV_V2) -------------------------------------------------
+
+# Run as root by one process per mount; ``as_nobody`` forks a child that is
+# uid/gid 65534 with no supplementary groups. Prints {check: mode} as JSON.
+_SETID_STORY = r"""
+import json, mmap, os, stat, sys
+m = sys.argv[1]
+P = lambda n: os.path.join(m, n)
+def as_nobody(fn):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([]); os.setgid(65534); os.setuid(65534)
+            fn()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+def mode(n):
+    return oct(stat.S_IMODE(os.lstat(P(n)).st_mode))
+def append(n):
+    with open(P(n), "a") as f:
+        f.write("x")
+def direct(n):
+    fd = os.open(P(n), os.O_WRONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    os.write(fd, buf)
+    os.close(fd)
+out = {}
+for n in ("suid", "sgid_x", "sgid_nox", "plain"):
+    as_nobody(lambda: append(n))
+    out["write " + n] = mode(n)
+for n in ("direct_suid", "direct_sgid_nox"):
+    as_nobody(lambda: direct(n))
+    out["O_DIRECT " + n] = mode(n)
+# A writer that opened the file before it became set-uid.
+opened, chmodded = os.pipe(), os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    fd = os.open(P("late"), os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"before")
+    os.write(opened[1], b"1")
+    os.read(chmodded[0], 1)
+    os.write(fd, b"after")
+    os._exit(0)
+os.read(opened[0], 1)
+os.chmod(P("late"), 0o4777)
+os.write(chmodded[1], b"2")
+os.waitpid(pid, 0)
+out["write after chmod u+s"] = mode("late")
+print(json.dumps(out))
+"""
+
+_SETID_FILES = {"suid": 0o4777, "sgid_x": 0o2777, "sgid_nox": 0o2766, "plain": 0o666,
+                "direct_suid": 0o4777, "direct_sgid_nox": 0o2766, "late": 0o777}
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root (kernel overlayfs, other users)")
+def test_setid_bits_dropped_as_kernel_overlayfs(traversable_dir, mounter):
+    """Writes by a user outside the group, through the daemon
+    (passthrough=off), passed through, with O_DIRECT, and by a writer that
+    opened the file before chmod u+s, remove set-id bits as on kernel
+    overlayfs (the daemon applies the kernel's rule: HANDLE_KILLPRIV_V2)."""
+    stories = {}
+    for system in ("overlayfs", "passthrough=off", "passthrough=on"):
+        base = traversable_dir / system.replace("=", "-")
+        layers = Layers(base, nlower=1)
+        for name, mode in _SETID_FILES.items():
+            f = layers.lowers[0] / name
+            f.write_bytes(b"\0" * 4096)
+            os.chmod(f, mode)
+        for d in (base, layers.mnt):
+            os.chmod(d, 0o755)
+        os.chmod(layers.lowers[0], 0o777)
+        if system == "overlayfs":
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", layers.options(),
+                            str(layers.mnt)], check=True)
+            mnt = layers.mnt
+        else:
+            mnt = mounter.mount(layers, extra=system)
+        try:
+            r = subprocess.run([sys.executable, "-c", _SETID_STORY, str(mnt)],
+                               capture_output=True, text=True, timeout=60)
+        finally:
+            if system == "overlayfs":
+                subprocess.run(["umount", str(layers.mnt)], check=True)
+        assert r.returncode == 0, r.stderr
+        stories[system] = json.loads(r.stdout)
+    assert stories["overlayfs"]["write sgid_nox"] == "0o766"      # the kernel's rule
+    assert stories["overlayfs"]["write after chmod u+s"] == "0o777"
+    assert stories["passthrough=off"] == stories["overlayfs"]
+    assert stories["passthrough=on"] == stories["overlayfs"]
+
+
+def test_writes_cost_no_request_each(layers, mounted):
+    """A run of small write(2)s asks the daemon nothing per write when it
+    passes data through, and only the WRITE itself otherwise: no
+    getxattr("security.capability") before each (HANDLE_KILLPRIV_V2 lets
+    the kernel skip it for files without set-id bits or capabilities)."""
+    (layers.lowers[0] / "lower").write_bytes(b"lower\n")
+    mnt = mounted()
+    writes = 500
+    for name in ("new", "lower"):
+        with open(mnt / name, "ab", buffering=0) as f:
+            for _ in range(writes):
+                f.write(b"x" * 100)
+    r = run([UNIONFS, "stats", "--json", str(mnt)], timeout=30)
+    assert r.returncode == 0, r.stderr
+    counts = {name: v["count"] for name, v in json.loads(r.stdout)["requests"].items()}
+    assert counts.get("getxattr", 0) < 20, counts
+    assert (layers.upper / "lower").read_bytes() == b"lower\n" + b"x" * 100 * writes

@@ -9,6 +9,7 @@ with stat, and the same after unmount and remount.
 """
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -328,6 +329,58 @@ def test_lower_hard_links_survive_copy_up_and_remount(tmp_path, system):
         assert links_view(mnt, names) == want
         assert (os.lstat(mnt / "o").st_ino, os.lstat(mnt / "o").st_nlink) == (o_ino, 1)
         assert_listings_match_stat(mnt)
+        s.umount()
+
+
+def _lock_conflicts(a, b):
+    """True if an exclusive flock on ``b`` is refused while another open
+    file holds one on ``a``: the kernel keeps flocks per inode, so two names
+    conflict only when the kernel has them as one inode."""
+    with open(a) as fa, open(b) as fb:
+        fcntl.flock(fa, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fb, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fb, fcntl.LOCK_UN)
+        return False
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_names_known_before_a_hard_link_copy_up_join_one_inode(tmp_path, system):
+    """Names of a lower hard link the kernel looked up before one of them
+    was copied up end up as one kernel inode with it (as overlayfs's one
+    inode per file): an flock through one name excludes one through another.
+    Also when the copy-up comes from a link() or rename() in the directory
+    of another name (the kernel holds that directory's lock meanwhile)."""
+    if system == "unionfs" and os.environ.get("UNIONFS_LIBFUSE"):
+        pytest.skip("the libfuse bindings cannot tell the kernel to forget a name: "
+                    "the names stay aliases (README, hard links)")
+    with stack_on(tmp_path) as st:
+        low = st.lowers[2]
+        write(low / "d" / "x")
+        for n in ("h", "k", "m"):
+            write(low / n, n + "\n")
+            os.link(low / n, low / (n + "2"))
+        os.link(low / "h", low / "d" / "h3")
+        s = System(system, st)
+        mnt = s.mount()
+        links_view(mnt, ["h", "h2", "d/h3", "k", "k2", "m", "m2"])  # the kernel knows them
+        early = open(mnt / "h2")                # open before the copy-up
+        with open(mnt / "h", "a") as f:         # copy-up through one name
+            f.write("more\n")
+        assert _lock_conflicts(mnt / "h", mnt / "h2")
+        assert _lock_conflicts(mnt / "d" / "h3", mnt / "h")
+        assert (mnt / "h2").read_text() == "h\nmore\n"
+        assert os.fstat(early.fileno()).st_ino == os.lstat(mnt / "h").st_ino
+        early.close()
+        os.link(mnt / "k", mnt / "k3")          # copy-up by link(), k2 beside it
+        assert _lock_conflicts(mnt / "k2", mnt / "k3")
+        assert os.lstat(mnt / "k2").st_nlink == 3
+        os.rename(mnt / "m", mnt / "m3")        # copy-up by rename(), m2 beside it
+        assert _lock_conflicts(mnt / "m2", mnt / "m3")
+        assert (mnt / "m2").read_text() == "m\n"
         s.umount()
 
 

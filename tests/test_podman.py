@@ -14,12 +14,15 @@ $UNIONFS_PODMAN_MOUNT_PROGRAM names another (e.g. fuse-overlayfs, to compare).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +31,8 @@ import pytest
 
 from elf_helpers import EXIT_IF_NOBODY, EXIT_IF_ROOT, euid_program
 from podman_helpers import (
-    DIR, LISTING_SCRIPT, MOUNT_PROGRAM_ENV, STATIC_BUSYBOX, PodmanSandbox, Symlink,
+    DAEMON_EXIT_TIMEOUT, DIR, LISTING_SCRIPT, MOUNT_PROGRAM_ENV, STATIC_BUSYBOX, PodmanSandbox,
+    Symlink,
     busybox_rootfs_tar, docker_archive, expected_listing, is_static_executable,
     mounts_under, processes_mentioning, selected_mount_program, tar_tree,
     unionfs_program, unmount_all_under, wait_for_exit, without, write_tree,
@@ -514,3 +518,112 @@ def test_podman_run_timing(tmp_path, capsys):
               f"max {max(t):.3f}s ({len(t)} runs)" for label, t in times.items()]
     with capsys.disabled():
         print("\npodman run --rm IMAGE true:\n  " + "\n  ".join(report))
+
+
+# -- rootless podman with uidmapping=/gidmapping= (issue 12) ----------------------------
+
+ROOTLESS_SCRIPT = Path(__file__).with_name("podman_rootless.py")
+# An unprivileged uid and a subordinate id range for it, unlikely to be in
+# use: they exist only in the test's private mount namespace.
+ROOTLESS_UID = 30000 + os.getpid() % 20000
+ROOTLESS_SUBID = 1_000_000 + (os.getpid() % 1000) * 65536
+
+
+def _rootless_image_tar(path: Path) -> Path:
+    """A static busybox rootfs whose /data has files of root and of uid 1000."""
+    import io
+    import tarfile
+    busybox = Path(_busybox_or_fail())
+    applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+
+    def entry(name, uid=0, mode=0o644, kind=tarfile.REGTYPE, data=b"", link=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.uid, info.gid = kind, mode, uid, uid
+        info.size, info.linkname = len(data), link
+        tar.addfile(info, io.BytesIO(data) if data else None)
+
+    with tarfile.open(path, "w") as tar:
+        for d in ("bin", "etc", "dev", "proc", "sys", "data"):
+            entry(d, mode=0o755, kind=tarfile.DIRTYPE)
+        entry("tmp", mode=0o1777, kind=tarfile.DIRTYPE)
+        entry("bin/busybox", mode=0o755, data=busybox.read_bytes())
+        for applet in applets:
+            if applet != "busybox":
+                entry(f"bin/{applet}", kind=tarfile.SYMTYPE, link="busybox")
+        entry("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/:/bin/sh\n")
+        entry("etc/group", data=b"root:x:0:\nuser:x:1000:\n")
+        entry("data/root-file", data=b"root\n")
+        entry("data/user-file", uid=1000, data=b"user\n")
+        entry("data/user-dir", uid=1000, mode=0o777, kind=tarfile.DIRTYPE)
+    path.chmod(0o644)
+    return path
+
+
+def _python_for(uid: int, source: Path) -> str | None:
+    """A python that user UID can run and that imports unionfs from SOURCE
+    (run from a shell, as the mount program's wrapper runs it)."""
+    for python in (sys.executable, "/usr/bin/python3"):
+        r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                            "--", "/bin/sh", "-c", 'exec "$@"', "sh", python, "-c",
+                            f"import sys; sys.path.insert(0, {str(source)!r}); "
+                            "import unionfs.cli"],
+                           capture_output=True, timeout=60, cwd="/")
+        if r.returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.timeout(900)
+def test_rootless_podman_with_uid_mapping():
+    """An unprivileged user's podman (user namespace through newuidmap) runs
+    containers on fuse-unionfs: with the storage's ids, and with --uidmap,
+    for which containers/storage hands the mount program
+    uidmapping=/gidmapping=. The container sees the image's owners (root
+    and 1000, not the overflow id), and what it writes is stored mapped back
+    (container root as the user, 1000 as the 1000th subordinate id)."""
+    for tool in ("newuidmap", "newgidmap"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is missing (Debian package uidmap)")
+    for tool in ("unshare", "setpriv"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is missing (util-linux)")
+    import unionfs
+    source = Path(unionfs.__file__).resolve().parent.parent
+    python = _python_for(ROOTLESS_UID, source)
+    if python is None:
+        pytest.skip(f"no python that uid {ROOTLESS_UID} may run imports unionfs from "
+                    f"{source} (the venv's interpreter or the source is not readable by "
+                    "other users)")
+    base = Path(tempfile.mkdtemp(prefix="unionfs-rootless-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        image = _rootless_image_tar(base / "image.tar")
+        r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable,
+                            str(ROOTLESS_SCRIPT), str(base), str(ROOTLESS_UID),
+                            str(ROOTLESS_SUBID), python, str(source), str(image)],
+                           capture_output=True, text=True, timeout=800)
+        assert r.returncode == 0, r.stderr[-3000:]
+        seen = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        # Daemons podman started on our behalf for this sandbox, if any are left.
+        stuck = wait_for_exit(processes_mentioning(str(base)), DAEMON_EXIT_TIMEOUT)
+        for pid in stuck:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(base, ignore_errors=True)
+    if "skip" in seen:
+        pytest.skip(seen["skip"])
+    assert "error" not in seen, seen["error"]
+    assert not stuck, f"mount daemons still running after podman rm: {stuck}"
+    image_view = ["0:0 /data/root-file", "1000:1000 /data/user-file", "0"]
+    assert seen["plain"] == image_view
+    assert seen["mapped"] == image_view
+    assert any("uidmapping=" in argv and "gidmapping=" in argv
+               for argv in seen["mount_program_argv"]), seen["mount_program_argv"]
+    subid_1000 = ROOTLESS_SUBID + 999          # the user's userns maps 1.. to SUBID..
+    assert seen["upper"] == {"root-file": [subid_1000, subid_1000],
+                             "made": [subid_1000, subid_1000],
+                             "user-dir/new": [ROOTLESS_UID, ROOTLESS_UID]}

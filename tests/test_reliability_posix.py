@@ -78,7 +78,9 @@ for n in ("w", "t", "c", "r", "o", "rd", "u", "x", "l", "a"):
 d("misc", 0o777); f("misc/file"); d("misc/lowerdir"); f("misc/lowerdir/x"); d("misc/wo")
 f("misc/wo/a"); os.symlink("file", os.path.join(r, "misc/sym")); d("misc/rootdir")
 d("misc/rootdir/nobodys", 0o755, 65534, 65534); f("misc/nobodyfile", uid=65534, gid=65534)
-f("misc/sgid_nox", mode=0o2766)
+f("misc/sgid_nox", mode=0o2766); f("misc/sgid_nox_trunc", mode=0o2766)
+f("misc/sgid_nox_otrunc", mode=0o2766); f("misc/suid_otrunc", mode=0o4777)
+f("misc/sgid_nox_nobodys", mode=0o2766, uid=65534); f("misc/sgid_nox_root", mode=0o2766)
 # truncate
 d("trunc", 0o777); f("trunc/f", "x" * 100, mode=0o666); f("trunc/g", "y" * 100, mode=0o666)
 f("trunc/rootonly", "z" * 100); f("trunc/o", "o" * 100, mode=0o666)
@@ -431,10 +433,21 @@ def c_misc():
     return out
 
 def c_sgid_nox():
-    # set-gid without group-exec, written by a user outside the group
+    # set-gid without group-exec, changed by a user outside the group (the
+    # kernel drops it), or by root (it stays); set-uid on open(O_TRUNC)
     out = {}
     out["write"] = nobody(write, P("misc/sgid_nox"))
     out["mode"] = mode(P("misc/sgid_nox"))
+    out["truncate"] = nobody(os.truncate, P("misc/sgid_nox_trunc"), 1)
+    out["mode after truncate"] = mode(P("misc/sgid_nox_trunc"))
+    for n in ("sgid_nox_otrunc", "suid_otrunc"):
+        out["O_TRUNC " + n] = nobody(write, P("misc", n), "", "w")
+        out["mode after O_TRUNC " + n] = mode(P("misc", n))
+    out["owner chown -1 -1"] = nobody(os.chown, P("misc/sgid_nox_nobodys"), -1, -1)
+    out["mode after owner's chown"] = mode(P("misc/sgid_nox_nobodys"))
+    out["root writes"] = res(write, P("misc/sgid_nox_root"))
+    out["root chown -1 -1"] = res(os.chown, P("misc/sgid_nox_root"), -1, -1)
+    out["mode after root"] = mode(P("misc/sgid_nox_root"))
     return out
 
 print(json.dumps(globals()["c_" + check]()))
@@ -487,13 +500,7 @@ def both_mounts():
 # Divergences found and reported to the lead: (check, label) -> reason. They
 # are left out of the comparison above and checked one by one as strict
 # xfails below, until fixed.
-KNOWN = {
-    ("sgid_nox", "mode"): (
-        "bug reported to the lead: a write by a user outside the file's group keeps "
-        "S_ISGID on a 02766 file (the kernel clears it: overlayfs and ext4 give 0766); "
-        "the daemon writes as root (CAP_FSETID), and FUSE's own kill-suid logic only "
-        "covers S_ISGID with group-exec"),
-}
+KNOWN = {}
 
 
 def _diffs(name, kernel, ours, labels):

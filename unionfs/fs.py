@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 
-from unionfs import binding
+from unionfs import binding, killpriv
 from unionfs.binding import common
 from unionfs.layers import child_path
 from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -102,6 +102,7 @@ class UnionFS:
         self._next_dh = 1
         self._listings = {}                # dir path -> (entries, Listing)
         self._listed = 0                   # entries held by the map above
+        self._later = _Later()             # notifications sent after their request
         if union.copyup is not None:
             union.copyup.on_publish = self._copied_up
 
@@ -190,20 +191,60 @@ class UnionFS:
         an xattr change does not send: drop its cached attributes.
 
         ``linked``: ``path`` is one name of a lower hard link, now one upper
-        file with its other names. Names the kernel already knows keep
-        their own node ids (it would have to forget their entries to join
-        them), so each is an *alias*: its attributes are not cached and its
-        pages are dropped at every open, so a change through one name shows
-        through the others (close-to-open, as NFS). Names looked up later
-        join one node id (``_remember``).
+        file with its other names (published one after the other). The
+        first name the kernel knows keeps its node id, and the file is
+        found by its upper inode from then on (``_by_ident``). Each other
+        name the kernel knows under another node id is made to forget it
+        (``_join``), so its next lookup finds that one node: one kernel
+        inode per file, as on overlayfs. Without a way to tell the kernel
+        (the libfuse bindings), such a name stays an *alias*: its attributes
+        are not cached and its pages are dropped at every open, so a change
+        through one name shows through the others (close-to-open, as NFS).
 
         Its cached pages may stay: a copy-up does not change the bytes (and
         dropping pages from inside a request could deadlock with a reader
         waiting on this loop)."""
         inode = self._by_path.get(path)
+        if linked and self._join(path, inode):
+            return
         if inode is not None:
             inode.alias = inode.alias or linked
             ll.inval_inode(inode.nodeid, attrs_only=True)
+
+    def _join(self, path, inode):
+        """Make ``path``, a just published name of an upper hard link, one
+        node with the others (see _copied_up); False if the kernel cannot be
+        told to forget a name."""
+        inval_entry = getattr(ll, "inval_entry", None)
+        if inval_entry is None:
+            return False
+        st = self.union.lstat(path)[0]
+        ident = (st.st_dev, st.st_ino)
+        parent, name = path.rsplit("/", 1)
+        with self._table:
+            first = self._by_ident.get(ident)
+            if first is None or first.path is None:
+                if inode is not None:
+                    inode.ident = ident
+                    self._by_ident[ident] = inode
+                forget = None
+            elif inode is not None and inode is not first:
+                # Its node stays for open files (and for the kernel's entry
+                # until the notification below lands), answered as a name
+                # that has a new node (see getattr and open).
+                del self._by_path[path]
+                inode.alias = True
+                forget = self._by_path.get(parent or "/")
+            else:
+                forget = None
+        if forget is not None:
+            # Sent from another thread, after this request: the kernel locks
+            # the directory to forget the entry, and the request that copied
+            # up (a link, a rename) may hold that lock until it is answered.
+            self._later.call(inval_entry, forget.nodeid, os.fsencode(name))
+        if inode is not None:
+            ll.inval_inode(inode.nodeid, attrs_only=True)
+        return True
 
     def _exchanged(self, a, b):
         """Swap in the table: what was at ``a`` (and below) is at ``b``, and
@@ -319,14 +360,23 @@ class UnionFS:
         inode = self._inode(nodeid)
         u = self.union
         path = inode.path
+        drop = 0
+        if not to_set or to_set & common.SET_ATTR_KILL_SUIDGID:
+            # The kernel asks to remove set-id bits: with nothing to set
+            # (before a write: file_remove_privs; a chown to -1:-1), or on
+            # the truncate or chown it marks so (HANDLE_KILLPRIV_V2).
+            st = os.fstat(fh) if path is None and fh is not None else u.lstat(self._path(nodeid))[0]
+            drop = self._bits_to_drop(req, st)
         if to_set & common.SET_ATTR_SIZE:
             if fh is not None:
                 os.ftruncate(fh, a.size)
             else:
                 u.truncate(self._path(nodeid), a.size)
         if path is None:
-            if to_set & ~common.SET_ATTR_SIZE or fh is None:
+            if to_set & ~(common.SET_ATTR_SIZE | common.SET_ATTR_KILL_SUIDGID) or fh is None:
                 raise OSError(errno.ENOENT, "unlinked")
+            if drop:
+                os.fchmod(fh, stat.S_IMODE(os.fstat(fh).st_mode) & ~drop)
             self._reply_attr(req, os.fstat(fh), inode.ino, alias=inode.alias)
             return
         if to_set & common.SET_ATTR_MODE:
@@ -347,7 +397,29 @@ class UnionFS:
             elif to_set & common.SET_ATTR_MTIME:
                 mtime = a.mtime_ns
             u.utimens(path, atime, mtime)
+        if drop:
+            mode = stat.S_IMODE(u.lstat(path)[0].st_mode)
+            if mode & drop:
+                u.chmod(path, mode & ~drop)
         self._reply_attr(req, *u.lstat(path), alias=inode.alias)
+
+    def _drop_setid(self, req, nodeid, fd):
+        """Remove the set-id bits a write or truncate through open ``fd`` by
+        ``req``'s caller removes (the kernel marked the request so), and
+        make the kernel forget the mode it caches."""
+        st = os.fstat(fd)
+        drop = self._bits_to_drop(req, st)
+        if drop:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~drop)
+            ll.inval_inode(nodeid, attrs_only=True)
+
+    def _bits_to_drop(self, req, st):
+        """The set-id bits a change by ``req``'s caller removes from a file
+        of stat ``st`` (see killpriv)."""
+        ctx = ll.req_ctx(req).contents
+        ids = self.union.ids
+        gid = st.st_gid if ids is None else ids.shown_gid(st.st_gid)
+        return killpriv.bits_to_drop(st.st_mode, gid, ctx.gid, ctx.pid)
 
     def readlink(self, req, nodeid):
         ll.reply_readlink(req, os.fsencode(self.union.readlink(self._path(nodeid))))
@@ -411,9 +483,21 @@ class UnionFS:
 
     # -- files ----------------------------------------------------------------------
 
-    def open(self, req, nodeid, flags):
+    def open(self, req, nodeid, flags, kill_suidgid=False):
+        """``kill_suidgid``: the open truncates, and removes set-id bits."""
         path = self._path(nodeid)
+        if self._by_path.get(path) is not self._inodes.get(nodeid):
+            # The name has another node now (_join, _open_as_new_inode)
+            # that the kernel has not looked up yet: ESTALE has it look the
+            # name up again and open that one.
+            raise OSError(errno.ESTALE, "the name has a new node")
         fd = self.union.open(path, flags)
+        if kill_suidgid:
+            try:
+                self._drop_setid(req, nodeid, fd)
+            except BaseException:
+                os.close(fd)
+                raise
         fi = ll.fuse_file_info()
         fi.flags = flags
         fi.fh = fd
@@ -473,7 +557,10 @@ class UnionFS:
         ll.reply_data(req, common.fd_bufvec(fi.contents.fh, size, off), 0)
 
     def write_buf(self, req, nodeid, bufv, off, fi):
-        dst = common.fd_bufvec(fi.contents.fh, ll.buf_size(bufv), off)
+        f = fi.contents
+        if getattr(f, "kill_suidgid", False):
+            self._drop_setid(req, nodeid, f.fh)
+        dst = common.fd_bufvec(f.fh, ll.buf_size(bufv), off)
         n = ll.buf_copy(dst, bufv, 0)
         if n < 0:
             raise OSError(-n, os.strerror(-n))
@@ -671,8 +758,9 @@ class UnionFS:
     # the loop moves on, so the C-side arguments are copied first.
     MAY_BLOCK = {
         # name: (copy the C arguments, "does this call need a worker?")
-        "open": (lambda req, ino, fi: (req, ino, fi.contents.flags),
-                 lambda self, req, ino, flags: bool(flags & _WRITE_FLAGS)
+        "open": (lambda req, ino, fi: (req, ino, fi.contents.flags,
+                                       getattr(fi.contents, "kill_suidgid", False)),
+                 lambda self, req, ino, flags, kill_suidgid: bool(flags & _WRITE_FLAGS)
                  and not self._settled(ino)),
         "fsync": (lambda req, ino, datasync, fi: (req, ino, datasync, fi.contents.fh),
                   lambda self, *args: True),
@@ -803,6 +891,34 @@ class SetAttr:
         self.gid = st.st_gid
         self.atime_ns = st.st_atimespec.tv_sec * 1_000_000_000 + st.st_atimespec.tv_nsec
         self.mtime_ns = st.st_mtimespec.tv_sec * 1_000_000_000 + st.st_mtimespec.tv_nsec
+
+
+class _Later:
+    """Calls made after the request that asked for them, in order, by one
+    thread started on first use (notifications that may wait for a lock a
+    request holds until it is answered)."""
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._start = threading.Lock()
+
+    def call(self, fn, *args):
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="unionfs-later",
+                                                daemon=True)
+                self._thread.start()
+        self._queue.put((fn, args))
+
+    def _run(self):
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception:
+                import logging
+                logging.getLogger("unionfs").exception("unionfs: a notification failed")
 
 
 class Workers:

@@ -31,9 +31,11 @@ OVERFLOW_GID = _overflow("gid")
 
 def parse_ranges(value):
     """``"ID:HOST:LEN[:ID:HOST:LEN...]"`` -> ((stored, shown, length), ...).
-    Raises ValueError with a message for the user."""
-    parts = value.split(":")
-    if len(parts) % 3 or not value:
+    Raises ValueError with a message for the user. Empty fields are
+    skipped, as fuse-overlayfs's parser (strtok) does: containers/storage
+    passes each mapping with a leading colon (``uidmapping=:0:100:5000``)."""
+    parts = [p for p in value.split(":") if p]
+    if len(parts) % 3 or not parts:
         raise ValueError("must be ID:HOST:LEN[:ID2:HOST2:LEN2...]")
     try:
         nums = [int(p) for p in parts]

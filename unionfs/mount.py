@@ -232,7 +232,9 @@ def validate(spec, mountpoint):
 # and every container start pays for each module the daemon imports.
 
 def _runtime_dir():
-    if os.geteuid() == 0:
+    # Root of a user namespace (rootless podman's mount program) is uid 0
+    # without the right to write /run: it takes the unprivileged place.
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
         base = "/run/unionfs"
     else:
         import tempfile

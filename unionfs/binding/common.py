@@ -87,6 +87,7 @@ SET_ATTR_ATIME = 1 << 4
 SET_ATTR_MTIME = 1 << 5
 SET_ATTR_ATIME_NOW = 1 << 7
 SET_ATTR_MTIME_NOW = 1 << 8
+SET_ATTR_KILL_SUIDGID = 1 << 11   # remove set-id bits as the kernel would (see killpriv)
 
 
 class fuse_args(ctypes.Structure):

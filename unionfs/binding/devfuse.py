@@ -53,9 +53,15 @@ READERS = 4                             # reader threads with threaded=1
 # background, O_TRUNC in open, listings with attributes (and plain ones where
 # the kernel judges them enough), pages dropped when a file's mtime or size
 # changes behind them, directory operations in parallel, 1 MiB requests.
-# Never WRITEBACK_CACHE (writes must reach the upper: crash guarantees) nor
-# HANDLE_KILLPRIV (the daemon writes as root, which never clears set-id bits:
-# the kernel must send the setattr that does).
+# Never WRITEBACK_CACHE (writes must reach the upper: crash guarantees).
+# HANDLE_KILLPRIV_V2: the daemon removes set-id bits itself, by the kernel's
+# whole rule (killpriv.py; the kernel's own FUSE fallback knows set-gid with
+# group-exec only); the kernel marks the requests that must (writes,
+# truncates and opens with O_TRUNC by a caller without CAP_FSETID, every
+# chown), and still sends an empty SETATTR before a write it passes through.
+# It also lets the kernel skip, on a file without set-id bits or
+# security.capability, the getxattr("security.capability") it would
+# otherwise send before every write(2) (SB_NOSEC): docs/PERFORMANCE.md.
 # Beyond libfuse's defaults: symlink targets kept in the kernel's page cache
 # (a symlink's target never changes under one node id: a new link is a new
 # inode), so `ls -l` and path walks through links ask once; and POSIX ACLs
@@ -66,7 +72,8 @@ READERS = 4                             # reader threads with threaded=1
 # setting an ACL, inheriting a default ACL), as it does under overlayfs.
 WANTED = (P.ASYNC_READ | P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.AUTO_INVAL_DATA
           | P.DO_READDIRPLUS | P.READDIRPLUS_AUTO | P.ASYNC_DIO | P.PARALLEL_DIROPS
-          | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.CACHE_SYMLINKS | P.POSIX_ACL)
+          | P.MAX_PAGES | P.HAS_IOCTL_DIR | P.INIT_EXT | P.CACHE_SYMLINKS | P.POSIX_ACL
+          | P.HANDLE_KILLPRIV_V2)
 
 # Mount flags (mount(2)) by option; the second value says set or clear.
 _MS = {"ro": (os.ST_RDONLY, True), "rw": (os.ST_RDONLY, False),
@@ -110,13 +117,14 @@ class FileInfo:
     """A request's file: what libfuse's ``fuse_file_info *`` gives (``contents``
     is the object itself, as a pointer's would be)."""
     __slots__ = ("flags", "fh", "direct_io", "keep_cache", "cache_readdir", "noflush",
-                 "nonseekable")
+                 "nonseekable", "kill_suidgid")
 
-    def __init__(self, flags=0, fh=0):
+    def __init__(self, flags=0, fh=0, kill_suidgid=False):
         self.flags = flags
         self.fh = fh
         self.direct_io = self.keep_cache = self.cache_readdir = 0
         self.noflush = self.nonseekable = 0
+        self.kill_suidgid = kill_suidgid    # a write or open that removes set-id bits
 
     @property
     def contents(self):
@@ -737,7 +745,7 @@ class Session:
         a.st_mtimespec = _Timespec(mtime, mtimensec)
         to_set = valid & (P.FATTR_MODE | P.FATTR_UID | P.FATTR_GID | P.FATTR_SIZE
                           | P.FATTR_ATIME | P.FATTR_MTIME | P.FATTR_ATIME_NOW
-                          | P.FATTR_MTIME_NOW | P.FATTR_CTIME)
+                          | P.FATTR_MTIME_NOW | P.FATTR_CTIME | P.FATTR_KILL_SUIDGID)
         op(req, nodeid, a, to_set, FileInfo(0, fh) if valid & P.FATTR_FH else None)
 
     def _symlink(self, op, req, nodeid, buf, mv, n):
@@ -768,8 +776,8 @@ class Session:
         op(req, old, nodeid, self._cstr(buf, self._H + P.LINK_IN.size, n)[0])
 
     def _open(self, op, req, nodeid, buf, mv, n):
-        flags, _ = P.OPEN_IN.unpack_from(buf, self._H)
-        op(req, nodeid, FileInfo(flags))
+        flags, open_flags = P.OPEN_IN.unpack_from(buf, self._H)
+        op(req, nodeid, FileInfo(flags, 0, bool(open_flags & P.OPEN_KILL_SUIDGID)))
 
     def _create(self, op, req, nodeid, buf, mv, n):
         flags, mode, _, _ = P.CREATE_IN.unpack_from(buf, self._H)
@@ -781,9 +789,10 @@ class Session:
         op(req, nodeid, size, off, FileInfo(flags, fh))
 
     def _write(self, op, req, nodeid, buf, mv, n):
-        fh, off, size, _, _, flags, _ = P.WRITE_IN.unpack_from(buf, self._H)
+        fh, off, size, write_flags, _, flags, _ = P.WRITE_IN.unpack_from(buf, self._H)
         start = self._H + P.WRITE_IN.size
-        op(req, nodeid, mv[start:start + size], off, FileInfo(flags, fh))
+        op(req, nodeid, mv[start:start + size], off,
+           FileInfo(flags, fh, bool(write_flags & P.WRITE_KILL_SUIDGID)))
 
     def _release(self, op, req, nodeid, buf, mv, n):
         fh, flags, _, _ = P.RELEASE_IN.unpack_from(buf, self._H)

@@ -129,6 +129,11 @@ FATTR_KILL_SUIDGID = 1 << 11
 
 FSYNC_FDATASYNC = 1
 
+# -- kill-priv flags (with HANDLE_KILLPRIV_V2: remove set-id bits, the caller
+# lacks CAP_FSETID) ----------------------------------------------------------------
+WRITE_KILL_SUIDGID = 1 << 2          # fuse_write_in.write_flags
+OPEN_KILL_SUIDGID = 1 << 0           # fuse_open_in.open_flags (with O_TRUNC)
+
 # -- notifications (fuse_out_header.error of an unsolicited message) ---------------
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
