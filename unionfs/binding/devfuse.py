@@ -204,16 +204,9 @@ def _stat_layout():
 _STAT_FMT, _STAT_ORDER = _stat_layout()
 _STAT = P.S("=" + _STAT_FMT)
 _attr_order = itemgetter(*_STAT_ORDER)
-# fs.py's fuse_entry_param read at once: ino, generation, the struct stat,
-# then attr_timeout and entry_timeout; the getter puts them in reply order.
-_EP_ATTR = common.fuse_entry_param.attr.offset
-_EP_TIMES = common.fuse_entry_param.attr_timeout.offset
-_ENTRY_PARAM = P.S("=QQ" + "x" * (_EP_ATTR - 16) + _STAT_FMT
-                   + "x" * (_EP_TIMES - _EP_ATTR - ctypes.sizeof(common.c_stat)) + "dd")
-_ep_attr = itemgetter(*[2 + i for i in _STAT_ORDER])
-_EP_ATTR_TIMEOUT = 2 + len(_STAT_ORDER)
 _S_IFMT = stat.S_IFMT(0o177777)
 _U32 = 0xFFFFFFFF
+_NS = 1_000_000_000
 
 
 def _fit(a):
@@ -228,6 +221,16 @@ def _attr(buf, off=0):
     """fuse_attr's fields (without flags) from a struct stat at ``off``."""
     a = _attr_order(_STAT.unpack_from(buf, off))
     return _fit(a) if a[13] > _U32 or a[10] > _U32 else a
+
+
+def _stat_attr(st, ino, nlink, uid, gid):
+    """fuse_attr's fields (without flags) of ``os.stat_result`` ``st``,
+    showing ``ino``, ``nlink``, ``uid`` and ``gid``. (st[7:10] are the
+    whole seconds, floored as the kernel's tv_sec.)"""
+    a, m, c = st[7], st[8], st[9]
+    return (ino, st.st_size, st.st_blocks, a, m, c, st.st_atime_ns - a * _NS,
+            st.st_mtime_ns - m * _NS, st.st_ctime_ns - c * _NS, st.st_mode,
+            nlink if nlink <= _U32 else _U32, uid, gid, st.st_rdev & _U32, st.st_blksize)
 
 
 _timeouts = {}
@@ -275,24 +278,43 @@ def reply_none(req):
     return 0
 
 
-def _entry_out(e):
-    """fuse_entry_out's bytes for a fuse_entry_param ``e``."""
-    v = _ENTRY_PARAM.unpack_from(e)
-    es, ens = _split_timeout(v[-1])
-    if v[0] == 0:           # a negative entry: only its lifetime matters
-        return P.ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *_ZERO_ATTR)
-    as_, ans = _split_timeout(v[_EP_ATTR_TIMEOUT])
-    a = _ep_attr(v)
-    if a[13] > _U32 or a[10] > _U32:
-        a = _fit(a)
-    return P.ENTRY_OUT.pack(v[0], v[1], es, as_, ens, ans, *a, 0)
+class Entry:
+    """What answers a lookup: ``ino`` (the node id, as fuse_entry_param's),
+    ``out`` (fuse_entry_out's bytes) and, for READDIRPLUS, the inode number
+    and mode its directory entry shows. Made by ``entry``/``bare_entry``."""
+    __slots__ = ("ino", "out", "attr_ino", "mode")
+
+    def __init__(self, ino, out, attr_ino, mode):
+        self.ino = ino
+        self.out = out
+        self.attr_ino = attr_ino
+        self.mode = mode
 
 
 _ZERO_ATTR = (0,) * 16
 
 
+def entry(nodeid, st, ino, nlink, uid, gid, attr_timeout, entry_timeout):
+    """As ``common.entry``: node id ``nodeid`` with the attributes of
+    ``os.stat_result`` ``st`` (``st`` None: no such name), encoded once."""
+    es, ens = _split_timeout(entry_timeout)
+    if st is None:          # a negative entry: only its lifetime matters
+        return Entry(0, P.ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *_ZERO_ATTR), 0, 0)
+    as_, ans = _split_timeout(attr_timeout)
+    out = P.ENTRY_OUT.pack(nodeid, 0, es, as_, ens, ans, *_stat_attr(st, ino, nlink, uid, gid), 0)
+    return Entry(nodeid, out, ino, st.st_mode)
+
+
+_BARE_OUT = P.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0, *_ZERO_ATTR)
+
+
+def bare_entry(ino, mode):
+    """As ``common.bare_entry``: a name's inode number and type only."""
+    return Entry(0, _BARE_OUT, ino, mode)
+
+
 def reply_entry(req, e):
-    return _send(req, 0, (_entry_out(e),))
+    return _send(req, 0, (e.out,))
 
 
 def _open_out(req, nodeid, f):
@@ -314,10 +336,10 @@ def reply_create(req, e, fi):
     """Answer a CREATE; -ESTALE (nothing sent) if the kernel could not take
     the open (see Backing), else as the other replies."""
     f = getattr(fi, "contents", fi)
-    out = _open_out(req, _ENTRY_PARAM.unpack_from(e)[0], f)
+    out = _open_out(req, e.ino, f)
     if out is None:
         return -errno.ESTALE
-    sent = _send(req, 0, (_entry_out(e), out))
+    sent = _send(req, 0, (e.out, out))
     if sent and req is not None:
         req.session.backing.release(f.fh)
     return sent
@@ -338,6 +360,12 @@ def reply_open(req, fi):
 def reply_attr(req, cst, timeout):
     s, ns = _split_timeout(timeout)
     return _send(req, 0, (P.ATTR_OUT.pack(s, ns, 0, *_attr(cst), 0),))
+
+
+def reply_stat(req, st, ino, nlink, uid, gid, timeout):
+    """As reply_attr, from an ``os.stat_result`` (no struct stat between)."""
+    s, ns = _split_timeout(timeout)
+    return _send(req, 0, (P.ATTR_OUT.pack(s, ns, 0, *_stat_attr(st, ino, nlink, uid, gid), 0),))
 
 
 def reply_readlink(req, target):
@@ -424,11 +452,10 @@ def add_direntry(req, addr, room, name, st, off):
 
 
 def add_direntry_plus(req, addr, room, name, e, off):
-    """Write one READDIRPLUS entry (``e``: a fuse_entry_param) at ``addr``."""
+    """Write one READDIRPLUS entry (``e``: an Entry) at ``addr``."""
     size = P.direntplus_size(len(name))
     if size <= room:
-        a = _attr(e, _EP_ATTR)
-        data = _entry_out(e) + P.DIRENT.pack(a[0], off, len(name), (a[9] & _S_IFMT) >> 12) + name
+        data = e.out + P.DIRENT.pack(e.attr_ino, off, len(name), (e.mode & _S_IFMT) >> 12) + name
         ctypes.memmove(addr, data, len(data))
         ctypes.memset(addr + len(data), 0, size - len(data))
     return size
