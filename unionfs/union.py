@@ -21,6 +21,7 @@ from unionfs import namespace
 from unionfs import whiteout as wh
 from unionfs.copyup import META, CopyUp
 from unionfs.idmap import IdMap
+from unionfs.osutil import lchmod, lutimes_ns
 from unionfs.layers import DIR, Layer, LayerStack
 from unionfs.readdir import merged_entries
 
@@ -224,7 +225,7 @@ class Union:
     # -- attributes -------------------------------------------------------------
 
     def chmod(self, path, mode):
-        os.chmod(self.upper_path(path, META), stat.S_IMODE(mode), follow_symlinks=False)
+        lchmod(self.upper_path(path, META), stat.S_IMODE(mode))
 
     def chown(self, path, uid, gid):
         if self.ids is not None:
@@ -247,12 +248,7 @@ class Union:
 
     def utimens(self, path, atime_ns, mtime_ns):
         """Set times; ``None`` for either means "leave it" (UTIME_OMIT)."""
-        real = self.upper_path(path, META)
-        if atime_ns is None or mtime_ns is None:
-            st = os.lstat(real)
-            atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-            mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-        os.utime(real, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        lutimes_ns(self.upper_path(path, META), atime_ns, mtime_ns)
 
     # -- xattrs ---------------------------------------------------------------
 
