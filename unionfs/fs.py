@@ -655,12 +655,13 @@ class UnionFS:
                   lambda self, *args: True),
         "setattr": (lambda req, ino, attr, to_set, fi:
                     (req, ino, SetAttr(attr.contents), to_set, fi.contents.fh if fi else None),
-                    lambda self, req, ino, a, to_set, fh: not self._settled(ino)),
+                    lambda self, req, ino, a, to_set, fh:
+                    not self._settled(ino, meta=not to_set & common.SET_ATTR_SIZE)),
         "setxattr": (lambda req, ino, name, value, size, flags:
                      (req, ino, name, ctypes.string_at(value, size), flags),
-                     lambda self, req, ino, *rest: not self._settled(ino)),
+                     lambda self, req, ino, *rest: not self._settled(ino, meta=True)),
         "removexattr": (lambda *args: args,
-                        lambda self, req, ino, name: not self._settled(ino)),
+                        lambda self, req, ino, name: not self._settled(ino, meta=True)),
         "rename": (lambda *args: args,
                    lambda self, req, parent, name, newparent, newname, flags=0:
                    not self._settled_name(parent, name)
@@ -675,12 +676,13 @@ class UnionFS:
              "symlink", "create", "read", "write_buf", "release", "opendir", "readdir",
              "readdirplus", "releasedir", "fsyncdir", "statfs", "getxattr", "listxattr", "access")
 
-    def _settled(self, nodeid):
-        """True if changing ``nodeid`` needs no copy-up (quick to change)."""
+    def _settled(self, nodeid, meta=False):
+        """True if changing ``nodeid`` needs no copy-up of data (quick to
+        change); ``meta``: as Union.settled."""
         inode = self._inodes.get(nodeid)
         if inode is None or inode.path is None:
             return True             # fails fast with an error
-        return self.union.settled(inode.path)
+        return self.union.settled(inode.path, meta)
 
     def _settled_name(self, parent, name):
         inode = self._inodes.get(parent)
