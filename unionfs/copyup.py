@@ -379,7 +379,9 @@ class CopyUp:
         """Build regular file ``tmp``: the data of ``src`` as ``data`` says,
         the metadata of ``meta_src`` (default ``src``; ``st`` is its stat),
         the inode record ``record`` (inodes.recorded)."""
-        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # Only a copy of the data reads the lower file (a metacopy's stays).
+        copying = bool(data) and data is not META
+        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC) if copying else -1
         meta_src = src if meta_src is None else meta_src
         try:
             fd_out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -387,7 +389,7 @@ class CopyUp:
             try:
                 if data is META:
                     os.ftruncate(fd_out, st.st_size)
-                elif data:
+                elif copying:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
                 set_metadata(meta_src, tmp, st)
                 inodes.record_ino(tmp, *record)
@@ -403,7 +405,8 @@ class CopyUp:
                 raise
             os.close(fd_out)
         finally:
-            os.close(fd_in)
+            if copying:
+                os.close(fd_in)
 
     def complete(self, path, lock, locate, data=True):
         """Give metacopy ``path`` its data (``data=False``: none, the
