@@ -325,7 +325,7 @@ def _open_out(req, nodeid, f):
              | (f.cache_readdir and P.FOPEN_CACHE_DIR) | (f.noflush and P.FOPEN_NOFLUSH))
     backing_id = 0
     if req is not None and req.opcode != P.OPENDIR:
-        got = req.session.backing.open(nodeid, f.fh, flags, f.flags & os.O_ACCMODE)
+        got = req.session.backing.open(nodeid, f.fh, flags, f.flags)
         if got is None:
             return None
         flags, backing_id = got
@@ -532,12 +532,14 @@ class Backing:
         self.enabled = self.allowed and bool(offered & P.PASSTHROUGH)
         return (P.PASSTHROUGH, self.STACK_DEPTH) if self.enabled else (0, 0)
 
-    def open(self, nodeid, fd, flags, access):
+    def open(self, nodeid, fd, flags, file_flags):
         """The (open_flags, backing_id) to answer an open of ``nodeid`` with
-        (daemon fd ``fd``, opened with ``access`` O_RDONLY/O_WRONLY/O_RDWR),
-        or None if the kernel could not take it (see the class doc)."""
+        (daemon fd ``fd``, opened with the request's ``file_flags``: its
+        access mode and O_APPEND/O_SYNC/O_DSYNC), or None if the kernel
+        could not take it (see the class doc)."""
         if not self.enabled:
             return flags, 0
+        access = file_flags & os.O_ACCMODE
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return flags, 0
@@ -545,7 +547,8 @@ class Backing:
         with self._lock:
             shared = self._inodes.get(nodeid)
             if shared is None:
-                shared = self._inodes[nodeid] = self._start(fd, ident, access)
+                shared = self._inodes[nodeid] = self._start(fd, ident, access,
+                                                            file_flags & self._PRIVATE_FLAGS)
             elif shared.backing_id is not None and (
                     shared.ident != ident
                     or (access != os.O_WRONLY and not shared.readable)
@@ -561,15 +564,16 @@ class Backing:
     # through the backing file with its own flags.
     _PRIVATE_FLAGS = os.O_APPEND | os.O_SYNC | os.O_DSYNC
 
-    def _start(self, fd, ident, access):
+    def _start(self, fd, ident, access, private):
         """The mode of an inode's first open: passthrough to ``fd``'s file if
         the kernel takes it. Later opens share that file, so one opened with
-        O_APPEND or O_SYNC is opened anew without them."""
+        O_APPEND or O_SYNC (``private``: the fd has them, as the request
+        asked) is opened anew without them."""
         shared = _Shared(ident, access != os.O_WRONLY, access != os.O_RDONLY)
         if not self.enabled:
             return shared
         backing = fd
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & self._PRIVATE_FLAGS:
+        if private:
             backing = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC)
         try:
             # A mutable buffer makes ioctl return the call's result: the id.
