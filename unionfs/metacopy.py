@@ -37,7 +37,14 @@ def mark(real, data_path):
 
 
 def mark_impure(real_dir):
-    """Mark upper directory ``real_dir`` as holding a metacopy."""
+    """Mark upper directory ``real_dir`` as holding a metacopy. Once, as
+    overlayfs does: reading the mark costs no journal write, setting it
+    again (every copy-up of a chown -R) would."""
+    try:
+        if os.getxattr(real_dir, IMPURE_XATTRS[_OWN], follow_symlinks=False) == b"y":
+            return
+    except OSError:
+        pass        # ENODATA: not marked yet (other errors: setxattr says)
     os.setxattr(real_dir, IMPURE_XATTRS[_OWN], b"y", follow_symlinks=False)
 
 
