@@ -8,12 +8,16 @@ choice of who serves a request. No mount: pure logic on tmp_path trees.
   (``osutil.lchmod``, ``osutil.lutimes_ns``) act as chmod/utimensat on the
   path itself;
 - attribute changes that copy up no data are quick (``Union.settled``
-  with ``meta``), so they are served inline, not by a worker.
+  with ``meta``), so they are served inline, not by a worker;
+- ``scripts/request_cost.py``, which measures a request's cost this way,
+  runs and refuses what it cannot measure in one line.
 """
 
 import errno
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -183,3 +187,25 @@ def test_which_attribute_changes_copy_up_data(tmp_path, metacopy):
     if not metacopy:
         assert (upper / "file").read_text() == "data"
     assert u.settled("/file", meta=True)
+
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "scripts", "request_cost.py")
+
+
+@pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK) or bool(
+    os.environ.get("UNIONFS_LIBFUSE")), reason="the /dev/fuse binding is not in use")
+def test_request_cost_script_reports_each_kind():
+    r = subprocess.run([sys.executable, SCRIPT, "--requests", "50"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    kinds = [line.rsplit(None, 3)[0] for line in r.stdout.splitlines()]
+    assert kinds == ["reply only", "GETXATTR", "GETATTR", "LOOKUP"], r.stdout
+    assert all(float(line.split()[-3]) > 0 for line in r.stdout.splitlines())
+
+
+def test_request_cost_script_refuses_a_libfuse_binding():
+    r = subprocess.run([sys.executable, SCRIPT, "--requests", "5"], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, UNIONFS_LIBFUSE="3"))
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "not in use" in r.stderr and "Traceback" not in r.stderr
