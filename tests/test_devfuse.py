@@ -140,6 +140,34 @@ def test_write_open_while_the_lower_file_is_passed_through(layers, mounted):
 
 
 @requires_passthrough
+@pytest.mark.parametrize("first", ["append", "sync", "create-append"])
+def test_an_append_or_sync_first_open_does_not_bind_later_ones(layers, mounted, first):
+    """Opens of one inode share its backing file. A first open with
+    O_APPEND or O_SYNC (flags now read from the request, not the fd) and a
+    plain open after it: each writes where it should -- the plain one at
+    its offset, the appending one at the end."""
+    mnt = mounted()
+    path = mnt / "f"
+    if first == "create-append":
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        os.write(fd, b"0123456789")
+    else:
+        path.write_bytes(b"0123456789")
+        fd = os.open(path, os.O_WRONLY | (os.O_APPEND if first == "append" else os.O_SYNC))
+    try:
+        with open(path, "r+b") as plain:
+            plain.seek(2)
+            plain.write(b"ab")
+            plain.flush()
+            os.write(fd, b"END")
+        want = b"01ab456789END" if first != "sync" else b"ENDb456789"
+        assert path.read_bytes() == want
+    finally:
+        os.close(fd)
+    assert (layers.upper / "f").read_bytes() == want
+
+
+@requires_passthrough
 def test_read_only_then_write_open_of_an_upper_file(layers, mounted):
     """An upper file first opened read-only, then for writing while that
     open lasts (its backing file was read-only): both work."""

@@ -388,14 +388,16 @@ class CopyUp:
         (default ``src``; ``st`` is its stat), the inode record ``record``
         (inodes.recorded)."""
         work = self.work
-        fd_in = src[0].open(src[1], os.O_RDONLY)
+        # Only a copy of the data reads the lower file (a metacopy's stays).
+        copying = bool(data) and data is not META
+        fd_in = src[0].open(src[1], os.O_RDONLY) if copying else -1
         meta_src = src if meta_src is None else meta_src
         try:
             fd_out = work.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 if data is META:
                     os.ftruncate(fd_out, st.st_size)
-                elif data:
+                elif copying:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
                 set_metadata(*meta_src, work, tmp, st)
                 inodes.record_ino(work, tmp, *record)
@@ -411,7 +413,8 @@ class CopyUp:
                 raise
             os.close(fd_out)
         finally:
-            os.close(fd_in)
+            if copying:
+                os.close(fd_in)
 
     def complete(self, path, lock, locate, data=True):
         """Give metacopy ``path`` its data (``data=False``: none, the

@@ -58,27 +58,6 @@ class Inode:
         self.alias = False          # another node id has the same file (see _copied_up)
 
 
-def _fill_stat(cst, st, ino, nlink=None, ids=None):
-    """``nlink``: the link count to show (None: the backing one); ``ids``:
-    the union's IdMap (None: ids show as stored)."""
-    cst.st_ino = ino
-    cst.st_mode = st.st_mode
-    cst.st_nlink = st.st_nlink if nlink is None else nlink
-    if ids is None:
-        cst.st_uid = st.st_uid
-        cst.st_gid = st.st_gid
-    else:
-        cst.st_uid = ids.shown_uid(st.st_uid)
-        cst.st_gid = ids.shown_gid(st.st_gid)
-    cst.st_rdev = st.st_rdev
-    cst.st_size = st.st_size
-    cst.st_blksize = st.st_blksize
-    cst.st_blocks = st.st_blocks
-    cst.st_atimespec.tv_sec, cst.st_atimespec.tv_nsec = divmod(st.st_atime_ns, 1_000_000_000)
-    cst.st_mtimespec.tv_sec, cst.st_mtimespec.tv_nsec = divmod(st.st_mtime_ns, 1_000_000_000)
-    cst.st_ctimespec.tv_sec, cst.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, 1_000_000_000)
-
-
 class UnionFS:
     """Serves a ``Union`` over FUSE (see the module doc)."""
 
@@ -89,8 +68,7 @@ class UnionFS:
         self.on_init = on_init
         # The reply to a lookup of a missing name: ino 0 is a "no such
         # entry" the kernel may cache. Read-only, so shared by all threads.
-        self._negative = common.fuse_entry_param()
-        self._negative.entry_timeout = self.timeout
+        self._negative = ll.entry(0, None, 0, 0, 0, 0, 0.0, self.timeout)
         root = Inode(common.ROOT_ID, "/", True)
         root.nlookup = 1
         self._inodes = {common.ROOT_ID: root}  # node id -> Inode
@@ -272,25 +250,27 @@ class UnionFS:
 
     # -- replies --------------------------------------------------------------------
 
-    def _entry(self, path, e=None):
-        """Look ``path`` up and build the entry reply for it (in ``e``)."""
+    def _entry(self, path):
+        """Look ``path`` up and build the entry reply for it."""
         st, ino, layer, nlink = self.union.lstat_layer(path)
         inode = self._remember(path, st, layer)
         inode.ino = ino
-        if e is None:
-            e = common.fuse_entry_param()
-        e.ino = inode.nodeid
-        _fill_stat(e.attr, st, ino, nlink, self.union.ids)
-        e.attr_timeout = 0.0 if inode.alias else self.timeout
-        e.entry_timeout = self.timeout
-        return e
+        return ll.entry(inode.nodeid, st, ino, nlink, *self._shown_owner(st),
+                        0.0 if inode.alias else self.timeout, self.timeout)
 
     def _reply_attr(self, req, st, ino, nlink=None, alias=False, timeout=None):
-        cst = common.c_stat()
-        _fill_stat(cst, st, ino, nlink, self.union.ids)
+        """``nlink``: the link count to show (None: the backing one)."""
         if timeout is None:
             timeout = 0.0 if alias else self.timeout
-        ll.reply_attr(req, cst, timeout)
+        ll.reply_stat(req, st, ino, st.st_nlink if nlink is None else nlink,
+                      *self._shown_owner(st), timeout)
+
+    def _shown_owner(self, st):
+        """(uid, gid) of ``st`` as the mount shows them (see idmap)."""
+        ids = self.union.ids
+        if ids is None:
+            return st.st_uid, st.st_gid
+        return ids.shown_uid(st.st_uid), ids.shown_gid(st.st_gid)
 
     @staticmethod
     def _owner(req):
@@ -664,8 +644,7 @@ class UnionFS:
     def _fill_entries(self, req, base, size, listing, start, dirpath, plus, counted):
         """Add the entries of ``listing`` from index ``start`` that fit in
         ``size`` bytes at address ``base``; returns the bytes used."""
-        e = common.fuse_entry_param()
-        st = e.attr
+        st = common.c_stat()        # readdir: a name's inode number and type
         entries, offs = listing.entries, listing.offs
         entry_size = ll.direntplus_size if plus else common.direntry_size
         pos = 0
@@ -684,18 +663,16 @@ class UnionFS:
                 st.st_mode = ftype
                 pos += ll.add_direntry(req, base + pos, size - pos, name, st, offs[i])
                 continue
-            ctypes.memset(ctypes.addressof(e), 0, ctypes.sizeof(e))
             entry = None
             if i >= 2 and dirpath is not None:
                 try:
-                    entry = self._entry(child_path(dirpath, os.fsdecode(name)), e)
+                    entry = self._entry(child_path(dirpath, os.fsdecode(name)))
                     counted.append(entry.ino)
                 except OSError:
                     pass
             if entry is None:                   # no entry: just a name
-                st.st_ino = ino
-                st.st_mode = ftype
-            pos += ll.add_direntry_plus(req, base + pos, size - pos, name, e, offs[i])
+                entry = ll.bare_entry(ino, ftype)
+            pos += ll.add_direntry_plus(req, base + pos, size - pos, name, entry, offs[i])
         return pos
 
     def releasedir(self, req, nodeid, fi):
@@ -766,12 +743,13 @@ class UnionFS:
                   lambda self, *args: True),
         "setattr": (lambda req, ino, attr, to_set, fi:
                     (req, ino, SetAttr(attr.contents), to_set, fi.contents.fh if fi else None),
-                    lambda self, req, ino, a, to_set, fh: not self._settled(ino)),
+                    lambda self, req, ino, a, to_set, fh:
+                    not self._settled(ino, meta=not to_set & common.SET_ATTR_SIZE)),
         "setxattr": (lambda req, ino, name, value, size, flags:
                      (req, ino, name, ctypes.string_at(value, size), flags),
-                     lambda self, req, ino, *rest: not self._settled(ino)),
+                     lambda self, req, ino, *rest: not self._settled(ino, meta=True)),
         "removexattr": (lambda *args: args,
-                        lambda self, req, ino, name: not self._settled(ino)),
+                        lambda self, req, ino, name: not self._settled(ino, meta=True)),
         "rename": (lambda *args: args,
                    lambda self, req, parent, name, newparent, newname, flags=0:
                    not self._settled_name(parent, name)
@@ -786,12 +764,13 @@ class UnionFS:
              "symlink", "create", "read", "write_buf", "release", "opendir", "readdir",
              "readdirplus", "releasedir", "fsyncdir", "statfs", "getxattr", "listxattr", "access")
 
-    def _settled(self, nodeid):
-        """True if changing ``nodeid`` needs no copy-up (quick to change)."""
+    def _settled(self, nodeid, meta=False):
+        """True if changing ``nodeid`` needs no copy-up of data (quick to
+        change); ``meta``: as Union.settled."""
         inode = self._inodes.get(nodeid)
         if inode is None or inode.path is None:
             return True             # fails fast with an error
-        return self.union.settled(inode.path)
+        return self.union.settled(inode.path, meta)
 
     def _settled_name(self, parent, name):
         inode = self._inodes.get(parent)

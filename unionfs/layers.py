@@ -307,10 +307,13 @@ class Layer:
 
     def chmod(self, path, mode, follow_symlinks=False):
         """``follow_symlinks=True`` only for an entry known not to be a
-        symlink (a copy just made): glibc emulates the no-follow form
-        through /proc, at three more syscalls."""
+        symlink (a copy just made); the no-follow form is one fchmodat2
+        (osutil.lchmod: glibc would emulate it through /proc)."""
         d, name = self.at(path)
-        os.chmod(name, mode, dir_fd=d, follow_symlinks=follow_symlinks)
+        if follow_symlinks:
+            os.chmod(name, mode, dir_fd=d)
+        else:
+            osutil.lchmod(name, mode, dir_fd=d)
 
     def chown(self, path, uid, gid):
         d, name = self.at(path)
@@ -319,6 +322,11 @@ class Layer:
     def utime(self, path, ns):
         d, name = self.at(path)
         os.utime(name, ns=ns, dir_fd=d, follow_symlinks=False)
+
+    def utimes_ns(self, path, atime_ns, mtime_ns):
+        """Set the times of ``path``; None for either leaves it (UTIME_OMIT)."""
+        d, name = self.at(path)
+        osutil.lutimes_ns(name, atime_ns, mtime_ns, dir_fd=d)
 
     def link(self, path, dst_layer, dst_path):
         """Hard-link ``path`` of this layer as ``dst_path`` of ``dst_layer``."""

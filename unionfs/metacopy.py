@@ -38,7 +38,14 @@ def mark(layer, path, data_path):
 
 
 def mark_impure(layer, path):
-    """Mark directory ``path`` of ``layer`` (the upper) as holding a metacopy."""
+    """Mark directory ``path`` of ``layer`` (the upper) as holding a
+    metacopy. Once, as overlayfs does: reading the mark costs no journal
+    write, setting it again (every copy-up of a chown -R) would."""
+    try:
+        if layer.getxattr(path, IMPURE_XATTRS[_OWN]) == b"y":
+            return
+    except OSError:
+        pass        # ENODATA: not marked yet (other errors: setxattr says)
     layer.setxattr(path, IMPURE_XATTRS[_OWN], b"y")
 
 

@@ -65,3 +65,58 @@ def proc_start(pid):
     process for good: a later process that gets the same pid starts later."""
     fields = proc_stat(pid)
     return fields[19] if fields else None
+
+
+# chmod and utimes of a path without following a final symlink, in one
+# system call each. glibc's fchmodat(AT_SYMLINK_NOFOLLOW) costs four
+# (open O_PATH, fstat, chmod of /proc/self/fd/N, close), and os.utime
+# cannot leave one of the two times as it is (UTIME_OMIT), so callers
+# would lstat first. Every chmod, chown and touch of the merged view pays
+# these (an untar: three per file).
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_NR_FCHMODAT2 = {"x86_64": 452, "aarch64": 452}.get(os.uname().machine)
+_AT_SYMLINK_NOFOLLOW = 0x100
+_have_fchmodat2 = _NR_FCHMODAT2 is not None
+
+
+def lchmod(path, mode, dir_fd=_AT_FDCWD):
+    """chmod(2) of ``path`` itself (EOPNOTSUPP for a symlink, as Linux),
+    relative to ``dir_fd``."""
+    global _have_fchmodat2
+    if _have_fchmodat2:
+        if _syscall(_NR_FCHMODAT2, dir_fd, os.fsencode(path), ctypes.c_uint(mode),
+                    _AT_SYMLINK_NOFOLLOW) == 0:
+            return
+        e = ctypes.get_errno()
+        if e != errno.ENOSYS:
+            raise OSError(e, os.strerror(e), path)
+        _have_fchmodat2 = False         # Linux before 6.6
+    try:
+        os.chmod(path, mode, follow_symlinks=False,
+                 dir_fd=None if dir_fd == _AT_FDCWD else dir_fd)
+    except NotImplementedError:         # glibc's answer for a symlink
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path) from None
+
+
+class _timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_UTIME_OMIT = (1 << 30) - 2
+_utimensat = _libc.utimensat
+_utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_timespec), ctypes.c_int]
+
+
+def lutimes_ns(path, atime_ns, mtime_ns, dir_fd=_AT_FDCWD):
+    """Set the times of ``path`` itself (a symlink is not followed),
+    relative to ``dir_fd``; None for either leaves it as it is (UTIME_OMIT)."""
+    times = (_timespec * 2)()
+    for t, ns in zip(times, (atime_ns, mtime_ns)):
+        if ns is None:
+            t.tv_nsec = _UTIME_OMIT
+        else:
+            t.tv_sec, t.tv_nsec = divmod(ns, 1_000_000_000)
+    if _utimensat(dir_fd, os.fsencode(path), times, _AT_SYMLINK_NOFOLLOW) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)

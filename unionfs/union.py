@@ -20,7 +20,7 @@ from unionfs import inodes
 from unionfs import metacopy
 from unionfs import namespace
 from unionfs import whiteout as wh
-from unionfs.copyup import META, CopyUp
+from unionfs.copyup import META, CopyUp, is_hard_link
 from unionfs.idmap import IdMap
 from unionfs.layers import DIR, DIRFD_BUDGET, MIN_DIRFDS, Layer, LayerStack
 from unionfs.readdir import merged_entries
@@ -202,13 +202,26 @@ class Union:
             self.copyup.complete(path, self.lock, self.lower_data, data=data)
         return self.upper
 
-    def settled(self, path):
+    def settled(self, path, meta=False):
         """True if changing ``path`` needs no copy-up of data, so it is
-        quick (a missing path, or one that fails, fails quickly too)."""
+        quick (a missing path, or one that fails, fails quickly too).
+
+        ``meta``: the change is of attributes only (chmod, chown, utimes,
+        xattrs). Those copy up metadata alone from a directory, a symlink
+        or a device, and with metacopy on from a regular file too, unless
+        it is a hard link (copied up whole: see CopyUp._copy_up_links)."""
         try:
             node = self.stack.lookup(path)
-            return node is None or (node.in_upper and len(node.layers) == 1
-                                    and self.lower_data(path, node) is None)
+            if node is None:
+                return True
+            if node.in_upper:
+                return meta or (len(node.layers) == 1 and self.lower_data(path, node) is None)
+            if not meta:
+                return False
+            if node.kind == DIR:
+                return True
+            st = node.top.lstat(path)
+            return not stat.S_ISREG(st.st_mode) or (self.metacopy and not is_hard_link(st))
         except OSError:
             return True
 
@@ -262,12 +275,7 @@ class Union:
 
     def utimens(self, path, atime_ns, mtime_ns):
         """Set times; ``None`` for either means "leave it" (UTIME_OMIT)."""
-        upper = self.upper_for(path, META)
-        if atime_ns is None or mtime_ns is None:
-            st = upper.lstat(path)
-            atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-            mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-        upper.utime(path, (atime_ns, mtime_ns))
+        self.upper_for(path, META).utimes_ns(path, atime_ns, mtime_ns)
 
     # -- xattrs ---------------------------------------------------------------
 

@@ -122,6 +122,46 @@ class fuse_entry_param(ctypes.Structure):
                 ("attr_timeout", c_double), ("entry_timeout", c_double)]
 
 
+def fill_c_stat(cst, st, ino, nlink, uid, gid):
+    """Fill struct stat ``cst`` from ``os.stat_result`` ``st``, showing inode
+    number ``ino``, link count ``nlink`` and owner ``uid``/``gid``."""
+    cst.st_ino = ino
+    cst.st_mode = st.st_mode
+    cst.st_nlink = nlink
+    cst.st_uid = uid
+    cst.st_gid = gid
+    cst.st_rdev = st.st_rdev
+    cst.st_size = st.st_size
+    cst.st_blksize = st.st_blksize
+    cst.st_blocks = st.st_blocks
+    cst.st_atimespec.tv_sec, cst.st_atimespec.tv_nsec = divmod(st.st_atime_ns, 1_000_000_000)
+    cst.st_mtimespec.tv_sec, cst.st_mtimespec.tv_nsec = divmod(st.st_mtime_ns, 1_000_000_000)
+    cst.st_ctimespec.tv_sec, cst.st_ctimespec.tv_nsec = divmod(st.st_ctime_ns, 1_000_000_000)
+
+
+def entry(nodeid, st, ino, nlink, uid, gid, attr_timeout, entry_timeout):
+    """The entry to answer a lookup with (``reply_entry``, ``reply_create``,
+    ``add_direntry_plus``): node id ``nodeid`` with the attributes of
+    ``st`` shown as in ``fill_c_stat``; ``nodeid`` 0 and ``st`` None: no
+    such name, for ``entry_timeout`` seconds. Its ``ino`` is the node id."""
+    e = fuse_entry_param()
+    e.ino = nodeid
+    e.entry_timeout = entry_timeout
+    if st is not None:
+        fill_c_stat(e.attr, st, ino, nlink, uid, gid)
+        e.attr_timeout = attr_timeout
+    return e
+
+
+def bare_entry(ino, mode):
+    """A READDIRPLUS entry that gives only a name's inode number and type
+    (no node id: the kernel looks the name up when it needs it)."""
+    e = fuse_entry_param()
+    e.attr.st_ino = ino
+    e.attr.st_mode = mode
+    return e
+
+
 class fuse_ctx(ctypes.Structure):
     _fields_ = [("uid", c_uid_t), ("gid", c_gid_t), ("pid", c_pid_t),
                 ("umask", c_mode_t)]
@@ -176,12 +216,21 @@ def bind_replies(lib, fuse_file_info):
     FI = POINTER(fuse_file_info)
     REQ = fuse_req_t
     p = lambda *a: proto(lib, *a)   # noqa: E731
+    reply_attr = p("fuse_reply_attr", c_int, REQ, POINTER(c_stat), c_double)
+
+    def reply_stat(req, st, ino, nlink, uid, gid, timeout):
+        """Answer with the attributes of ``os.stat_result`` ``st`` (shown as
+        in ``fill_c_stat``), cached for ``timeout`` seconds."""
+        cst = c_stat()
+        fill_c_stat(cst, st, ino, nlink, uid, gid)
+        return reply_attr(req, cst, timeout)
     return dict(
+        reply_stat=reply_stat, entry=entry, bare_entry=bare_entry,
         reply_err=p("fuse_reply_err", c_int, REQ, c_int),
         reply_none=p("fuse_reply_none", None, REQ),
         reply_entry=p("fuse_reply_entry", c_int, REQ, POINTER(fuse_entry_param)),
         reply_create=p("fuse_reply_create", c_int, REQ, POINTER(fuse_entry_param), FI),
-        reply_attr=p("fuse_reply_attr", c_int, REQ, POINTER(c_stat), c_double),
+        reply_attr=reply_attr,
         reply_readlink=p("fuse_reply_readlink", c_int, REQ, c_char_p),
         reply_open=p("fuse_reply_open", c_int, REQ, FI),
         reply_write=p("fuse_reply_write", c_int, REQ, c_size_t),

@@ -212,16 +212,9 @@ def _stat_layout():
 _STAT_FMT, _STAT_ORDER = _stat_layout()
 _STAT = P.S("=" + _STAT_FMT)
 _attr_order = itemgetter(*_STAT_ORDER)
-# fs.py's fuse_entry_param read at once: ino, generation, the struct stat,
-# then attr_timeout and entry_timeout; the getter puts them in reply order.
-_EP_ATTR = common.fuse_entry_param.attr.offset
-_EP_TIMES = common.fuse_entry_param.attr_timeout.offset
-_ENTRY_PARAM = P.S("=QQ" + "x" * (_EP_ATTR - 16) + _STAT_FMT
-                   + "x" * (_EP_TIMES - _EP_ATTR - ctypes.sizeof(common.c_stat)) + "dd")
-_ep_attr = itemgetter(*[2 + i for i in _STAT_ORDER])
-_EP_ATTR_TIMEOUT = 2 + len(_STAT_ORDER)
 _S_IFMT = stat.S_IFMT(0o177777)
 _U32 = 0xFFFFFFFF
+_NS = 1_000_000_000
 
 
 def _fit(a):
@@ -236,6 +229,16 @@ def _attr(buf, off=0):
     """fuse_attr's fields (without flags) from a struct stat at ``off``."""
     a = _attr_order(_STAT.unpack_from(buf, off))
     return _fit(a) if a[13] > _U32 or a[10] > _U32 else a
+
+
+def _stat_attr(st, ino, nlink, uid, gid):
+    """fuse_attr's fields (without flags) of ``os.stat_result`` ``st``,
+    showing ``ino``, ``nlink``, ``uid`` and ``gid``. (st[7:10] are the
+    whole seconds, floored as the kernel's tv_sec.)"""
+    a, m, c = st[7], st[8], st[9]
+    return (ino, st.st_size, st.st_blocks, a, m, c, st.st_atime_ns - a * _NS,
+            st.st_mtime_ns - m * _NS, st.st_ctime_ns - c * _NS, st.st_mode,
+            nlink if nlink <= _U32 else _U32, uid, gid, st.st_rdev & _U32, st.st_blksize)
 
 
 _timeouts = {}
@@ -283,24 +286,43 @@ def reply_none(req):
     return 0
 
 
-def _entry_out(e):
-    """fuse_entry_out's bytes for a fuse_entry_param ``e``."""
-    v = _ENTRY_PARAM.unpack_from(e)
-    es, ens = _split_timeout(v[-1])
-    if v[0] == 0:           # a negative entry: only its lifetime matters
-        return P.ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *_ZERO_ATTR)
-    as_, ans = _split_timeout(v[_EP_ATTR_TIMEOUT])
-    a = _ep_attr(v)
-    if a[13] > _U32 or a[10] > _U32:
-        a = _fit(a)
-    return P.ENTRY_OUT.pack(v[0], v[1], es, as_, ens, ans, *a, 0)
+class Entry:
+    """What answers a lookup: ``ino`` (the node id, as fuse_entry_param's),
+    ``out`` (fuse_entry_out's bytes) and, for READDIRPLUS, the inode number
+    and mode its directory entry shows. Made by ``entry``/``bare_entry``."""
+    __slots__ = ("ino", "out", "attr_ino", "mode")
+
+    def __init__(self, ino, out, attr_ino, mode):
+        self.ino = ino
+        self.out = out
+        self.attr_ino = attr_ino
+        self.mode = mode
 
 
 _ZERO_ATTR = (0,) * 16
 
 
+def entry(nodeid, st, ino, nlink, uid, gid, attr_timeout, entry_timeout):
+    """As ``common.entry``: node id ``nodeid`` with the attributes of
+    ``os.stat_result`` ``st`` (``st`` None: no such name), encoded once."""
+    es, ens = _split_timeout(entry_timeout)
+    if st is None:          # a negative entry: only its lifetime matters
+        return Entry(0, P.ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *_ZERO_ATTR), 0, 0)
+    as_, ans = _split_timeout(attr_timeout)
+    out = P.ENTRY_OUT.pack(nodeid, 0, es, as_, ens, ans, *_stat_attr(st, ino, nlink, uid, gid), 0)
+    return Entry(nodeid, out, ino, st.st_mode)
+
+
+_BARE_OUT = P.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0, *_ZERO_ATTR)
+
+
+def bare_entry(ino, mode):
+    """As ``common.bare_entry``: a name's inode number and type only."""
+    return Entry(0, _BARE_OUT, ino, mode)
+
+
 def reply_entry(req, e):
-    return _send(req, 0, (_entry_out(e),))
+    return _send(req, 0, (e.out,))
 
 
 def _open_out(req, nodeid, f):
@@ -311,7 +333,7 @@ def _open_out(req, nodeid, f):
              | (f.cache_readdir and P.FOPEN_CACHE_DIR) | (f.noflush and P.FOPEN_NOFLUSH))
     backing_id = 0
     if req is not None and req.opcode != P.OPENDIR:
-        got = req.session.backing.open(nodeid, f.fh, flags, f.flags & os.O_ACCMODE)
+        got = req.session.backing.open(nodeid, f.fh, flags, f.flags)
         if got is None:
             return None
         flags, backing_id = got
@@ -322,10 +344,10 @@ def reply_create(req, e, fi):
     """Answer a CREATE; -ESTALE (nothing sent) if the kernel could not take
     the open (see Backing), else as the other replies."""
     f = getattr(fi, "contents", fi)
-    out = _open_out(req, _ENTRY_PARAM.unpack_from(e)[0], f)
+    out = _open_out(req, e.ino, f)
     if out is None:
         return -errno.ESTALE
-    sent = _send(req, 0, (_entry_out(e), out))
+    sent = _send(req, 0, (e.out, out))
     if sent and req is not None:
         req.session.backing.release(f.fh)
     return sent
@@ -346,6 +368,12 @@ def reply_open(req, fi):
 def reply_attr(req, cst, timeout):
     s, ns = _split_timeout(timeout)
     return _send(req, 0, (P.ATTR_OUT.pack(s, ns, 0, *_attr(cst), 0),))
+
+
+def reply_stat(req, st, ino, nlink, uid, gid, timeout):
+    """As reply_attr, from an ``os.stat_result`` (no struct stat between)."""
+    s, ns = _split_timeout(timeout)
+    return _send(req, 0, (P.ATTR_OUT.pack(s, ns, 0, *_stat_attr(st, ino, nlink, uid, gid), 0),))
 
 
 def reply_readlink(req, target):
@@ -432,11 +460,10 @@ def add_direntry(req, addr, room, name, st, off):
 
 
 def add_direntry_plus(req, addr, room, name, e, off):
-    """Write one READDIRPLUS entry (``e``: a fuse_entry_param) at ``addr``."""
+    """Write one READDIRPLUS entry (``e``: an Entry) at ``addr``."""
     size = P.direntplus_size(len(name))
     if size <= room:
-        a = _attr(e, _EP_ATTR)
-        data = _entry_out(e) + P.DIRENT.pack(a[0], off, len(name), (a[9] & _S_IFMT) >> 12) + name
+        data = e.out + P.DIRENT.pack(e.attr_ino, off, len(name), (e.mode & _S_IFMT) >> 12) + name
         ctypes.memmove(addr, data, len(data))
         ctypes.memset(addr + len(data), 0, size - len(data))
     return size
@@ -513,12 +540,14 @@ class Backing:
         self.enabled = self.allowed and bool(offered & P.PASSTHROUGH)
         return (P.PASSTHROUGH, self.STACK_DEPTH) if self.enabled else (0, 0)
 
-    def open(self, nodeid, fd, flags, access):
+    def open(self, nodeid, fd, flags, file_flags):
         """The (open_flags, backing_id) to answer an open of ``nodeid`` with
-        (daemon fd ``fd``, opened with ``access`` O_RDONLY/O_WRONLY/O_RDWR),
-        or None if the kernel could not take it (see the class doc)."""
+        (daemon fd ``fd``, opened with the request's ``file_flags``: its
+        access mode and O_APPEND/O_SYNC/O_DSYNC), or None if the kernel
+        could not take it (see the class doc)."""
         if not self.enabled:
             return flags, 0
+        access = file_flags & os.O_ACCMODE
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return flags, 0
@@ -526,7 +555,8 @@ class Backing:
         with self._lock:
             shared = self._inodes.get(nodeid)
             if shared is None:
-                shared = self._inodes[nodeid] = self._start(fd, ident, access)
+                shared = self._inodes[nodeid] = self._start(fd, ident, access,
+                                                            file_flags & self._PRIVATE_FLAGS)
             elif shared.backing_id is not None and (
                     shared.ident != ident
                     or (access != os.O_WRONLY and not shared.readable)
@@ -542,15 +572,16 @@ class Backing:
     # through the backing file with its own flags.
     _PRIVATE_FLAGS = os.O_APPEND | os.O_SYNC | os.O_DSYNC
 
-    def _start(self, fd, ident, access):
+    def _start(self, fd, ident, access, private):
         """The mode of an inode's first open: passthrough to ``fd``'s file if
         the kernel takes it. Later opens share that file, so one opened with
-        O_APPEND or O_SYNC is opened anew without them."""
+        O_APPEND or O_SYNC (``private``: the fd has them, as the request
+        asked) is opened anew without them."""
         shared = _Shared(ident, access != os.O_WRONLY, access != os.O_RDONLY)
         if not self.enabled:
             return shared
         backing = fd
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & self._PRIVATE_FLAGS:
+        if private:
             backing = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC)
         try:
             # A mutable buffer makes ioctl return the call's result: the id.
