@@ -183,7 +183,11 @@ def test_which_attribute_changes_copy_up_data(tmp_path, metacopy):
     copy = (upper / "file").stat()
     assert copy.st_size == 4 and stat.S_IMODE(copy.st_mode) == 0o600
     data_below = u.lower_data("/file", u.node("/file"))
-    assert (data_below == str(lower / "file")) if metacopy else (data_below is None)
+    if metacopy:        # (the lower layer, the merged path of its data)
+        layer, data_path = data_below
+        assert (layer.root, data_path) == (str(lower), "/file")
+    else:
+        assert data_below is None
     if not metacopy:
         assert (upper / "file").read_text() == "data"
     assert u.settled("/file", meta=True)

@@ -85,7 +85,8 @@ def lchmod(path, mode, dir_fd=_AT_FDCWD):
     relative to ``dir_fd``."""
     global _have_fchmodat2
     if _have_fchmodat2:
-        if _syscall(_NR_FCHMODAT2, dir_fd, os.fsencode(path), ctypes.c_uint(mode),
+        # (a DirFd converts to its number; the caller holds it for the call)
+        if _syscall(_NR_FCHMODAT2, ctypes.c_int(dir_fd.__index__()), os.fsencode(path), ctypes.c_uint(mode),
                     _AT_SYMLINK_NOFOLLOW) == 0:
             return
         e = ctypes.get_errno()
@@ -117,6 +118,6 @@ def lutimes_ns(path, atime_ns, mtime_ns, dir_fd=_AT_FDCWD):
             t.tv_nsec = _UTIME_OMIT
         else:
             t.tv_sec, t.tv_nsec = divmod(ns, 1_000_000_000)
-    if _utimensat(dir_fd, os.fsencode(path), times, _AT_SYMLINK_NOFOLLOW) != 0:
+    if _utimensat(dir_fd.__index__(), os.fsencode(path), times, _AT_SYMLINK_NOFOLLOW) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), path)
