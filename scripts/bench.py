@@ -964,6 +964,75 @@ class PodmanRun:
             raise BenchError("podman clean-up: " + complaints[0].splitlines()[0])
 
 
+class DaemonReaper:
+    """CPU time and peak RSS of the mount-program daemons podman starts.
+
+    containers/storage runs the mount program for every mount; the daemon
+    forks away from podman and lives as long as the mount. For the podman
+    rows this process is a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so
+    those daemons become our children: when one exits, wait4() hands us its
+    own CPU time and peak RSS, even for the short-lived ones of a build's
+    steps or a `run --rm` that the mount-based lookup (daemon_pid) cannot
+    see. A zombie's /proc/PID/stat still names its program; other orphans
+    (conmon) are reaped and not counted.
+    """
+
+    PR_SET_CHILD_SUBREAPER = 36
+
+    def __init__(self, program: str | None):
+        # a forked daemon keeps the command name of the program podman ran
+        self.comm = Path(program).name[:15] if program else None
+
+    def set_subreaper(self, on: bool) -> None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(self.PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+            raise BenchError(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+
+    def live(self, exclude: int | None = None) -> list[int]:
+        """Our children that run the mount program and have not exited."""
+        found = []
+        me = os.getpid()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == exclude:
+                continue
+            state, ppid, comm = _proc_stat(int(entry))
+            if ppid == me and comm == self.comm and state not in ("Z", "X"):
+                found.append(int(entry))
+        return found
+
+    def reap(self) -> tuple[int, float, int]:
+        """Collect every exited orphan; returns (daemons, their CPU seconds,
+        their largest peak RSS in KiB)."""
+        n, cpu, rss = 0, 0.0, 0
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            if info is None:
+                break
+            _state, _ppid, comm = _proc_stat(info.si_pid)
+            _pid, _status, usage = os.wait4(info.si_pid, 0)
+            if self.comm and comm == self.comm:
+                n += 1
+                cpu += usage.ru_utime + usage.ru_stime
+                rss = max(rss, usage.ru_maxrss)
+        return n, cpu, rss
+
+
+def _proc_stat(pid: int) -> tuple[str, int, str]:
+    """(state, parent pid, command name) of `pid`; ("X", 0, "") once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return "X", 0, ""
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), comm
+
+
 def _podman_write_big(pr: PodmanRun, ds: Dataset) -> None:
     pr.start_container()
     pr.exec_sh(f"dd if=/dev/zero of=/big.bin bs=1M count={ds.expect['size'] // MIB} "
@@ -1147,9 +1216,11 @@ class Bench:
     def one_podman_run(self, wl: Workload, system: str, rep: int) -> tuple[float, dict | None]:
         """Time a podman row once on `system`, on a private podman of its own.
 
-        Daemon figures are those of the mount program serving the container
-        that the preparation started (reread, commit, diff); build and run
-        mount and unmount inside the timed command, so they have none.
+        Daemon figures: the mount program serving the container that the
+        preparation started (reread, commit, diff), found by its mount, plus
+        every daemon that podman started and stopped within the timed
+        command (build's steps, run --rm, the image's mount in a diff),
+        collected as they exit (DaemonReaper).
         """
         ds = self.datasets[wl.dataset]
         if "unavailable" in ds.expect:
@@ -1159,6 +1230,8 @@ class Bench:
         rundir.mkdir(parents=True)
         pr = PodmanRun(system, rundir / "graphroot", self.mounts.env_for(system),
                        self.args.timeout)
+        reaper = DaemonReaper(pr.mount_program)
+        reaper.set_subreaper(True)
         try:
             pr.podman("import", "--quiet", str(ds.expect["rootfs_tar"]), PODMAN_BASE)
             wl.podman(pr, ds)
@@ -1170,17 +1243,31 @@ class Bench:
             before = daemon_stats(pid) if pid else None
             cmd = wl.command(pr, ds)
             os.sync()
+            reaper.reap()       # orphans of the preparation: not this run's
             t0 = time.perf_counter()
             proc = run(cmd, self.args.timeout, capture=True, env=pr.env)
             elapsed = time.perf_counter() - t0
             stats = daemon_stats(pid) if pid else None
+            # the daemons of mounts the command made and undid exit just after it
+            deadline = time.monotonic() + 15
+            while reaper.live(exclude=pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            exited, exited_cpu, exited_rss = reaper.reap()
             wl.check(pr, ds, proc)
+            if system not in FUSE_SYSTEMS:
+                return elapsed, None
             if stats:
                 stats["fds_after_mount"] = before["fds"]
-                stats["cpu_run_s"] = stats["cpu_s"] - before["cpu_s"]
+                stats["cpu_run_s"] = stats["cpu_s"] - before["cpu_s"] + exited_cpu
+            else:
+                stats = {"VmHWM": 0, "cpu_run_s": exited_cpu}
+            stats["VmHWM"] = max(stats["VmHWM"], exited_rss)
+            stats["exited_daemons"] = exited
             return elapsed, stats
         finally:
             pr.close()
+            reaper.reap()
+            reaper.set_subreaper(False)
 
     # -- profiling -------------------------------------------------------
 
@@ -1245,7 +1332,7 @@ class Bench:
                         cell.daemon.append(stats)
                     extra = ""
                     if stats:
-                        extra = f"  (daemon peak RSS {stats['VmHWM'] / 1024:.0f} MiB, {stats['fds']} fds)"
+                        extra = f"  (daemon peak RSS {stats['VmHWM'] / 1024:.0f} MiB, {stats.get('fds', '-')} fds)"
                     print(f"  {wl.name:<11} {system:<15} {elapsed:8.3f} s{extra}",
                           file=sys.stderr)
 
@@ -1421,10 +1508,16 @@ def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) ->
             c = bench.results.get(wl.name, {}).get(s)
             if s in systems and c and c.daemon:
                 hwm = max(d["VmHWM"] for d in c.daemon) / 1024
-                fds = max(d["fds"] for d in c.daemon)
-                fds0 = max(d["fds_after_mount"] or 0 for d in c.daemon)
                 cpu = statistics.median(d["cpu_run_s"] for d in c.daemon)
-                parts.append(f"{cpu:.2f} s, {hwm:.0f} MiB, fds {fds0} -> {fds}")
+                fd_text = ""
+                if all("fds" in d for d in c.daemon):   # podman build/run: no daemon left
+                    fds = max(d["fds"] for d in c.daemon)
+                    fds0 = max(d["fds_after_mount"] or 0 for d in c.daemon)
+                    fd_text = f", fds {fds0} -> {fds}"
+                came_and_went = max((d.get("exited_daemons", 0) for d in c.daemon), default=0)
+                if came_and_went:
+                    fd_text += f", {came_and_went} daemons came and went"
+                parts.append(f"{cpu:.2f} s, {hwm:.0f} MiB{fd_text}")
             elif s in systems:
                 parts.append("-")
         if any(p != "-" for p in parts):
