@@ -909,7 +909,8 @@ def build_podman_dataset(data: Path, sizes: Sizes) -> Dataset:
 
 
 class PodmanRun:
-    """One timed run's private podman, with the base image imported."""
+    """One timed run's private podman: storage driver and mount program of
+    the system, the bench's environment for unionfs passed on to it."""
 
     def __init__(self, system: str, graphroot: Path, env: dict | None, timeout: float):
         self.timeout = timeout
