@@ -1561,6 +1561,10 @@ def default_loop_gib(args) -> int:
     sz = args.sizes
     runs = args.repeat * len(args.system_list) + 1      # + the profiling run
     mib = sz.big_mib * (2 + 2 * runs) + sz.write_mib * runs
+    # chown-R: the image tree (big_mib // 2 in big files, small files of
+    # 16 KiB on average), copied whole by native and fuse-overlayfs runs; and
+    # a GiB for dpkg's, untar's and the podman rows' (one run's at a time)
+    mib += (sz.big_mib // 2 + sz.image_files // 32) * runs + 1024
     return max(2, -(-mib // 1024) + 2)
 
 
