@@ -14,7 +14,7 @@ daemon's peak RSS and open file descriptors go to a JSON file.
     .venv/bin/python scripts/bench.py --only untar --profile prof/   # needs py-spy
 
 Methodology (why it is done this way):
-- A timed run measures one command (dd, find, ls, tar, rm, python, dpkg) started as
+- A timed run measures one command (dd, find, ls, tar, rm, python, dpkg, podman) started as
   a child process; mounting, unmounting and checking the result are untimed.
   Each result is checked (file counts, sizes), so a filesystem that is fast
   because it is wrong shows up as an error, not as a win.
