@@ -54,7 +54,7 @@ image_copy_tmp_dir = "{tmp_dir}"
 
 STORAGE_CONF = """\
 [storage]
-driver = "overlay"
+driver = "{driver}"
 graphroot = "{graphroot}"
 runroot = "{runroot}"
 """
@@ -292,24 +292,29 @@ class PodmanError(AssertionError):
 class PodmanSandbox:
     """podman with private config and storage in a new temp dir, mounting via MOUNT_PROGRAM.
 
-    MOUNT_PROGRAM None means kernel overlayfs (for comparisons).
+    MOUNT_PROGRAM None means kernel overlayfs (for comparisons). DRIVER "vfs"
+    makes plain copies instead (no mount program). GRAPHROOT puts the images
+    and containers elsewhere (the benchmark's own filesystem); close()
+    removes it too.
     """
 
-    def __init__(self, mount_program: str | None):
+    def __init__(self, mount_program: str | None, driver: str = "overlay",
+                 graphroot: Path | None = None):
         # podman refuses a runroot longer than 50 characters, so the sandbox
         # lives directly in /tmp rather than in pytest's deep tmp_path.
         base = Path(tempfile.mkdtemp(prefix="unionfs-podman-", dir="/tmp"))
         self.base = base
         # containers/storage execs the program from its own working directory.
         self.mount_program = os.path.abspath(mount_program) if mount_program else None
-        self.graphroot = base / "graphroot"
+        self.graphroot = graphroot or base / "graphroot"
         self.runroot = base / "runroot"
         home = base / "home"
         tmp_dir = base / "tmp"
         for d in (self.graphroot, self.runroot, home / ".config" / "containers", tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         (base / "containers.conf").write_text(CONTAINERS_CONF.format(tmp_dir=tmp_dir))
-        storage_conf = STORAGE_CONF.format(graphroot=self.graphroot, runroot=self.runroot)
+        storage_conf = STORAGE_CONF.format(driver=driver, graphroot=self.graphroot,
+                                           runroot=self.runroot)
         if mount_program:
             storage_conf += MOUNT_PROGRAM_CONF.format(mount_program=self.mount_program)
         (base / "storage.conf").write_text(storage_conf)
@@ -370,7 +375,7 @@ class PodmanSandbox:
                     complaints.append(f"podman {' '.join(args)}: {done.stderr.strip()}")
             except PodmanError as e:
                 complaints.append(str(e))
-        leftovers = unmount_all_under(self.base)
+        leftovers = unmount_all_under(self.base) + unmount_all_under(self.graphroot)
         if leftovers:
             complaints.append(f"still mounted after podman rm/rmi: {leftovers}")
         stuck = wait_for_exit(self.daemons(), DAEMON_EXIT_TIMEOUT)
@@ -385,6 +390,7 @@ class PodmanSandbox:
             complaints.append(f"mount daemons still running after unmount: {stuck}")
             wait_for_exit(stuck, 5)
         shutil.rmtree(self.base, ignore_errors=True)
+        shutil.rmtree(self.graphroot, ignore_errors=True)
         return complaints
 
 
