@@ -20,7 +20,6 @@ filesystem is kept from waiting on it).
 
 import errno
 import json
-import logging
 import os
 import socket
 import struct
@@ -28,8 +27,6 @@ import threading
 
 from unionfs.errors import UserError
 from unionfs.observe import event_dict
-
-log = logging.getLogger("unionfs")
 
 SUFFIX = ".sock"
 _MAX_REQUEST = 64 << 10
@@ -153,7 +150,8 @@ class Server:
         except OSError as e:        # reading a layer failed
             reply = {"error": f"{cmd}: {e.strerror or e}"}
         except Exception as e:      # a bug: say what, in one line
-            log.exception("unionfs: control request %r failed", cmd)
+            import logging      # only here: a daemon start need not load it
+            logging.getLogger("unionfs").exception("unionfs: control request %r failed", cmd)
             reply = {"error": f"internal error: {type(e).__name__}: {e}"}
         _send(conn, reply)
 

@@ -8,7 +8,6 @@ reason, leaving nothing mounted.
 
 import errno
 import os
-import signal
 import sys
 import time
 
@@ -451,6 +450,7 @@ def _mount_early(spec, mountpoint, ll, options):
 
 def _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile):
     """Child side of _mount_early: detach from the caller, serve ``fd``."""
+    import signal           # here: it loads enum, which the caller need not
     os.setsid()
 
     def give_up(*_):        # until ll.run takes these signals over
@@ -474,6 +474,7 @@ def _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile):
 
 def _daemon(spec, mountpoint, wfd, errlog):
     """Child side of mount(): detach, serve, report readiness on ``wfd``."""
+    import signal
     os.setsid()
     # Signals as in a fresh process: libfuse installs its handlers (a clean
     # unmount on SIGTERM, SIGINT, SIGHUP) only over the defaults, and a daemon
