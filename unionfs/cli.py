@@ -32,7 +32,12 @@ def cmd_umount(args):
     return EXIT_OK
 
 
-def build_parser():
+# Commands whose parser needs no other module: `unionfs mount` (the start
+# of a container) does not load the modules of every other subcommand.
+CORE_COMMANDS = ("mount", "umount")
+
+
+def build_parser(core_only=False):
     p = _Parser(prog=PROG, description="Union (copy-on-write) filesystem on FUSE, "
                 "and a container image tool.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -53,6 +58,8 @@ def build_parser():
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
     u.add_argument("mountpoint")
     u.set_defaults(func=cmd_umount)
+    if core_only:
+        return p
 
     try:
         from unionfs.image import commands as image_commands
@@ -74,7 +81,8 @@ def _warn(msg):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(core_only=argv[:1] in [[c] for c in CORE_COMMANDS]).parse_args(argv)
     return report_errors(PROG, args.func, args)
 
 
