@@ -19,7 +19,6 @@ filesystem is kept from waiting on it).
 """
 
 import errno
-import json
 import os
 import socket
 import struct
@@ -61,6 +60,7 @@ def peer_uid(conn):
 
 
 def _send(conn, obj):
+    import json     # here and below: a daemon loads it (and re) at its first request, not at start
     conn.sendall(json.dumps(obj).encode() + b"\n")
 
 
@@ -166,6 +166,7 @@ class Server:
             if len(buf) > _MAX_REQUEST:
                 _send(conn, {"error": "request too long"})
                 return None
+        import json
         try:
             request = json.loads(buf.partition(b"\n")[0])
         except ValueError:
@@ -327,6 +328,7 @@ def request_one(path, obj, what):
 def request(path, obj, what):
     """Send request ``obj`` to the control socket at ``path``; yield the
     reply's JSON objects. ``what`` names the mount in error messages."""
+    import json
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
