@@ -42,7 +42,7 @@ pytest_strict = $(PYTEST) -q $(1); rc=$$?; \
 # The whole suite on the default binding (/dev/fuse spoken directly), then
 # the mount and binding tests again on each libfuse fallback, and the
 # differential test on libfuse 3 too (both bindings a user may run).
-BINDING_TESTS := tests/test_mount.py tests/test_binding.py
+BINDING_TESTS := tests/test_mount.py tests/test_binding.py tests/test_startup.py
 test: setup
 	@$(call pytest_strict,)
 	@echo "== again with UNIONFS_LIBFUSE=3 (the libfuse 3 fallback)"

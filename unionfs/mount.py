@@ -411,13 +411,13 @@ def _early_binding(spec):
     starts, else None (libfuse makes its mounts itself; fusermount3 is
     needed for some options)."""
     from unionfs import binding
-    from unionfs.binding.common import MountError
     try:
-        ll = binding.load()
-    except (OSError, ValueError) as e:
+        if not binding.is_devfuse():
+            return None         # the libfuse bindings are loaded by the daemon only
+    except ValueError as e:
         raise UserError(str(e))
-    if not hasattr(ll, "mount_early"):
-        return None
+    from unionfs.binding import devfuse as ll
+    from unionfs.binding.common import MountError
     options = option_list(spec, ll)
     try:
         return (ll, options) if ll.can_mount_early(options) else None
