@@ -1,9 +1,11 @@
 """Mount options, validation, the daemon, and unmounting.
 
 ``mount()`` validates everything a user can get wrong *before* anything is
-created, forks the daemon, and returns once the kernel has the mount live (the
-daemon reports from FUSE's ``init``) -- or raises ``UserError`` with the
-reason, leaving nothing mounted.
+created, and returns once the mount is live -- or raises ``UserError`` with
+the reason, leaving nothing mounted. Live: with the /dev/fuse binding as
+root, mount(2) has succeeded (requests wait in the kernel until the daemon,
+forked right after, serves them: see _mount_early); otherwise the daemon
+has mounted and reported from FUSE's ``init``.
 """
 
 import errno
