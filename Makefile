@@ -28,7 +28,7 @@ $(VPY):
 	$(PY) -m venv $(VENV)
 
 # editable_mode=compat: a path in a .pth file. The default (an import hook
-# loaded by site.py) costs ~10 ms at every start of every unionfs command.
+# loaded by site.py) costs ~15 ms of CPU at every start of every unionfs command.
 venv: $(VPY)
 	$(VPY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 	$(VPY) -m pip install -q -e '.[test,zstd]' --config-settings editable_mode=compat
