@@ -7,6 +7,7 @@ import sys
 
 from unionfs import __version__
 from unionfs.errors import EXIT_OK, EXIT_USAGE, report_errors
+from unionfs.fuse_cli import exit_after_mount
 from unionfs.fuse_cli import main as fuse_main  # noqa: F401  (fuse-unionfs's old entry point)
 
 PROG = "unionfs"
@@ -81,9 +82,14 @@ def _warn(msg):
 
 
 def main(argv=None):
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(core_only=argv[:1] in [[c] for c in CORE_COMMANDS]).parse_args(argv)
-    return report_errors(PROG, args.func, args)
+    code = report_errors(PROG, args.func, args)
+    if as_program and code == EXIT_OK and args.func is cmd_mount and not (
+            args.foreground or args.debug):
+        exit_after_mount(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ subcommands' modules: a container engine waits for this program on every
 container start (see docs/PERFORMANCE.md, "Start-up").
 """
 
+import os
 import sys
 
 from unionfs import __version__
@@ -19,12 +20,23 @@ def _warn(msg):
     print(f"{PROG}: warning: {msg}", file=sys.stderr)
 
 
+def exit_after_mount(code):
+    """End this program once its mount is made and its daemon runs on:
+    without the interpreter's teardown (freeing every module and object:
+    ~4 ms of CPU, which a container engine waits for). Only for the program
+    itself, never when called from Python."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None):
     """fuse-overlayfs's command line: ``[-f] [--debug] [-o OPTS]... [SOURCE] MNT``.
 
     Options may come before or after the positionals (mount.fuse puts them
     last), as ``-o OPTS`` or ``-oOPTS``.
     """
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     opts, positional = [], []
     foreground = debug = False
@@ -65,7 +77,10 @@ def main(argv=None):
         spec = parse_options(opts, strict=False, warn=_warn)
         mount(spec, positional[-1], foreground=foreground, debug=debug)
         return EXIT_OK
-    return report_errors(PROG, run)
+    code = report_errors(PROG, run)
+    if as_program and code == EXIT_OK and not (foreground or debug):
+        exit_after_mount(code)
+    return code
 
 
 if __name__ == "__main__":
