@@ -439,12 +439,18 @@ def _mount_early(spec, mountpoint, ll, options):
         raise UserError(f"mounting {mountpoint} failed: {e}")
     try:
         pid = os.fork()
-    except OSError as e:
+    except BaseException as e:      # no daemon (or Ctrl-C): nothing will serve the mount
         ll.detach(mountpoint)
         os.close(fd)
-        raise UserError(f"mounting {mountpoint} failed: cannot start the daemon: {e.strerror}")
+        if isinstance(e, OSError):
+            raise UserError(f"mounting {mountpoint} failed: cannot start the daemon: {e.strerror}")
+        raise
     if pid == 0:
-        os._exit(_early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile))
+        code = 1
+        try:        # the daemon never returns into the caller's code, whatever happens
+            code = _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile)
+        finally:
+            os._exit(code)
     os.close(fd)
     _write_pidfile(pidfile, pid)
     return pid
