@@ -153,4 +153,4 @@ def test_fuse_unionfs_loads_only_what_mounting_needs(layers, cleanup_mounts):
     assert not loaded & {"argparse", "unionfs.cli", "unionfs.container", "unionfs.image"}
     if _early_mount_expected():     # (a libfuse binding is loaded to check it is there)
         assert not loaded & {"unionfs.fs", "unionfs.control", "socket", "dataclasses", "typing",
-                             "hashlib", "logging", "json", "enum", "re"}
+                             "hashlib", "logging", "json", "re"}

@@ -437,9 +437,16 @@ def _mount_early(spec, mountpoint, ll, options):
         fd = ll.mount_early(mountpoint, options)
     except MountError as e:
         raise UserError(f"mounting {mountpoint} failed: {e}")
+    # Blocked across the fork: a stop signal reaching the daemon before its
+    # handlers are set would kill it and leave the mount dead. (signal loads
+    # enum: ~1-2 ms, after mount(2) at least.)
+    import signal
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         pid = os.fork()
     except BaseException as e:      # no daemon (or Ctrl-C): nothing will serve the mount
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         ll.detach(mountpoint)
         os.close(fd)
         if isinstance(e, OSError):
@@ -448,17 +455,19 @@ def _mount_early(spec, mountpoint, ll, options):
     if pid == 0:
         code = 1
         try:        # the daemon never returns into the caller's code, whatever happens
-            code = _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile)
+            code = _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile, old_mask)
         finally:
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     os.close(fd)
     _write_pidfile(pidfile, pid)
     return pid
 
 
-def _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile):
-    """Child side of _mount_early: detach from the caller, serve ``fd``."""
-    import signal           # here: it loads enum, which the caller need not
+def _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile, mask):
+    """Child side of _mount_early: detach from the caller, serve ``fd``
+    (``mask``: the signal mask to restore once the stop signals are ours)."""
+    import signal
     os.setsid()
 
     def give_up(*_):        # until ll.run takes these signals over
@@ -467,6 +476,7 @@ def _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile):
         os._exit(1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, give_up)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     null = os.open(os.devnull, os.O_RDWR)
     _drop_inherited_fds(null, keep=(), only=inherited)
     for std in (0, 1, 2):
