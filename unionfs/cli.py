@@ -1,12 +1,14 @@
-"""Command line: ``unionfs`` (argparse subcommands) and ``fuse-unionfs``
-(fuse-overlayfs's argv). User errors end as one line on stderr."""
+"""Command line: ``unionfs`` (argparse subcommands). ``fuse-unionfs``
+(fuse-overlayfs's argv) is fuse_cli.py's. User errors end as one line on
+stderr."""
 
 import argparse
 import sys
 
 from unionfs import __version__
-from unionfs.container import commands as container_commands
-from unionfs.errors import EXIT_OK, EXIT_USAGE, UserError
+from unionfs.errors import EXIT_OK, EXIT_USAGE, report_errors
+from unionfs.fuse_cli import exit_after_mount
+from unionfs.fuse_cli import main as fuse_main  # noqa: F401  (fuse-unionfs's old entry point)
 
 PROG = "unionfs"
 
@@ -31,7 +33,12 @@ def cmd_umount(args):
     return EXIT_OK
 
 
-def build_parser():
+# Commands whose parser needs no other module: `unionfs mount` (the start
+# of a container) does not load the modules of every other subcommand.
+CORE_COMMANDS = ("mount", "umount")
+
+
+def build_parser(core_only=False):
     p = _Parser(prog=PROG, description="Union (copy-on-write) filesystem on FUSE, "
                 "and a container image tool.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -52,6 +59,8 @@ def build_parser():
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
     u.add_argument("mountpoint")
     u.set_defaults(func=cmd_umount)
+    if core_only:
+        return p
 
     try:
         from unionfs.image import commands as image_commands
@@ -63,6 +72,7 @@ def build_parser():
     registry_commands.register(sub)
     from unionfs.watch import register as register_watch   # which, events, stats
     register_watch(sub)
+    from unionfs.container import commands as container_commands
     container_commands.register(sub)
     return p
 
@@ -71,76 +81,15 @@ def _warn(msg):
     print(f"{PROG}: warning: {msg}", file=sys.stderr)
 
 
-def _run(func, args):
-    try:
-        return func(args)
-    except UserError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-
-
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return _run(args.func, args)
-
-
-# -- fuse-unionfs ---------------------------------------------------------------
-
-FUSE_USAGE = "usage: fuse-unionfs [-f] [-d|--debug] [-o OPTS] [SOURCE] MOUNTPOINT"
-
-
-def fuse_main(argv=None):
-    """fuse-overlayfs's command line: ``[-f] [--debug] [-o OPTS]... [SOURCE] MNT``.
-
-    Options may come before or after the positionals (mount.fuse puts them
-    last), as ``-o OPTS`` or ``-oOPTS``.
-    """
-    global PROG
-    PROG = "fuse-unionfs"
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    opts, positional = [], []
-    foreground = debug = False
-    it = iter(argv)
-    for a in it:
-        if a == "-o":
-            opts.append(next(it, ""))
-        elif a.startswith("-o"):
-            opts.append(a[2:])
-        elif a == "-f":
-            foreground = True
-        elif a in ("-d", "--debug"):
-            debug = True
-        elif a == "-s":
-            pass                    # single-threaded: ours is safe either way
-        elif a in ("--version", "-V"):
-            from unionfs import binding
-            print(f"fuse-unionfs: version {__version__}")
-            try:
-                print("\n".join(binding.load().describe()))
-            except (OSError, ImportError, ValueError) as e:
-                print(f"FUSE library: none ({e})")
-            return EXIT_OK
-        elif a in ("-h", "--help"):
-            print(FUSE_USAGE)
-            return EXIT_OK
-        elif a.startswith("-") and a != "-":
-            print(f"fuse-unionfs: unknown argument {a!r}\n{FUSE_USAGE}", file=sys.stderr)
-            return EXIT_USAGE
-        else:
-            positional.append(a)
-    if len(positional) not in (1, 2):
-        print(f"fuse-unionfs: expected [SOURCE] MOUNTPOINT\n{FUSE_USAGE}", file=sys.stderr)
-        return EXIT_USAGE
-
-    def run(_):
-        from unionfs.mount import mount, parse_options
-        spec = parse_options(opts, strict=False, warn=_warn)
-        mount(spec, positional[-1], foreground=foreground, debug=debug)
-        return EXIT_OK
-    return _run(run, None)
+    args = build_parser(core_only=argv[:1] in [[c] for c in CORE_COMMANDS]).parse_args(argv)
+    code = report_errors(PROG, args.func, args)
+    if as_program and code == EXIT_OK and args.func is cmd_mount and not (
+            args.foreground or args.debug):
+        exit_after_mount(code)
+    return code
 
 
 if __name__ == "__main__":

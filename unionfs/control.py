@@ -19,8 +19,6 @@ filesystem is kept from waiting on it).
 """
 
 import errno
-import json
-import logging
 import os
 import socket
 import stat
@@ -29,8 +27,6 @@ import threading
 
 from unionfs.errors import UserError
 from unionfs.observe import event_dict
-
-log = logging.getLogger("unionfs")
 
 SUFFIX = ".sock"
 _MAX_REQUEST = 64 << 10
@@ -65,6 +61,7 @@ def peer_uid(conn):
 
 
 def _send(conn, obj):
+    import json     # here and below: a daemon loads it (and re) at its first request, not at start
     conn.sendall(json.dumps(obj).encode() + b"\n")
 
 
@@ -154,7 +151,8 @@ class Server:
         except OSError as e:        # reading a layer failed
             reply = {"error": f"{cmd}: {e.strerror or e}"}
         except Exception as e:      # a bug: say what, in one line
-            log.exception("unionfs: control request %r failed", cmd)
+            import logging      # only here: a daemon start need not load it
+            logging.getLogger("unionfs").exception("unionfs: control request %r failed", cmd)
             reply = {"error": f"internal error: {type(e).__name__}: {e}"}
         _send(conn, reply)
 
@@ -169,6 +167,7 @@ class Server:
             if len(buf) > _MAX_REQUEST:
                 _send(conn, {"error": "request too long"})
                 return None
+        import json
         try:
             request = json.loads(buf.partition(b"\n")[0])
         except ValueError:
@@ -333,6 +332,7 @@ def request_one(path, obj, what):
 def request(path, obj, what):
     """Send request ``obj`` to the control socket at ``path``; yield the
     reply's JSON objects. ``what`` names the mount in error messages."""
+    import json
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:

@@ -16,6 +16,8 @@ Internal code raises `UserError` (the same class as `UnionfsError`); the API
 narrows it to a subclass where it knows which operation failed.
 """
 
+import sys
+
 EXIT_OK = 0
 EXIT_ERROR = 1      # the operation failed (bad input, nothing mounted, ...)
 EXIT_USAGE = 2      # the command line itself is wrong (argparse uses 2 too)
@@ -50,3 +52,16 @@ class ImageError(UnionfsError):
 class ContainerError(UnionfsError):
     """A container could not be created or started (a bad option, no usable
     runtime, a command that is not in the image); nothing is left of it."""
+
+
+def report_errors(prog, func, *args):
+    """``func(*args)``, a command's body, and its exit code: a UserError is
+    one line ``PROG: message`` on stderr and its exit code; Ctrl-C is 130."""
+    try:
+        return func(*args)
+    except UserError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -14,8 +14,6 @@ fuse-overlayfs's ``find_mapping`` order, checked side by side in
 tests/test_fidelity.py.
 """
 
-import dataclasses
-
 
 def _overflow(kind):
     try:
@@ -49,13 +47,17 @@ def parse_ranges(value):
     return ranges
 
 
-@dataclasses.dataclass(frozen=True)
 class IdMap:
-    uids: tuple = ()            # (stored, shown, length) ranges; () = no mapping
-    gids: tuple = ()
-    squash_uid: int | None = None
-    squash_gid: int | None = None
-    squash_root: bool = False
+    """A mount's uid/gid mapping. A plain class: every mount's start loads
+    this module, and dataclasses costs several ms to import (inspect, ast)."""
+    __slots__ = ("uids", "gids", "squash_uid", "squash_gid", "squash_root")
+
+    def __init__(self, uids=(), gids=(), squash_uid=None, squash_gid=None, squash_root=False):
+        self.uids = uids                # (stored, shown, length) ranges; () = no mapping
+        self.gids = gids
+        self.squash_uid = squash_uid    # int or None
+        self.squash_gid = squash_gid
+        self.squash_root = squash_root
 
     @property
     def active(self):

@@ -1,20 +1,18 @@
 """Mount options, validation, the daemon, and unmounting.
 
 ``mount()`` validates everything a user can get wrong *before* anything is
-created, forks the daemon, and returns once the kernel has the mount live (the
-daemon reports from FUSE's ``init``) -- or raises ``UserError`` with the
-reason, leaving nothing mounted.
+created, and returns once the mount is live -- or raises ``UserError`` with
+the reason, leaving nothing mounted. Live: with the /dev/fuse binding as
+root, mount(2) has succeeded (requests wait in the kernel until the daemon,
+forked right after, serves them: see _mount_early); otherwise the daemon
+has mounted and reported from FUSE's ``init``.
 """
 
-import dataclasses
 import errno
-import hashlib
 import os
-import signal
 import sys
 import time
 
-from unionfs import control
 from unionfs import whiteout as wh
 from unionfs.errors import FuseUnavailableError, UserError
 from unionfs.idmap import IdMap, parse_ranges
@@ -72,22 +70,27 @@ _OPPOSITE_FLAGS = {"suid": "nosuid", "nosuid": "suid", "dev": "nodev", "nodev": 
                    "exec": "noexec", "noexec": "exec"}
 
 
-@dataclasses.dataclass
 class MountSpec:
-    lowerdirs: list                 # top-most first, as in lowerdir=TOP:...:BOTTOM
-    upperdir: str | None = None
-    workdir: str | None = None
-    whiteout: str = wh.FORMAT_AUTO
-    fuse_options: dict = dataclasses.field(default_factory=dict)
-    volatile: bool = False          # skip fsync of copied-up data
-    timeout: float | None = None    # kernel cache lifetime (None: fs.DEFAULT_TIMEOUT)
-    threaded: bool = False          # libfuse's multi-threaded loop (see serve())
-    ids: IdMap = dataclasses.field(default_factory=IdMap)  # uid/gid mapping (idmap.py)
-    # Metadata-only copy-up (metacopy.py). Off by default, as on kernel
-    # overlayfs: an upper with metacopy files needs kernel overlayfs
-    # mounted with metacopy=on, and engines that read the upper directly
-    # (podman through fuse-overlayfs's contract) do not know them.
-    metacopy: bool = False
+    """What to mount. A plain class, not a dataclass: importing dataclasses
+    (inspect, ast, ...) costs every mount's start several ms."""
+
+    def __init__(self, lowerdirs, upperdir=None, workdir=None, whiteout=wh.FORMAT_AUTO,
+                 fuse_options=None, volatile=False, timeout=None, threaded=False, ids=None,
+                 metacopy=False):
+        self.lowerdirs = lowerdirs          # top-most first, as in lowerdir=TOP:...:BOTTOM
+        self.upperdir = upperdir
+        self.workdir = workdir
+        self.whiteout = whiteout
+        self.fuse_options = {} if fuse_options is None else fuse_options
+        self.volatile = volatile            # skip fsync of copied-up data
+        self.timeout = timeout              # kernel cache lifetime (None: fs.DEFAULT_TIMEOUT)
+        self.threaded = threaded            # libfuse's multi-threaded loop (see serve())
+        self.ids = IdMap() if ids is None else ids      # uid/gid mapping (idmap.py)
+        # Metadata-only copy-up (metacopy.py). Off by default, as on kernel
+        # overlayfs: an upper with metacopy files needs kernel overlayfs
+        # mounted with metacopy=on, and engines that read the upper directly
+        # (podman through fuse-overlayfs's contract) do not know them.
+        self.metacopy = metacopy
 
 
 def split_options(optstrings):
@@ -248,8 +251,20 @@ _PIDFILE_KEY = 24       # hex digits of a mount point's hash in its pidfile's na
 
 
 def pidfile_for(mountpoint):
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:_PIDFILE_KEY]
+    key = _sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:_PIDFILE_KEY]
     return os.path.join(_runtime_dir(), key + ".pid")
+
+
+def _sha256(data):
+    """hashlib.sha256(data), without loading OpenSSL where CPython's own
+    module is there (hashlib's import is ~2.5 ms of every mount's start)."""
+    for name in ("_sha2", "_sha256"):       # CPython 3.12+, 3.11
+        try:
+            return __import__(name).sha256(data)
+        except ImportError:
+            pass
+    import hashlib
+    return hashlib.sha256(data)
 
 
 def fuse_options_for(spec, ll):
@@ -270,31 +285,57 @@ def fuse_options_for(spec, ll):
     return opts
 
 
-def serve(spec, mountpoint, debug=False, on_ready=None):
-    """Run the filesystem in this process until it is unmounted."""
-    from unionfs import layers, observe
-    from unionfs.binding import common
-    from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers, ll
-    from unionfs.union import Union
-
-    try:
-        union = Union(spec.lowerdirs, spec.upperdir, spec.workdir,
-                      whiteout=spec.whiteout, fsync=not spec.volatile, ids=spec.ids,
-                      metacopy=spec.metacopy)
-    except OSError as e:
-        raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
-    os.umask(0)     # modes arrive from the kernel with the caller's umask applied
-    layers.thread_cwd = True    # this process is the daemon's (layers.xattr_call)
-    recorder = observe.Recorder()
-    if union.copyup is not None:
-        union.copyup.observer = recorder
-    fs = UnionFS(union, timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
-                 on_init=on_ready, watch=recorder)
+def option_list(spec, ll, debug=False):
+    """``fuse_options_for`` as libfuse's ``-o`` items."""
     options = [k if v is True else f"{k}={v}" for k, v in fuse_options_for(spec, ll).items()]
     if debug:
         options.append("debug")
-    control_server = control.Server(control.socket_for(pidfile_for(mountpoint)), recorder,
-                                    union, extra=fs.stats)
+    return options
+
+
+def make_union(spec):
+    """The union ``spec`` names; UserError if its layers cannot be set up."""
+    from unionfs.union import Union
+    try:
+        return Union(spec.lowerdirs, spec.upperdir, spec.workdir,
+                     whiteout=spec.whiteout, fsync=not spec.volatile, ids=spec.ids,
+                     metacopy=spec.metacopy)
+    except OSError as e:
+        raise UserError(f"cannot set up the layers: {e.strerror}: {e.filename}")
+
+
+def serve(spec, mountpoint, debug=False, on_ready=None, union=None, fd=None, pidfile=None):
+    """Run the filesystem in this process until it is unmounted.
+
+    ``union``, ``fd`` and ``pidfile``: what ``_mount_early`` made already
+    (the union, the device fd of a mount that exists and is served only
+    here: nothing here may look at the mount point, it would wait for
+    itself; the pidfile's name): served here, and detached if serving
+    cannot start.
+    """
+    try:
+        from unionfs import control, layers, observe
+        from unionfs.binding import common
+        from unionfs.fs import DEFAULT_TIMEOUT, UnionFS, Workers, ll
+        if union is None:
+            union = make_union(spec)
+        os.umask(0)     # modes arrive from the kernel with the caller's umask applied
+        layers.thread_cwd = True    # this process is the daemon's (layers.xattr_call)
+        recorder = observe.Recorder()
+        if union.copyup is not None:
+            union.copyup.observer = recorder
+        fs = UnionFS(union, timeout=DEFAULT_TIMEOUT if spec.timeout is None else spec.timeout,
+                     on_init=on_ready, watch=recorder)
+        options = option_list(spec, ll, debug)
+        if pidfile is None:
+            pidfile = pidfile_for(mountpoint)
+        control_server = control.Server(control.socket_for(pidfile), recorder,
+                                        union, extra=fs.stats)
+    except BaseException:
+        if fd is not None:
+            from unionfs import binding
+            binding.load().detach(mountpoint)   # the binding that mounted it
+        raise
     try:
         control_server.start()
     except OSError as e:
@@ -306,7 +347,10 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     # loop, whose threads fight over the GIL). threaded=1 selects the latter.
     workers = None if spec.threaded else Workers()
     try:
-        ll.run(fs.handlers(workers), mountpoint, options, threaded=spec.threaded)
+        if fd is None:
+            ll.run(fs.handlers(workers), mountpoint, options, threaded=spec.threaded)
+        else:
+            ll.run(fs.handlers(workers), mountpoint, options, threaded=spec.threaded, fd=fd)
     except common.MountError as e:
         raise RuntimeError(str(e))
     finally:
@@ -330,6 +374,9 @@ def mount(spec, mountpoint, foreground=False, debug=False):
         finally:
             _remove(pidfile)
         return
+    early = _early_binding(spec)
+    if early is not None:
+        return _mount_early(spec, mountpoint, *early)
 
     errlog = os.fdopen(os.memfd_create("unionfs-errlog"), "w+b")    # the daemon's stderr
     rfd, wfd = os.pipe()
@@ -351,8 +398,104 @@ def mount(spec, mountpoint, foreground=False, debug=False):
     raise UserError(f"mounting {mountpoint} failed: {reason}")
 
 
+# -- mounting before the daemon starts ------------------------------------------
+#
+# With the /dev/fuse binding, as root, the mount is made by mount(2) in this
+# process, after the layers are set up and before any of the daemon's code
+# is loaded; then the daemon is forked and this process returns. The kernel
+# queues what comes to the mount meanwhile (INIT first) until the daemon
+# reads it, so a container engine waiting for its mount program goes on
+# with its work while the daemon loads. Everything a user can get wrong is
+# found before mount(2) (validate, make_union): a failure leaves no mount.
+# A daemon that fails to start detaches the mount, as does one sent SIGTERM,
+# SIGINT or SIGHUP before it serves; one killed with SIGKILL leaves it dead
+# (ENOTCONN) as a daemon killed later does; `unionfs umount` removes it.
+
+def _early_binding(spec):
+    """(binding, options) if this mount can be made before the daemon
+    starts, else None (libfuse makes its mounts itself; fusermount3 is
+    needed for some options)."""
+    from unionfs import binding
+    try:
+        if not binding.is_devfuse():
+            return None         # the libfuse bindings are loaded by the daemon only
+    except ValueError as e:
+        raise UserError(str(e))
+    from unionfs.binding import devfuse as ll
+    from unionfs.binding.common import MountError
+    options = option_list(spec, ll)
+    try:
+        return (ll, options) if ll.can_mount_early(options) else None
+    except MountError as e:
+        raise UserError(str(e))
+
+
+def _mount_early(spec, mountpoint, ll, options):
+    """Mount, fork the daemon to serve the mount, return the daemon's pid."""
+    from unionfs.binding.common import MountError
+    inherited = _open_fds()         # the caller's: the daemon lets go of them
+    union = make_union(spec)
+    pidfile = pidfile_for(mountpoint)   # before mounting: it looks at the mount point
+    try:
+        fd = ll.mount_early(mountpoint, options)
+    except MountError as e:
+        raise UserError(f"mounting {mountpoint} failed: {e}")
+    # Blocked across the fork: a stop signal reaching the daemon before its
+    # handlers are set would kill it and leave the mount dead. (signal loads
+    # enum: ~1-2 ms, after mount(2) at least.)
+    import signal
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        pid = os.fork()
+    except BaseException as e:      # no daemon (or Ctrl-C): nothing will serve the mount
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        ll.detach(mountpoint)
+        os.close(fd)
+        if isinstance(e, OSError):
+            raise UserError(f"mounting {mountpoint} failed: cannot start the daemon: {e.strerror}")
+        raise
+    if pid == 0:
+        code = 1
+        try:        # the daemon never returns into the caller's code, whatever happens
+            code = _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile, old_mask)
+        finally:
+            os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    os.close(fd)
+    _write_pidfile(pidfile, pid)
+    return pid
+
+
+def _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile, mask):
+    """Child side of _mount_early: detach from the caller, serve ``fd``
+    (``mask``: the signal mask to restore once the stop signals are ours)."""
+    import signal
+    os.setsid()
+
+    def give_up(*_):        # until ll.run takes these signals over
+        ll.detach(mountpoint)
+        _remove(pidfile)
+        os._exit(1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, give_up)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    null = os.open(os.devnull, os.O_RDWR)
+    _drop_inherited_fds(null, keep=(), only=inherited)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    try:
+        serve(spec, mountpoint, union=union, fd=fd, pidfile=pidfile)
+        return 0
+    except BaseException:
+        return 1
+    finally:
+        _remove(pidfile)
+
+
 def _daemon(spec, mountpoint, wfd, errlog):
     """Child side of mount(): detach, serve, report readiness on ``wfd``."""
+    import signal
     os.setsid()
     # Signals as in a fresh process: libfuse installs its handlers (a clean
     # unmount on SIGTERM, SIGINT, SIGHUP) only over the defaults, and a daemon
@@ -389,20 +532,28 @@ def _daemon(spec, mountpoint, wfd, errlog):
         _remove(pidfile)
 
 
-def _drop_inherited_fds(null, keep):
-    """Let go of every descriptor the forking program had open (above 2,
-    except ``keep``): one for a file inside another mount would keep that
-    mount busy, one for a pipe would keep its reader waiting, for as long as
-    this daemon runs. Each is replaced by /dev/null rather than closed, so
-    its number is never reused under a Python object of the forking program
-    that still believes it owns it."""
+def _open_fds():
+    """The numbers of this process's open descriptors."""
+    fds = set()
     for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2 or fd == null or fd in keep:
-            continue
         try:
-            os.fstat(fd)        # the listing's own descriptor is closed by now
+            os.fstat(int(name))     # the listing's own descriptor is closed by now
         except OSError:
+            continue
+        fds.add(int(name))
+    return fds
+
+
+def _drop_inherited_fds(null, keep, only=None):
+    """Let go of every descriptor the forking program had open (above 2,
+    except ``keep``; of those, only those in ``only`` if given): one for a
+    file inside another mount would keep that mount busy, one for a pipe
+    would keep its reader waiting, for as long as this daemon runs. Each is
+    replaced by /dev/null rather than closed, so its number is never reused
+    under a Python object of the forking program that still believes it
+    owns it."""
+    for fd in _open_fds():
+        if fd <= 2 or fd == null or fd in keep or (only is not None and fd not in only):
             continue
         os.dup2(null, fd)
 
@@ -419,8 +570,8 @@ def _report(wfd, msg):
 # /proc/PID/stat) tells this daemon from a later process that got its pid
 # after a crash left the file behind.
 
-def _write_pidfile(path):
-    pid = os.getpid()
+def _write_pidfile(path, pid=None):
+    pid = os.getpid() if pid is None else pid
     tmp = f"{path}.{pid}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     with os.fdopen(fd, "w") as f:
@@ -449,16 +600,21 @@ def prune_pidfiles():
         names = os.listdir(base)
     except OSError:
         return
+    # control (socket, json) is loaded only for something to remove: a
+    # mount's start need not pay for it.
     for name in names:
         path = os.path.join(base, name)
         if name.endswith(".pid") and len(name) == _PIDFILE_KEY + len(".pid"):
             if _read_pidfile(path) is None:
+                from unionfs import control
                 _remove(path)
                 _remove(control.socket_for(path))
-        elif name.endswith(control.SUFFIX) and len(name) == _PIDFILE_KEY + len(control.SUFFIX):
+        elif name[:_PIDFILE_KEY] + ".pid" not in names:
+            from unionfs import control
             # A daemon killed before it wrote its pidfile leaves only this;
             # one still starting listens already, so it is never taken.
-            if name[:_PIDFILE_KEY] + ".pid" not in names and control.is_stale(path):
+            if (name.endswith(control.SUFFIX) and len(name) == _PIDFILE_KEY + len(control.SUFFIX)
+                    and control.is_stale(path)):
                 _remove(path)
 
 

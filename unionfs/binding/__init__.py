@@ -27,11 +27,21 @@ def _devfuse_usable():
     return any(os.access(os.path.join(d, "fusermount3"), os.X_OK) for d in path.split(":") if d)
 
 
-def load():
-    """The binding module to use (``devfuse``, ``libfuse3`` or ``libfuse2``)."""
+def _wanted():
     want = os.environ.get(ENV, "")
     if want not in ("", "2", "3"):
         raise ValueError(f"{ENV}={want}: must be 2 or 3")
+    return want
+
+
+def is_devfuse():
+    """True if ``load()`` picks ``devfuse``; nothing is loaded to tell."""
+    return _wanted() == "" and _devfuse_usable()
+
+
+def load():
+    """The binding module to use (``devfuse``, ``libfuse3`` or ``libfuse2``)."""
+    want = _wanted()
     if want == "" and _devfuse_usable():
         from unionfs.binding import devfuse
         return devfuse

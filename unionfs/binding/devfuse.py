@@ -27,7 +27,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import signal
 import stat
 import sys
 import threading
@@ -1039,19 +1038,41 @@ def _clone(fd):
     return new
 
 
-def run(handlers, mountpoint, options, threaded=False):
-    """Mount ``mountpoint`` and serve requests until it is unmounted (or
+def can_mount_early(options):
+    """True if ``mount_early`` can mount with these options: as root with
+    mount(2) (fusermount3's options need fusermount3, which we keep
+    running for them)."""
+    return os.geteuid() == 0 and not _split(options)[2]
+
+
+def mount_early(mountpoint, options):
+    """Mount ``mountpoint`` with mount(2) and return the device fd, for
+    ``run(..., fd=)`` to serve later (maybe in another process): the kernel
+    queues requests, INIT first, until the fd is read. MountError on failure."""
+    flags, kernel, _, _, fsname, subtype, _ = _split(options)
+    return _mount_as_root(mountpoint, flags, kernel, fsname, subtype)
+
+
+def detach(mountpoint):
+    """Detach a mount made by ``mount_early`` that will not be served."""
+    _unmount(mountpoint, as_root=True)
+
+
+def run(handlers, mountpoint, options, threaded=False, fd=None):
+    """Mount ``mountpoint`` (unless ``fd`` is the device fd of a mount
+    ``mount_early`` made) and serve requests until it is unmounted (or
     SIGINT/SIGTERM/SIGHUP, after which the mount is detached)."""
     global _session
+    import signal           # here: it loads enum, which mount_early's caller need not
     debug = "debug" in options
     flags, kernel, fusermount, conn, fsname, subtype, names = _split(options)
     session = Session(handlers, debug=debug, passthrough=conn.pop("passthrough", "on") != "off")
     session.conn = conn
     as_root = os.geteuid() == 0 and not fusermount
     helper = None
-    if as_root:
+    if fd is None and as_root:
         fd = _mount_as_root(mountpoint, flags, kernel, fsname, subtype)
-    else:
+    elif fd is None:
         fd, helper = _mount_with_fusermount(mountpoint, names, kernel, fusermount,
                                             fsname, subtype)
     session.fd = fd
