@@ -425,9 +425,12 @@ class Mounts:
             self.unionfs_env = dict(os.environ, PYTHONPATH=str(code), PYTHONSAFEPATH="1")
 
     def libfuse_version(self) -> str | None:
-        """The libfuse the unionfs under test binds ("3.14.0", "2.9")."""
+        """The binding the unionfs under test uses: its libfuse ("libfuse
+        3.14.0", "libfuse 2.9") or its own /dev/fuse binding ("/dev/fuse")."""
         cmd = [sys.executable, "-c",
-               "from unionfs import binding; print(binding.load().library_version())"]
+               "from unionfs import binding; b = binding.load(); "
+               "print('libfuse ' + b.library_version() if hasattr(b, 'library_version') "
+               "else '/dev/fuse')"]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
                                  env=self.unionfs_env)
@@ -1704,7 +1707,7 @@ def main(argv=None) -> int:
           f"({'quick' if args.quick else 'full'} sizes: read/copy-up {sizes.big_mib} MiB, "
           f"write {sizes.write_mib} MiB, find/ls {sizes.tree_dirs * sizes.tree_files_per_dir} "
           f"files, untar {sizes.untar_files}, rm {sizes.rm_files}; unionfs code "
-          f"{info['unionfs_commit']} on libfuse {info.get('unionfs_libfuse') or '?'}; load average {info['loadavg_at_start'][0]} -> "
+          f"{info['unionfs_commit']} on {info.get('unionfs_libfuse') or '?'}; load average {info['loadavg_at_start'][0]} -> "
           f"{info['loadavg_at_end'][0]})\n")
     print(render_table(bench, args.workloads, args.system_list))
     for name, h in hot.items():
