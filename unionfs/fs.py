@@ -37,7 +37,7 @@ from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
 ll = binding.load()
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
-MAX_LISTED_ENTRIES = 65_536     # directory entries kept ready for readdir (see layers.py)
+MAX_LISTED_ENTRIES = 16_384     # directory entries kept ready for readdir (see layers.py)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 

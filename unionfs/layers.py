@@ -31,8 +31,8 @@ WHITEOUT = "w"   # a whiteout: hides the name in every layer below
 # the daemon's memory must stay proportional to what the kernel holds (the
 # inode table of fs.py), not to every path ever looked at: a `find` over
 # 500k files would otherwise keep ~700 bytes per file in these caches alone.
-MAX_CACHED_NODES = 65_536           # resolved paths (Node)
-MAX_CACHED_LISTED = 65_536          # entries of cached merged listings
+MAX_CACHED_NODES = 32_768           # resolved paths (Node)
+MAX_CACHED_LISTED = 16_384          # entries of cached merged listings
 MAX_INDEXED_NAMES = 131_072         # names in one lower layer's DirIndex cache
 
 
