@@ -8,6 +8,7 @@ reason, leaving nothing mounted.
 
 import dataclasses
 import errno
+import gc
 import hashlib
 import os
 import signal
@@ -302,6 +303,7 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
     # ones go to workers (measured faster than libfuse's thread-per-request
     # loop, whose threads fight over the GIL). threaded=1 selects the latter.
     workers = None if spec.threaded else Workers()
+    quiet_gc()
     try:
         ll.run(fs.handlers(workers), mountpoint, options, threaded=spec.threaded)
     except common.MountError as e:
@@ -310,6 +312,22 @@ def serve(spec, mountpoint, debug=False, on_ready=None):
         control_server.stop()
         if workers is not None:
             workers.stop()
+
+
+GC_YOUNG_THRESHOLD = 14_000     # allocations between young collections (Python: 700)
+
+
+def quiet_gc():
+    """Make the cyclic garbage collector cheap for a daemon that holds many
+    long-lived objects and makes little cyclic garbage. What exists once the
+    daemon is set up (modules, the layer stack) lives as long as it does:
+    frozen, no full collection scans it again. Requests make young objects
+    that mostly die young (cache entries, replies): a first generation 20x
+    larger than Python's default lets most of them go by reference count
+    before any scan. Measured on a cold find over 505,000 files: the
+    collector's CPU time fell from 0.88 s to 0.37 s (of ~16 s)."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def mount(spec, mountpoint, foreground=False, debug=False):
