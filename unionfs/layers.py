@@ -30,7 +30,7 @@ WHITEOUT = "w"   # a whiteout: hides the name in every layer below
 # newest entry stays). Everything cached here is re-derived on demand, while
 # the daemon's memory must stay proportional to what the kernel holds (the
 # inode table of fs.py), not to every path ever looked at: a `find` over
-# 500k files would otherwise keep ~700 bytes per file in these caches alone.
+# 500k files would otherwise keep ~600 bytes per file in these caches alone.
 MAX_CACHED_NODES = 32_768           # resolved paths (Node)
 MAX_CACHED_LISTED = 16_384          # entries of cached merged listings
 MAX_INDEXED_NAMES = 131_072         # names in one lower layer's DirIndex cache
@@ -331,6 +331,7 @@ class LayerStack:
             entries = compute(path, node)
             with self._cache_lock:
                 if gen == self._gen:
+                    self._drop_listing(path)    # another thread's, just made
                     self._listed += len(entries)
                     if self._listed > MAX_CACHED_LISTED:
                         self._listings.clear()
