@@ -79,9 +79,12 @@ def test_tiny_caches_show_the_same_tree(stack_dirs, monkeypatch):
     # One listing bigger than the bound is kept (the newest stays).
     assert sum(map(len, st._listings.values())) == st._listed
     assert len(st._listings) == 1 or st._listed <= layers.MAX_CACHED_LISTED
-    for layer in st.lowers:
-        assert sum(len(i.kinds) for i in layer._dirs.values()) == layer._indexed
-        assert len(layer._dirs) == 1 or layer._indexed <= layers.MAX_INDEXED_NAMES
+    # One budget for the DirIndex caches of all lowers.
+    indexes = [i for layer in st.lowers for i in layer._dirs.values()]
+    budget = st.lowers[0]._budget
+    assert all(layer._budget is budget for layer in st.lowers)
+    assert sum(len(i.kinds) for i in indexes) == budget.used
+    assert len(indexes) == 1 or budget.used <= layers.MAX_INDEXED_NAMES
 
 
 def test_listing_count_follows_invalidation(stack_dirs):

@@ -33,7 +33,7 @@ WHITEOUT = "w"   # a whiteout: hides the name in every layer below
 # 500k files would otherwise keep ~600 bytes per file in these caches alone.
 MAX_CACHED_NODES = 32_768           # resolved paths (Node)
 MAX_CACHED_LISTED = 16_384          # entries of cached merged listings
-MAX_INDEXED_NAMES = 131_072         # names in one lower layer's DirIndex cache
+MAX_INDEXED_NAMES = 131_072         # names in the DirIndex caches of all lowers
 
 
 def child_path(parent, name):
@@ -56,6 +56,23 @@ class DirIndex:
         self.opaque = opaque
 
 
+class IndexBudget:
+    """The names the DirIndex caches of a stack's lower layers hold, shared
+    by all of them: 128 layers of 5,000 files each must not hold 128 times
+    what one layer may."""
+
+    __slots__ = ("layers", "used")
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.used = 0
+
+    def clear(self):
+        for layer in self.layers:
+            layer._dirs.clear()     # read again when asked: lowers never change
+        self.used = 0
+
+
 class Layer:
     """One backing directory of the stack. All reads of a layer go through here.
 
@@ -69,7 +86,7 @@ class Layer:
         self.upper = upper
         self.ino_tag = ino_tag
         self._dirs = {}         # lower layers only: merged dir path -> DirIndex
-        self._indexed = 0       # names held by _dirs (bounded: MAX_INDEXED_NAMES)
+        self._budget = IndexBudget([self])  # shared with the stack's other lowers
         self._links = None      # lower layers only: inode -> its names (names_of)
         self.alone = (self,)    # the ``layers`` of a Node this layer alone makes
 
@@ -176,11 +193,11 @@ class Layer:
             # An entry present in the same layer as its marker stays visible.
             kinds.setdefault(name, WHITEOUT)
         idx = DirIndex(kinds, opaque)
-        if self._indexed + len(kinds) > MAX_INDEXED_NAMES:
-            self._dirs.clear()      # read again when asked: the layer never changes
-            self._indexed = 0
+        budget = self._budget
+        if budget.used + len(kinds) > MAX_INDEXED_NAMES:
+            budget.clear()
         self._dirs[path] = idx
-        self._indexed += len(kinds)
+        budget.used += len(kinds)
         return idx
 
 
@@ -228,6 +245,9 @@ class LayerStack:
         self.upper = upper
         self.lowers = list(lowers)
         self.layers = ([upper] if upper is not None else []) + self.lowers
+        budget = IndexBudget(self.lowers)
+        for layer in self.lowers:
+            layer._budget = budget
         self._cache = {}
         self._listings = {}         # merged dir path -> its merged entries
         self._listed = 0            # entries held by _listings
