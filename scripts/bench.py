@@ -117,11 +117,12 @@ class BenchError(Exception):
 
 
 def run(cmd: list[str], timeout: float, capture: bool = False,
-        check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        check: bool = True, env: dict | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a child; stdout is discarded unless captured, stderr kept for errors."""
     try:
         proc = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, env=env,
+            cmd, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
             stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
             stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -468,6 +469,9 @@ def snapshot_code(which: str, dest: Path) -> Path | None:
     return dest
 
 
+OPTIONS_PAGE = 4096     # mount(2) copies at most one page of option text
+
+
 class Mounts:
     """Mounts and unmounts the systems under test; remembers what is live."""
 
@@ -546,7 +550,13 @@ class Mounts:
                 f"upperdir={upper},workdir={work}")
         if extra:
             opts += "," + extra
+        cwd = None
         if system == "overlayfs":
+            if len(opts) >= OPTIONS_PAGE:
+                # mount(2) takes one page of options: name 128 lowers
+                # relative to their common parent, where mount runs.
+                cwd = Path(os.path.commonpath(lowers))
+                opts = opts.replace(f"{cwd}/", "")
             cmd = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
         elif system == "fuse-overlayfs":
             # dev: device nodes open as on overlayfs and unionfs mounted by root
@@ -562,7 +572,7 @@ class Mounts:
         # Recorded before mounting: if the command dies half way, cleanup
         # still looks at this mountpoint.
         self.live.append((system, mnt))
-        run(cmd, self.timeout, env=self.env_for(system))
+        run(cmd, self.timeout, env=self.env_for(system), cwd=cwd)
         if str(mnt) not in mounted_paths():
             raise BenchError(f"{system}: mount returned but {mnt} is not mounted")
 
