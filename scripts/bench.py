@@ -97,11 +97,16 @@ class Sizes:
     stat_files: int = 100_000     # stat of every path of a tree this big
     random_reads: int = 20_000    # 4 KiB reads at random offsets of the big file
     podman_files: int = 2_000     # files a container writes before podman commit/diff
+    # --scale rows: one lower of huge_dirs x 101 empty files; layers_count
+    # lowers of ~layer_files files each (see build_datasets)
+    huge_dirs: int = 5_000
+    layers_count: int = 128
+    layer_files: int = 5_000
 
 
 FULL = Sizes(512, 512, 200, 100, 10_000, 10_000, STDLIB_PACKAGES_FULL, True)
-QUICK = Sizes(64, 64, 30, 100, 1_000, 1_000, STDLIB_PACKAGES_QUICK, False, 500, 10_000, 5_000)
-QUICK = dataclasses.replace(QUICK, podman_files=500)
+QUICK = Sizes(64, 64, 30, 100, 1_000, 1_000, STDLIB_PACKAGES_QUICK, False, 500, 10_000, 5_000,
+              podman_files=500, huge_dirs=500, layers_count=16, layer_files=1_000)
 
 
 class BenchError(Exception):
@@ -113,11 +118,12 @@ class BenchError(Exception):
 
 
 def run(cmd: list[str], timeout: float, capture: bool = False,
-        check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        check: bool = True, env: dict | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a child; stdout is discarded unless captured, stderr kept for errors."""
     try:
         proc = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, env=env,
+            cmd, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
             stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
             stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -299,7 +305,65 @@ def build_datasets(data: Path, sizes: Sizes, needed: set[str]) -> dict[str, Data
         out["podman"] = build_podman_dataset(data, sizes)
     if "dpkg" in needed:
         out["dpkg"] = build_dpkg_dataset(data, sizes)
+    if "huge" in needed:
+        out["huge"] = build_huge_dataset(data, sizes)
+    if "layers" in needed:
+        out["layers"] = build_layers_dataset(data, sizes)
     return out
+
+
+# The --scale rows: trees of empty files (no data blocks: what grows is the
+# number of entries, which is what they measure).
+HUGE_FILES_PER_DIR = 101
+
+
+def _touch_many(paths) -> None:
+    for p in paths:
+        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def build_huge_dataset(data: Path, sizes: Sizes) -> Dataset:
+    """One lower of huge_dirs directories of 101 empty files each (505,000
+    files at full size, the issue's shape)."""
+    l0 = data / "huge" / "l0"
+    for d in range(sizes.huge_dirs):
+        dp = l0 / "huge" / f"d{d:04}"
+        dp.mkdir(parents=True)
+        _touch_many(f"{dp}/f{j:03}" for j in range(HUGE_FILES_PER_DIR))
+    files = sizes.huge_dirs * HUGE_FILES_PER_DIR
+    # find prints every file, every directory and the top itself
+    return Dataset("huge", [l0], {"files": files, "entries": files + sizes.huge_dirs + 1})
+
+
+LAYERS_SHARED_DIRS = 10     # directories every layer adds to (merged 128 ways)
+LAYERS_SHARED_FILES = 10    # files per layer in each of them
+
+
+def build_layers_dataset(data: Path, sizes: Sizes) -> Dataset:
+    """layers_count lowers, as an image with many layers: each adds
+    LAYERS_SHARED_FILES files to every one of LAYERS_SHARED_DIRS directories
+    that all layers share (and rewrites one file there, shadowing the copy
+    in every layer below), and the rest of its ~layer_files files in a
+    subtree of its own, 100 files per directory."""
+    layers = []
+    own = max(0, sizes.layer_files - LAYERS_SHARED_DIRS * (LAYERS_SHARED_FILES + 1))
+    for i in range(sizes.layers_count):
+        lp = data / "layers" / f"l{i:03}"
+        for s in range(LAYERS_SHARED_DIRS):
+            dp = lp / "layers" / "shared" / f"s{s:02}"
+            dp.mkdir(parents=True)
+            _touch_many([f"{dp}/common"] +
+                        [f"{dp}/l{i:03}-{j:02}" for j in range(LAYERS_SHARED_FILES)])
+        for k in range(0, own, 100):
+            dp = lp / "layers" / f"own{i:03}" / f"d{k // 100:02}"
+            dp.mkdir(parents=True)
+            _touch_many(f"{dp}/f{j:02}" for j in range(min(100, own - k)))
+        layers.append(lp)
+    layers.reverse()        # top first: the last built is the top layer
+    n = sizes.layers_count
+    files = LAYERS_SHARED_DIRS * (n * LAYERS_SHARED_FILES + 1) + n * own
+    dirs = 1 + 1 + LAYERS_SHARED_DIRS + n * (1 + -(-own // 100))
+    return Dataset("layers", layers, {"files": files, "entries": files + dirs})
 
 
 # The dpkg workload's packages: what `apt-get install` of a few packages does
@@ -408,6 +472,9 @@ def snapshot_code(which: str, dest: Path) -> Path | None:
     return dest
 
 
+OPTIONS_PAGE = 4096     # mount(2) copies at most one page of option text
+
+
 class Mounts:
     """Mounts and unmounts the systems under test; remembers what is live."""
 
@@ -489,7 +556,13 @@ class Mounts:
                 f"upperdir={upper},workdir={work}")
         if extra:
             opts += "," + extra
+        cwd = None
         if system == "overlayfs":
+            if len(opts) >= OPTIONS_PAGE:
+                # mount(2) takes one page of options: name 128 lowers
+                # relative to their common parent, where mount runs.
+                cwd = Path(os.path.commonpath(lowers))
+                opts = opts.replace(f"{cwd}/", "")
             cmd = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
         elif system == "fuse-overlayfs":
             # dev: device nodes open as on overlayfs and unionfs mounted by root
@@ -505,7 +578,7 @@ class Mounts:
         # Recorded before mounting: if the command dies half way, cleanup
         # still looks at this mountpoint.
         self.live.append((system, mnt))
-        run(cmd, self.timeout, env=self.env_for(system))
+        run(cmd, self.timeout, env=self.env_for(system), cwd=cwd)
         if str(mnt) not in mounted_paths():
             raise BenchError(f"{system}: mount returned but {mnt} is not mounted")
 
@@ -622,7 +695,8 @@ class LoopFs:
         return (os.geteuid() == 0 and os.path.exists("/dev/loop-control")
                 and all(shutil.which(t) for t in ("losetup", "mkfs.ext4")))
 
-    def create(self, gib: int) -> Path:
+    def create(self, gib: int, inodes: int | None = None) -> Path:
+        """``inodes``: at least this many (else mkfs's default, one per 16 KiB)."""
         if os.geteuid() != 0:
             raise BenchError("--loop-ext4 needs root")
         with open(self.image, "wb") as f:
@@ -630,7 +704,7 @@ class LoopFs:
         # Initialise inode tables and journal now, not in the background
         # while we measure.
         run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-             str(self.image)], self.timeout)
+             *(["-N", str(inodes)] if inodes else []), str(self.image)], self.timeout)
         self.dev = run(["losetup", "--find", "--show", "--direct-io=on", str(self.image)],
                        self.timeout, capture=True).stdout.decode().strip()
         self.mnt.mkdir()
@@ -686,6 +760,8 @@ class Workload:
     # A podman row (see "podman rows"): this prepares its private podman
     # untimed, and command/check get that PodmanRun in place of `root`.
     podman: Callable[["PodmanRun", Dataset], None] | None = None
+    # Long (hundreds of thousands of files): run with --scale or --only.
+    scale: bool = False
 
 
 def _expect(what: str, got, want) -> None:
@@ -780,6 +856,15 @@ def _find(root, ds):
     return ["find", str(root / "tree"), "-type", "f", "-printf", "%s %m %T@\n"]
 
 
+def _find_all(top):
+    """The issue's scale measurement: every entry's size."""
+    return lambda root, ds: ["find", str(root / top), "-printf", "%s\n"]
+
+
+def _check_find_all(root, ds, proc):
+    _expect("entries found", proc.stdout.count(b"\n"), ds.expect["entries"])
+
+
 WORKLOADS: list[Workload] = [
     Workload("mount", "mount over 3 layers of the find tree, caches dropped "
              "(native: nothing to mount)", "tree", "cold", "none",
@@ -842,6 +927,17 @@ WORKLOADS: list[Workload] = [
              lambda root, ds: ["chown", "-R", "4321:4321", str(root / "image")],
              _check_chown, goal=None,
              options={"overlayfs": "metacopy=on,redirect_dir=on", "unionfs": "metacopy=on"}),
+    # --scale only (long): how cost and the daemon's memory grow with the tree.
+    Workload("find-500k", "find -printf '%s\\n' of one lower of 505,000 files in "
+             "5,000 directories, caches dropped", "huge", "cold", "shared",
+             _find_all("huge"), _check_find_all, goal=1.0, capture=True, scale=True),
+    Workload("find-128-layers", "find -printf '%s\\n' over 128 lowers of ~5,000 "
+             "files each, caches dropped", "layers", "cold", "shared",
+             _find_all("layers"), _check_find_all, goal=1.0, capture=True, scale=True),
+    Workload("ls-lR-128-layers", "ls -lR of the same 128 lowers on a fresh mount",
+             "layers", "fresh", "shared",
+             lambda root, ds: ["ls", "-lR", str(root / "layers")], _check_ls, goal=1.0,
+             capture=True, scale=True),
     # Last on purpose: the native run deletes (hard links), see the docstring.
     Workload("rm-rf", "rm -rf of a tree spread over 2 lower layers",
              "rmtree", "fresh", "link",
@@ -1589,7 +1685,21 @@ def default_loop_gib(args) -> int:
     # 16 KiB on average), copied whole by native and fuse-overlayfs runs; and
     # a GiB for dpkg's, untar's and the podman rows' (one run's at a time)
     mib += (sz.big_mib // 2 + sz.image_files // 32) * runs + 1024
+    # the --scale trees: inode tables (256 bytes each) and directory blocks
+    mib += scale_inodes(args) * 512 // MIB
     return max(2, -(-mib // 1024) + 2)
+
+
+def scale_inodes(args) -> int:
+    """Inodes the --scale trees need (each twice: lowers and the native
+    copy), with room for everything else; 0 if no such row runs."""
+    sz = args.sizes
+    n = 0
+    if any(w.dataset == "huge" for w in args.workloads):
+        n += sz.huge_dirs * (HUGE_FILES_PER_DIR + 1)
+    if any(w.dataset == "layers" for w in args.workloads):
+        n += sz.layers_count * (sz.layer_files + 100)
+    return 2 * n + 1_000_000 if n else 0
 
 
 def parse_args(argv):
@@ -1598,6 +1708,10 @@ def parse_args(argv):
         description="Run the same workloads on native, overlayfs, fuse-overlayfs and unionfs.")
     p.add_argument("--quick", action="store_true",
                    help="small sizes and one repetition: a smoke run of under a minute")
+    p.add_argument("--scale", action="store_true",
+                   help="add the long rows on large trees: find over 505,000 files in one "
+                        "lower, find and ls -lR over 128 lowers (~20 min in full size; "
+                        "they also run when named in --only)")
     p.add_argument("--repeat", type=int, default=None,
                    help="repetitions per workload and system (default 3, --quick 1)")
     p.add_argument("--only", default="",
@@ -1626,7 +1740,8 @@ def parse_args(argv):
                    help="after the timed runs, one more unionfs run per workload under "
                         "py-spy; raw stacks and hotspots go to DIR")
     args = p.parse_args(argv)
-    only = [n for n in args.only.split(",") if n] or names
+    only = [n for n in args.only.split(",") if n] or [
+        w.name for w in WORKLOADS if args.scale or not w.scale]
     bad = [n for n in only if n not in names]
     if bad:
         p.error(f"unknown workload {bad[0]!r} (choose from {', '.join(names)})")
@@ -1676,7 +1791,7 @@ def main(argv=None) -> int:
                 raise BenchError(f"{work}: {free_gib} GiB free, the run needs about "
                                  f"{args.loop_ext4} (see --loop-ext4, --quick, --workdir)")
             loop = LoopFs(work, args.timeout)
-            base = loop.create(args.loop_ext4)
+            base = loop.create(args.loop_ext4, scale_inodes(args) or None)
         bench = Bench(args, base)
         info["unionfs_libfuse"] = bench.mounts.libfuse_version()
         bench.run_all(args.workloads, args.system_list)

@@ -37,7 +37,7 @@ from unionfs.osutil import RENAME_EXCHANGE, RENAME_NOREPLACE
 ll = binding.load()
 
 DEFAULT_TIMEOUT = 1_000_000.0   # seconds; as fuse-overlayfs's default
-MAX_LISTED_ENTRIES = 1_000_000  # directory entries kept ready for readdir
+MAX_LISTED_ENTRIES = 16_384     # directory entries kept ready for readdir (see layers.py)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
@@ -71,8 +71,10 @@ class UnionFS:
         self._negative = ll.entry(0, None, 0, 0, 0, 0, 0.0, self.timeout)
         root = Inode(common.ROOT_ID, "/", True)
         root.nlookup = 1
-        self._inodes = {common.ROOT_ID: root}  # node id -> Inode
-        self._by_path = {"/": root}        # merged path -> Inode
+        # Plain entries (see _full) take the compact form: their path in
+        # _inodes, their node id in _by_path.
+        self._inodes = {common.ROOT_ID: root}  # node id -> Inode, or path
+        self._by_path = {"/": root}        # merged path -> Inode, or node id
         self._by_ident = {}                # (dev, ino) of upper hard links -> Inode
         self._next_id = common.ROOT_ID + 1
         self._table = threading.Lock()     # guards the three maps above
@@ -85,55 +87,106 @@ class UnionFS:
             union.copyup.on_publish = self._copied_up
 
     # -- the inode table ----------------------------------------------------------
+    #
+    # The kernel holds a node id for every entry it has looked up and not yet
+    # forgotten: after a `find` over 500k files, 500k of them. Most are
+    # *plain*: a non-directory looked up once, never opened, not a known
+    # upper hard link. Such an entry is kept in compact form -- its path as
+    # the value in _inodes, its node id as the value in _by_path, ~170 bytes
+    # instead of ~300 with an Inode -- and gets an Inode (_full) as soon as
+    # there is more to remember. Code that needs only the path reads it
+    # without making one (_path).
 
     def _inode(self, nodeid):
         inode = self._inodes.get(nodeid)
+        if inode.__class__ is str:
+            with self._table:
+                inode = self._full(nodeid)
         if inode is None:
             raise OSError(errno.ESTALE, "stale node id")
         return inode
 
+    def _full(self, nodeid):
+        """The Inode of ``nodeid`` (None if unknown), made from its compact
+        form if it has one. The caller holds the table lock."""
+        inode = self._inodes.get(nodeid)
+        if inode.__class__ is not str:
+            return inode
+        path = inode
+        inode = Inode(nodeid, path, False)
+        inode.nlookup = 1
+        self._inodes[nodeid] = inode
+        if self._by_path.get(path) == nodeid:
+            self._by_path[path] = inode
+        return inode
+
+    def _full_at(self, path):
+        """The Inode the table has at ``path`` (None if none), made full.
+        The caller holds the table lock."""
+        inode = self._by_path.get(path)
+        return self._full(inode) if inode.__class__ is int else inode
+
+    def _path_of(self, nodeid):
+        """The current path of ``nodeid``; None if unlinked or unknown."""
+        inode = self._inodes.get(nodeid)
+        return inode if inode is None or inode.__class__ is str else inode.path
+
     def _path(self, nodeid):
-        path = self._inode(nodeid).path
-        if path is None:
+        inode = self._inodes.get(nodeid)
+        if inode.__class__ is str:
+            return inode
+        if inode is None:
+            raise OSError(errno.ESTALE, "stale node id")
+        if inode.path is None:
             raise OSError(errno.ENOENT, "unlinked")
-        return path
+        return inode.path
 
     def _remember(self, path, st, layer):
-        """The Inode for ``path`` (whose stat is ``st``), counted as looked up."""
+        """The node id for ``path`` (whose stat is ``st``), counted as looked
+        up, and its Inode (None if it is kept in compact form)."""
         is_dir = stat.S_ISDIR(st.st_mode)
+        linked = not is_dir and st.st_nlink > 1 and layer.upper
         with self._table:
-            inode = self._by_path.get(path)
+            inode = self._full_at(path)
             if inode is not None and inode.is_dir != is_dir:
                 inode = None
-            if inode is None and not is_dir and st.st_nlink > 1 and layer.upper:
+            if inode is None and linked:
                 # Another name of an upper hard link we already know.
                 ident = (st.st_dev, st.st_ino)
                 inode = self._by_ident.get(ident)
                 if inode is not None and inode.path is None:
                     inode = None
+            if inode is None and not (is_dir or linked):
+                nodeid = self._next_id
+                self._next_id += 1
+                self._inodes[nodeid] = path
+                self._by_path[path] = nodeid
+                return nodeid, None
             if inode is None:
                 inode = Inode(self._next_id, path, is_dir)
                 self._next_id += 1
                 self._inodes[inode.nodeid] = inode
-            if not is_dir and st.st_nlink > 1 and layer.upper:
+            if linked:
                 inode.ident = (st.st_dev, st.st_ino)
                 self._by_ident[inode.ident] = inode
             self._by_path[path] = inode
             if inode.path is None:
                 inode.path = path
             inode.nlookup += 1
-            return inode
+            return inode.nodeid, inode
 
     def _forget_path(self, path, tree=False):
         """``path`` (and, for a directory, all below it) no longer exists."""
         with self._table:
-            inode = self._by_path.pop(path, None)
+            inode = self._full_at(path)
+            self._by_path.pop(path, None)
             if inode is not None and inode.path == path:
                 inode.path = self._other_name(inode, path)
             if tree:
                 prefix = path + "/"
                 for p in [p for p in self._by_path if p.startswith(prefix)]:
-                    child = self._by_path.pop(p)
+                    child = self._full_at(p)
+                    del self._by_path[p]
                     if child.path == p:
                         child.path = self._other_name(child, p)
 
@@ -155,10 +208,11 @@ class UnionFS:
     def _moved(self, old, new):
         """Rename in the table: ``old`` (and what is below it) is now ``new``."""
         with self._table:
-            target = self._by_path.pop(new, None)
+            target = self._full_at(new)
+            self._by_path.pop(new, None)
             if target is not None and target.path == new:
                 target.path = self._other_name(target, new)
-            inode = self._by_path.get(old)
+            inode = self._full_at(old)
             if inode is not None:
                 self._repath(((old, new),), below=inode.is_dir)
 
@@ -182,7 +236,8 @@ class UnionFS:
         Its cached pages may stay: a copy-up does not change the bytes (and
         dropping pages from inside a request could deadlock with a reader
         waiting on this loop)."""
-        inode = self._by_path.get(path)
+        with self._table:
+            inode = self._full_at(path)
         if linked and self._join(path, inode):
             return
         if inode is not None:
@@ -212,7 +267,7 @@ class UnionFS:
                 # that has a new node (see getattr and open).
                 del self._by_path[path]
                 inode.alias = True
-                forget = self._by_path.get(parent or "/")
+                forget = self._full_at(parent or "/")
             else:
                 forget = None
         if forget is not None:
@@ -234,12 +289,12 @@ class UnionFS:
         """For each (src, dst) of ``moves``: the table's entry at ``src``,
         and if ``below`` those under it, now live at ``dst``. All moves
         happen at once (an exchange). The caller holds the table lock."""
-        moved = [(src, dst, self._by_path[src]) for src, dst in moves if src in self._by_path]
+        moved = [(src, dst, self._full_at(src)) for src, dst in moves if src in self._by_path]
         if below:
-            for p, inode in self._by_path.items():
+            for p in list(self._by_path):
                 for src, dst in moves:
                     if p.startswith(src + "/"):
-                        moved.append((p, dst + p[len(src):], inode))
+                        moved.append((p, dst + p[len(src):], self._full_at(p)))
                         break
         for p, _, _ in moved:
             del self._by_path[p]
@@ -253,10 +308,13 @@ class UnionFS:
     def _entry(self, path):
         """Look ``path`` up and build the entry reply for it."""
         st, ino, layer, nlink = self.union.lstat_layer(path)
-        inode = self._remember(path, st, layer)
-        inode.ino = ino
-        return ll.entry(inode.nodeid, st, ino, nlink, *self._shown_owner(st),
-                        0.0 if inode.alias else self.timeout, self.timeout)
+        nodeid, inode = self._remember(path, st, layer)
+        alias = False
+        if inode is not None:
+            inode.ino = ino
+            alias = inode.alias
+        return ll.entry(nodeid, st, ino, nlink, *self._shown_owner(st),
+                        0.0 if alias else self.timeout, self.timeout)
 
     def _reply_attr(self, req, st, ino, nlink=None, alias=False, timeout=None):
         """``nlink``: the link count to show (None: the backing one)."""
@@ -301,6 +359,11 @@ class UnionFS:
         the request was interrupted)."""
         with self._table:
             inode = self._inodes.get(nodeid)
+            if inode.__class__ is str:              # compact: looked up once
+                del self._inodes[nodeid]
+                if self._by_path.get(inode) == nodeid:
+                    del self._by_path[inode]
+                return
             if inode is not None and nodeid != common.ROOT_ID:
                 inode.nlookup -= nlookup
                 if inode.nlookup <= 0:
@@ -320,6 +383,10 @@ class UnionFS:
             self._unlookup(e.ino)
 
     def getattr(self, req, nodeid, fi):
+        inode = self._inodes.get(nodeid)
+        if inode.__class__ is str:          # compact: nothing else to know
+            self._reply_attr(req, *self.union.lstat(inode))
+            return
         inode = self._inode(nodeid)
         if inode.path is None:
             if inode.fd is None:
@@ -428,7 +495,7 @@ class UnionFS:
         # its backing inode, so the new name joins the same kernel inode.
         st = self.union.lstat(src)[0]
         with self._table:
-            inode = self._inodes.get(nodeid)
+            inode = self._full(nodeid)
             if inode is not None:
                 inode.ident = (st.st_dev, st.st_ino)
                 self._by_ident[inode.ident] = inode
@@ -466,7 +533,8 @@ class UnionFS:
     def open(self, req, nodeid, flags, kill_suidgid=False):
         """``kill_suidgid``: the open truncates, and removes set-id bits."""
         path = self._path(nodeid)
-        if self._by_path.get(path) is not self._inodes.get(nodeid):
+        held = self._by_path.get(path)       # an Inode, or a compact entry's node id
+        if (held if held is None or held.__class__ is int else held.nodeid) != nodeid:
             # The name has another node now (_join, _open_as_new_inode)
             # that the kernel has not looked up yet: ESTALE has it look the
             # name up again and open that one.
@@ -484,6 +552,8 @@ class UnionFS:
         inode = self._inode(nodeid)
         fi.keep_cache = not inode.alias     # see "Caching" in the module doc
         inode.fd = fd
+        if not inode.ino:   # made from compact form: learn what fstat shows once unlinked
+            inode.ino = self.union.lstat(path)[1]
         if ll.reply_open(req, fi) == -errno.ESTALE:
             self._open_as_new_inode(req, inode, path, fd)
 
@@ -516,7 +586,8 @@ class UnionFS:
             raise
         f.fh = fd
         f.keep_cache = 1
-        inode = self._inodes[e.ino]
+        inode = self._inode(e.ino)
+        inode.ino = e.attr.st_ino
         inode.fd = fd
         sent = ll.reply_create(req, e, fi)
         if sent == -errno.ENOENT:
@@ -549,7 +620,7 @@ class UnionFS:
     def release(self, req, nodeid, fi):
         fd = fi.contents.fh
         inode = self._inodes.get(nodeid)
-        if inode is not None and inode.fd == fd:
+        if inode.__class__ is Inode and inode.fd == fd:
             inode.fd = None
         os.close(fd)
         ll.reply_err(req, 0)
@@ -767,16 +838,16 @@ class UnionFS:
     def _settled(self, nodeid, meta=False):
         """True if changing ``nodeid`` needs no copy-up of data (quick to
         change); ``meta``: as Union.settled."""
-        inode = self._inodes.get(nodeid)
-        if inode is None or inode.path is None:
+        path = self._path_of(nodeid)
+        if path is None:
             return True             # fails fast with an error
-        return self.union.settled(inode.path, meta)
+        return self.union.settled(path, meta)
 
     def _settled_name(self, parent, name):
-        inode = self._inodes.get(parent)
-        if inode is None or inode.path is None:
+        path = self._path_of(parent)
+        if path is None:
             return True
-        return self.union.settled(child_path(inode.path, os.fsdecode(name)))
+        return self.union.settled(child_path(path, os.fsdecode(name)))
 
     def handlers(self, workers=None):
         """Callables for the binding's run(); each answers its request exactly once.

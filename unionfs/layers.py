@@ -34,9 +34,14 @@ DIR = "d"        # a directory (merges with directories below)
 NONDIR = "n"     # anything else that is visible: hides every layer below
 WHITEOUT = "w"   # a whiteout: hides the name in every layer below
 
-# Bounds on cached lookups and listings; past them a cache starts over.
-MAX_CACHED_NODES = 400_000
-MAX_CACHED_LISTINGS = 20_000
+# Bounds on what is cached per path; past one a cache starts over (the
+# newest entry stays). Everything cached here is re-derived on demand, while
+# the daemon's memory must stay proportional to what the kernel holds (the
+# inode table of fs.py), not to every path ever looked at: a `find` over
+# 500k files would otherwise keep ~600 bytes per file in these caches alone.
+MAX_CACHED_NODES = 32_768           # resolved paths (Node)
+MAX_CACHED_LISTED = 16_384          # entries of cached merged listings
+MAX_INDEXED_NAMES = 131_072         # names in the DirIndex caches of all lowers
 # Directory descriptors kept open, shared out among the layers of a stack
 # (each layer keeps at least MIN_DIRFDS): a cache miss costs one openat per
 # missing component, so a few hundred cover the working set of a tree walk.
@@ -159,6 +164,23 @@ class DirIndex:
         self.opaque = opaque
 
 
+class IndexBudget:
+    """The names the DirIndex caches of a stack's lower layers hold, shared
+    by all of them: 128 layers of 5,000 files each must not hold 128 times
+    what one layer may."""
+
+    __slots__ = ("layers", "used")
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.used = 0
+
+    def clear(self):
+        for layer in self.layers:
+            layer._dirs.clear()     # read again when asked: lowers never change
+        self.used = 0
+
+
 class Layer:
     """One backing directory of the stack. All reads of a layer go through here,
     and every syscall on it (see the module doc): each method takes a merged
@@ -182,6 +204,7 @@ class Layer:
         self.upper = upper
         self.ino_tag = ino_tag
         self._dirs = {}         # lower layers only: merged dir path -> DirIndex
+        self._budget = IndexBudget([self])  # shared with the stack's other lowers
         self._links = None      # lower layers only: inode -> its names (names_of)
         # (A trailing slash makes the last component resolve even if a symlink.)
         self.fd = open_dir(None, self.root + "/" if follow_root else self.root)
@@ -189,6 +212,7 @@ class Layer:
         self._dirfds = collections.OrderedDict()    # merged dir path -> DirFd
         self._dirfd_gen = 0
         self._dirfd_lock = threading.Lock()
+        self.alone = (self,)    # the ``layers`` of a Node this layer alone makes
 
     def __repr__(self):
         return f"Layer({self.root!r}, {'upper' if self.upper else 'lower'} #{self.index})"
@@ -408,12 +432,16 @@ class Layer:
         return NONDIR
 
     def is_opaque(self, path):
-        """True if directory ``path`` of this layer hides the layers below."""
+        """True if directory ``path`` of this layer hides the layers below.
+
+        Asked of every directory a lookup finds, so it does not read the
+        directory (``_load``): a listing of a directory of 5000 directories
+        would index all of their entries, more than the DirIndex cache
+        holds, and each would be read again when it is entered."""
         if not self.upper:
             idx = self._dirs.get(path)
-            if idx is None:
-                idx = self._load(path)
-            return idx.opaque
+            if idx is not None:
+                return idx.opaque
         return wh.has_opaque_xattr(path, self) or self.exists(
             child_path(path, wh.WH_OPAQUE))
 
@@ -449,7 +477,11 @@ class Layer:
             # An entry present in the same layer as its marker stays visible.
             kinds.setdefault(name, WHITEOUT)
         idx = DirIndex(kinds, opaque)
+        budget = self._budget
+        if budget.used + len(kinds) > MAX_INDEXED_NAMES:
+            budget.clear()
         self._dirs[path] = idx
+        budget.used += len(kinds)
         return idx
 
 
@@ -498,8 +530,12 @@ class LayerStack:
         self.upper = upper
         self.lowers = list(lowers)
         self.layers = ([upper] if upper is not None else []) + self.lowers
+        budget = IndexBudget(self.lowers)
+        for layer in self.lowers:
+            layer._budget = budget
         self._cache = {}
         self._listings = {}         # merged dir path -> its merged entries
+        self._listed = 0            # entries held by _listings
         self._gen = 0
         self._cache_lock = threading.Lock()
 
@@ -567,7 +603,7 @@ class LayerStack:
                 continue
             if dirs:
                 break       # a directory above hides a non-directory below
-            return Node(NONDIR, (layer,))
+            return Node(NONDIR, layer.alone)
         return Node(DIR, tuple(dirs)) if dirs else None
 
     def lookup_below(self, path):
@@ -600,8 +636,11 @@ class LayerStack:
             entries = compute(path, node)
             with self._cache_lock:
                 if gen == self._gen:
-                    if len(self._listings) >= MAX_CACHED_LISTINGS:
+                    self._drop_listing(path)    # another thread's, just made
+                    self._listed += len(entries)
+                    if self._listed > MAX_CACHED_LISTED:
                         self._listings.clear()
+                        self._listed = len(entries)
                     self._listings[path] = entries
         return entries
 
@@ -621,14 +660,22 @@ class LayerStack:
         with self._cache_lock:
             self._gen += 1
             self._cache.pop(path, None)
-            self._listings.pop(path, None)
-            self._listings.pop(split_path(path)[0], None)
+            self._drop_listing(path)
+            self._drop_listing(split_path(path)[0])
             if tree:
                 if path == "/":
                     self._cache.clear()
                     self._listings.clear()
+                    self._listed = 0
                     return
                 prefix = path + "/"
-                for cache in (self._cache, self._listings):
-                    for key in [k for k in cache if k.startswith(prefix)]:
-                        del cache[key]
+                for key in [k for k in self._cache if k.startswith(prefix)]:
+                    del self._cache[key]
+                for key in [k for k in self._listings if k.startswith(prefix)]:
+                    self._drop_listing(key)
+
+    def _drop_listing(self, path):
+        """Forget the listing of ``path``. The caller holds the cache lock."""
+        entries = self._listings.pop(path, None)
+        if entries is not None:
+            self._listed -= len(entries)

@@ -9,6 +9,7 @@ has mounted and reported from FUSE's ``init``.
 """
 
 import errno
+import gc
 import os
 import sys
 import time
@@ -346,6 +347,7 @@ def serve(spec, mountpoint, debug=False, on_ready=None, union=None, fd=None, pid
     # ones go to workers (measured faster than libfuse's thread-per-request
     # loop, whose threads fight over the GIL). threaded=1 selects the latter.
     workers = None if spec.threaded else Workers()
+    quiet_gc()
     try:
         if fd is None:
             ll.run(fs.handlers(workers), mountpoint, options, threaded=spec.threaded)
@@ -357,6 +359,22 @@ def serve(spec, mountpoint, debug=False, on_ready=None, union=None, fd=None, pid
         control_server.stop()
         if workers is not None:
             workers.stop()
+
+
+GC_YOUNG_THRESHOLD = 14_000     # allocations between young collections (Python: 700)
+
+
+def quiet_gc():
+    """Make the cyclic garbage collector cheap for a daemon that holds many
+    long-lived objects and makes little cyclic garbage. What exists once the
+    daemon is set up (modules, the layer stack) lives as long as it does:
+    frozen, no full collection scans it again. Requests make young objects
+    that mostly die young (cache entries, replies): a first generation 20x
+    larger than Python's default lets most of them go by reference count
+    before any scan. Measured on a cold find over 505,000 files: the
+    collector's CPU time fell from 0.88 s to 0.37 s (of ~16 s)."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def mount(spec, mountpoint, foreground=False, debug=False):
