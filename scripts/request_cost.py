@@ -75,7 +75,8 @@ def main(argv=None):
         fs, session = build(base)
         session.fd = sink
         measure(session, sink, P.LOOKUP, 1, b"f\0", 1)        # the kernel learns /f
-        f = fs._by_path["/f"].nodeid
+        f = fs._by_path["/f"]       # a looked-up entry: its node id (compact form)
+        f = f if isinstance(f, int) else f.nodeid
         kinds = [("reply only", None, f, b""),
                  ("GETXATTR", P.GETXATTR, f, P.GETXATTR_IN.pack(0, 0) + b"security.selinux\0"),
                  ("GETATTR", P.GETATTR, f, P.GETATTR_IN.pack(0, 0, 0)),

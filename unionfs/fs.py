@@ -307,6 +307,10 @@ class UnionFS:
 
     def _entry(self, path):
         """Look ``path`` up and build the entry reply for it."""
+        return self._entry_ino(path)[0]
+
+    def _entry_ino(self, path):
+        """(the entry reply for ``path``, the inode number it shows)."""
         st, ino, layer, nlink = self.union.lstat_layer(path)
         nodeid, inode = self._remember(path, st, layer)
         alias = False
@@ -314,7 +318,7 @@ class UnionFS:
             inode.ino = ino
             alias = inode.alias
         return ll.entry(nodeid, st, ino, nlink, *self._shown_owner(st),
-                        0.0 if alias else self.timeout, self.timeout)
+                        0.0 if alias else self.timeout, self.timeout), ino
 
     def _reply_attr(self, req, st, ino, nlink=None, alias=False, timeout=None):
         """``nlink``: the link count to show (None: the backing one)."""
@@ -580,14 +584,14 @@ class UnionFS:
         f = fi.contents
         fd = self.union.create(path, mode, f.flags, self._owner(req))
         try:
-            e = self._entry(path)
+            e, ino = self._entry_ino(path)
         except BaseException:
             os.close(fd)
             raise
         f.fh = fd
         f.keep_cache = 1
         inode = self._inode(e.ino)
-        inode.ino = e.attr.st_ino
+        inode.ino = ino
         inode.fd = fd
         sent = ll.reply_create(req, e, fi)
         if sent == -errno.ENOENT:
