@@ -45,7 +45,8 @@ _S_IFDIR = stat.S_IFDIR
 
 
 class Inode:
-    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd", "ino", "alias")
+    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd", "ino", "alias",
+                 "replaced")
 
     def __init__(self, nodeid, path, is_dir):
         self.nodeid = nodeid
@@ -56,6 +57,7 @@ class Inode:
         self.fd = None              # an open fd, for fstat once unlinked
         self.ino = 0                # the st_ino it shows (fixed for life)
         self.alias = False          # another node id has the same file (see _copied_up)
+        self.replaced = False       # its name has a new node (_join, _open_as_new_inode)
 
 
 class UnionFS:
@@ -167,8 +169,7 @@ class UnionFS:
                 self._next_id += 1
                 self._inodes[inode.nodeid] = inode
             if linked:
-                inode.ident = (st.st_dev, st.st_ino)
-                self._by_ident[inode.ident] = inode
+                self._claim_ident(inode, (st.st_dev, st.st_ino))
             self._by_path[path] = inode
             if inode.path is None:
                 inode.path = path
@@ -251,7 +252,10 @@ class UnionFS:
         inval_entry = getattr(ll, "inval_entry", None)
         if inval_entry is None:
             return False
-        st = self.union.lstat(path)[0]
+        try:
+            st = self.union.lstat(path)[0]
+        except OSError:
+            return True         # gone meanwhile (unlinked, renamed): nothing to join
         ident = (st.st_dev, st.st_ino)
         parent, name = path.rsplit("/", 1)
         with self._table:
@@ -265,8 +269,10 @@ class UnionFS:
                 # Its node stays for open files (and for the kernel's entry
                 # until the notification below lands), answered as a name
                 # that has a new node (see getattr and open).
-                del self._by_path[path]
+                if self._by_path.get(path) is inode:
+                    del self._by_path[path]
                 inode.alias = True
+                inode.replaced = True
                 forget = self._full_at(parent or "/")
             else:
                 forget = None
@@ -501,9 +507,17 @@ class UnionFS:
         with self._table:
             inode = self._full(nodeid)
             if inode is not None:
-                inode.ident = (st.st_dev, st.st_ino)
-                self._by_ident[inode.ident] = inode
+                self._claim_ident(inode, (st.st_dev, st.st_ino))
         self._reply_entry(req, self._entry(path))
+
+    def _claim_ident(self, inode, ident):
+        """Make ``inode`` the node of upper file ``ident``, unless a live node
+        already is (a node that node replaced must not take it back: its
+        opens answer ESTALE). The caller holds the table lock."""
+        first = self._by_ident.get(ident)
+        if first is None or first.path is None or first is inode:
+            inode.ident = ident
+            self._by_ident[ident] = inode
 
     def unlink(self, req, parent, name):
         path = child_path(self._path(parent), os.fsdecode(name))
@@ -537,8 +551,8 @@ class UnionFS:
     def open(self, req, nodeid, flags, kill_suidgid=False):
         """``kill_suidgid``: the open truncates, and removes set-id bits."""
         path = self._path(nodeid)
-        held = self._by_path.get(path)       # an Inode, or a compact entry's node id
-        if (held if held is None or held.__class__ is int else held.nodeid) != nodeid:
+        held = self._inodes.get(nodeid)
+        if held.__class__ is Inode and held.replaced:
             # The name has another node now (_join, _open_as_new_inode)
             # that the kernel has not looked up yet: ESTALE has it look the
             # name up again and open that one.
@@ -572,6 +586,7 @@ class UnionFS:
             inode.fd = None
         os.close(fd)
         with self._table:
+            inode.replaced = True
             if self._by_path.get(path) is inode:
                 del self._by_path[path]
             if inode.ident is not None and self._by_ident.get(inode.ident) is inode:

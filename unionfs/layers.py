@@ -62,6 +62,11 @@ def split_path(path):
     return (parent or "/"), name
 
 
+# How many forks away from the process that loaded this module (see DirFd).
+_FORK_DEPTH = [0]
+os.register_at_fork(after_in_child=lambda: _FORK_DEPTH.__setitem__(0, _FORK_DEPTH[0] + 1))
+
+
 class DirFd:
     """An ``O_PATH`` descriptor of one backing directory.
 
@@ -71,18 +76,29 @@ class DirFd:
     never closed under it and handed out again). It converts to its fd
     (``__index__``), so it is passed as ``dir_fd=`` itself and the call
     holds it.
+
+    Only the process that opened it closes it: after a fork (the daemon
+    is forked from the mount command, or from a program using the Python
+    API) objects of the parent's heap may be collected in the child, where
+    their numbers were closed (mount.py drops inherited fds) and may name
+    the child's own files by then -- /dev/fuse among them. A child thus
+    never closes what its parent opened (the few a daemon inherits from
+    the union its parent set up stay open for its life).
     """
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "forks")
 
     def __init__(self, fd):
         self.fd = fd
+        self.forks = _FORK_DEPTH[0]
 
     def __index__(self):
         return self.fd
 
-    def __del__(self, _close=os.close):     # (bound now: usable at exit too)
-        _close(self.fd)
+    # (bound now: usable at exit too)
+    def __del__(self, _close=os.close, _depth=_FORK_DEPTH):
+        if self.forks == _depth[0]:
+            _close(self.fd)
 
 
 def open_dir(dir_fd, name):
@@ -167,17 +183,18 @@ class DirIndex:
 class IndexBudget:
     """The names the DirIndex caches of a stack's lower layers hold, shared
     by all of them: 128 layers of 5,000 files each must not hold 128 times
-    what one layer may."""
+    what one layer may. It holds the layers' caches, not the layers (no
+    cycle: a Layer's descriptors close when the Layer goes)."""
 
-    __slots__ = ("layers", "used")
+    __slots__ = ("caches", "used")
 
     def __init__(self, layers):
-        self.layers = layers
+        self.caches = [layer._dirs for layer in layers]
         self.used = 0
 
     def clear(self):
-        for layer in self.layers:
-            layer._dirs.clear()     # read again when asked: lowers never change
+        for dirs in self.caches:
+            dirs.clear()            # read again when asked: lowers never change
         self.used = 0
 
 

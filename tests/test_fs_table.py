@@ -1,0 +1,89 @@
+"""The node table of fs.py, in-process (no mount): which node id a name
+gets once lower hard links are copied up, and who closes a directory
+descriptor after a fork."""
+
+import errno
+import gc
+import os
+
+import pytest
+
+from unionfs import fs, layers
+from unionfs.binding import common
+from unionfs.union import Union
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A UnionFS over one lower holding hard links a and b, its replies
+    recorded instead of sent to a kernel."""
+    for n in ("low", "up", "work"):
+        (tmp_path / n).mkdir()
+    (tmp_path / "low" / "a").write_text("x")
+    os.link(tmp_path / "low" / "a", tmp_path / "low" / "b")
+    got = []
+    monkeypatch.setattr(fs.ll, "reply_entry", lambda req, e: got.append(e.ino) or 0)
+    monkeypatch.setattr(fs.ll, "reply_err", lambda req, err: 0)
+    monkeypatch.setattr(fs.ll, "reply_open", lambda req, fi: 0)
+    monkeypatch.setattr(fs.ll, "reply_none", lambda req: None)
+    monkeypatch.setattr(fs.ll, "inval_inode", lambda *a, **k: 0, raising=False)
+    monkeypatch.setattr(fs.ll, "inval_entry", lambda *a, **k: 0, raising=False)
+    u = fs.UnionFS(Union([str(tmp_path / "low")], str(tmp_path / "up"), str(tmp_path / "work")))
+
+    def lookup(name):
+        u.lookup(None, common.ROOT_ID, name.encode())
+        return got[-1]
+    u.lookup_name = lookup
+    u.got = got
+    return u
+
+
+def test_a_link_through_a_replaced_node_can_be_opened(served):
+    """Names of a lower hard link looked up before its copy-up: the later
+    one's node is replaced (the kernel is told to forget it); a link made
+    through that old node must not hand the file to it, or the new name
+    could never be opened (ESTALE at every try)."""
+    a, b = served.lookup_name("a"), served.lookup_name("b")
+    served.union.chmod("/a", 0o640)     # copies up the hard link: b joins a
+    assert served.lookup_name("b") == a
+    served.link(None, b, common.ROOT_ID, b"bl")
+    for _ in range(2):      # the kernel's open, and its retry after a new lookup
+        node = served.lookup_name("bl")
+        served.open(None, node, os.O_RDONLY)
+
+
+def test_a_name_gone_before_its_join_does_not_fail_the_copy_up(served):
+    """A name of the hard link removed between the copy-up and the table's
+    update: the change that copied up succeeds."""
+    served.lookup_name("a"), served.lookup_name("b")
+    join = served._join
+
+    def unlink_first(path, inode):
+        if path == "/b":
+            served.union.unlink("/b")
+        return join(path, inode)
+    served._join = unlink_first
+    served.union.chmod("/a", 0o640)
+    assert os.stat(served.union.upper.root + "/a").st_mode & 0o777 == 0o640
+
+
+def test_a_forked_child_never_closes_its_parents_directory_descriptors(tmp_path):
+    d = layers.open_dir(None, str(tmp_path))
+    n = d.fd
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            del d
+            gc.collect()
+            os.fstat(n)         # still open: the parent's, not ours to close
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    del d
+    gc.collect()
+    with pytest.raises(OSError) as e:
+        os.fstat(n)
+    assert e.value.errno == errno.EBADF
