@@ -134,6 +134,34 @@ def test_the_daemon_keeps_none_of_the_callers_descriptors(layers, cleanup_mounts
     assert r.stdout.split() == ["eof", "x"]
 
 
+def test_a_descriptor_closed_while_mounting_is_not_taken_from_the_daemon(layers, cleanup_mounts):
+    """The caller closes descriptors while the mount is made (a garbage
+    socket collected, another thread): their numbers go to /dev/fuse and to
+    the layers' directories, which the daemon must keep although the
+    numbers were the caller's when mounting began."""
+    (layers.lowers[0] / "f").write_text("x")
+    cleanup_mounts.append(layers.mnt)
+    code = textwrap.dedent(f"""
+        import os, sys
+        import unionfs.mount
+        m = sys.modules["unionfs.mount"]    # (unionfs.mount is also the API's function)
+        spare = [os.open("/dev/null", os.O_RDONLY) for _ in range(8)]
+        make_union = m.make_union
+
+        def closing_make_union(spec):       # as a collected socket would
+            for fd in spare:
+                os.close(fd)
+            return make_union(spec)
+        m.make_union = closing_make_union
+        m.mount(m.parse_options([{layers.options()!r}]), {str(layers.mnt)!r})
+        print(open({str(layers.mnt / "f")!r}).read())
+        print(sorted(os.listdir({str(layers.mnt)!r})))
+    """)
+    r = run([sys.executable, "-c", code], timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["x", "['f']"]
+
+
 def test_fuse_unionfs_loads_only_what_mounting_needs(layers, cleanup_mounts):
     """The process a container engine waits for loads neither argparse nor
     the subcommands, nor (where the mount is made before the daemon starts)

@@ -499,7 +499,11 @@ def _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile, mask):
         signal.signal(sig, give_up)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     null = os.open(os.devnull, os.O_RDWR)
-    _drop_inherited_fds(null, keep=(), only=inherited)
+    # What the daemon serves with is kept even if its number was in the
+    # snapshot: another thread of the caller may have closed one of those
+    # between the snapshot and mount(2), and the number gone to /dev/fuse or
+    # to a layer's directory.
+    _drop_inherited_fds(null, keep={fd} | union.descriptors(), only=inherited)
     for std in (0, 1, 2):
         os.dup2(null, std)
     try:

@@ -202,6 +202,16 @@ class Union:
             self.copyup.complete(path, self.lock, self.lower_data, data=data)
         return self.upper
 
+    def descriptors(self):
+        """The numbers of the descriptors this union holds open (its layers'
+        directories), for a daemon forked after it was set up."""
+        layers = list(self.stack.layers) + ([self.work] if self.work is not None else [])
+        fds = set()
+        for layer in layers:
+            fds.add(layer.fd.fd)
+            fds.update(d.fd for d in list(layer._dirfds.values()))
+        return fds
+
     def settled(self, path, meta=False):
         """True if changing ``path`` needs no copy-up of data, so it is
         quick (a missing path, or one that fails, fails quickly too).
