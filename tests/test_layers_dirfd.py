@@ -19,6 +19,18 @@ def deep_path(depth=DEPTH, comp=COMP):
     return "/" + "/".join([comp] * depth)
 
 
+
+def _deep_dir(top):
+    """An fd of a directory DEPTH components of COMP below ``top``,
+    made relative to descriptors (no path that long can be named)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(DEPTH):
+        os.mkdir(COMP, dir_fd=fd)
+        nfd = os.open(COMP, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    return fd
+
 def test_symlinked_component_is_never_followed(tmp_path):
     outside = tmp_path / "outside"
     (outside / "sub").mkdir(parents=True)
@@ -71,12 +83,7 @@ def test_paths_longer_than_path_max(tmp_path):
     for d in (lower, upper, work):
         d.mkdir()
     # A deep lower tree, built relative to descriptors.
-    fd = os.open(lower, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(DEPTH):
-        os.mkdir(COMP, dir_fd=fd)
-        nfd = os.open(COMP, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = nfd
+    fd = _deep_dir(lower)
     with open(os.open("lowfile", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
         f.write("lower\n")
     os.mkdir("sub", dir_fd=fd)
@@ -200,12 +207,7 @@ def test_xattrs_by_proc_path_or_thread_cwd(tmp_path, monkeypatch, thread_cwd):
     import threading
     monkeypatch.setattr(L, "thread_cwd", thread_cwd)
     monkeypatch.setattr(L, "_cwd", threading.local())
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(DEPTH):
-        os.mkdir(COMP, dir_fd=fd)
-        nfd = os.open(COMP, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = nfd
+    fd = _deep_dir(tmp_path)
     os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
     os.symlink("f", "link", dir_fd=fd)
     os.close(fd)
