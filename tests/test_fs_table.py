@@ -87,3 +87,23 @@ def test_a_forked_child_never_closes_its_parents_directory_descriptors(tmp_path)
     with pytest.raises(OSError) as e:
         os.fstat(n)
     assert e.value.errno == errno.EBADF
+
+
+def test_the_request_loop_ends_when_its_descriptor_is_no_longer_the_device(tmp_path):
+    """Reading /dev/fuse never gives 0 bytes; a descriptor that does (its
+    number was replaced, e.g. by /dev/null) ends the loop with an error
+    instead of spinning on it forever."""
+    import threading
+
+    from unionfs.binding import devfuse
+    u = fs.UnionFS(Union([str(tmp_path)], None, None))
+    session = devfuse.Session(u.handlers(), passthrough=False)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        loop = threading.Thread(target=session.serve, args=(fd,), daemon=True)
+        loop.start()
+        loop.join(10)
+        assert not loop.is_alive(), "the loop spins on a descriptor that reads empty"
+        assert session.done.is_set() and session.error.errno == errno.EBADF
+    finally:
+        os.close(fd)

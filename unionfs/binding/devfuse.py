@@ -677,6 +677,10 @@ class Session:
                 self.done.set()
                 return
             if n < P.IN_HEADER.size:
+                if n == 0:      # /dev/fuse never reads empty: fd is no longer the device
+                    self.error = OSError(errno.EBADF, "the FUSE device's descriptor was replaced")
+                    self.done.set()
+                    return
                 continue
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack_header(buf)
             req = Request(session, fd, unique, nodeid, opcode, uid, gid, pid)
