@@ -10,6 +10,7 @@ need neither runc nor a helper.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -364,12 +365,18 @@ def test_detach_without_a_record_does_nothing(tmp_path):
 
 # -- failures leave nothing running -------------------------------------------------------
 
-@requires_runc
-def test_a_port_in_use_is_one_line_and_starts_nothing(container, state_dir, helper):
+@contextlib.contextmanager
+def _busy_port():
+    """A TCP port on 127.0.0.1 that something listens on, for the block."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = busy.getsockname()[1]
+        yield busy.getsockname()[1]
+
+
+@requires_runc
+def test_a_port_in_use_is_one_line_and_starts_nothing(container, state_dir, helper):
+    with _busy_port() as port:
         with pytest.raises(UserError) as e:
             network.attach("private", container.pid,
                            [parse_publish(f"127.0.0.1:{port}:{CTR_TCP_PORT}")], state_dir)
@@ -391,10 +398,7 @@ def test_the_helpers_own_refusal_is_one_line_and_leaves_no_helper(container, sta
         record(state_dir, helper, pid)
     monkeypatch.setattr(network, "_check_ports", lambda ports: None)
     monkeypatch.setattr(network, "_record", spy)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with _busy_port() as port:
         with pytest.raises(UserError) as e:
             network.attach("private", container.pid,
                            [parse_publish(f"127.0.0.1:{port}:{CTR_TCP_PORT}")], state_dir)

@@ -275,6 +275,11 @@ class Layer:
                 if len(self._dirfds) > self.max_dirfds:
                     self._dirfds.popitem(last=False)
 
+    def descriptors(self):
+        """The numbers of the descriptors this layer holds: its root's and
+        its cached directories'."""
+        return [self.fd.fd, *(d.fd for d in list(self._dirfds.values()))]
+
     def forget_dirs(self, path, tree=False):
         """Drop the cached descriptor of ``path`` (and with ``tree`` those
         below it): it was renamed or removed."""

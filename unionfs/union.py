@@ -206,11 +206,7 @@ class Union:
         """The numbers of the descriptors this union holds open (its layers'
         directories), for a daemon forked after it was set up."""
         layers = list(self.stack.layers) + ([self.work] if self.work is not None else [])
-        fds = set()
-        for layer in layers:
-            fds.add(layer.fd.fd)
-            fds.update(d.fd for d in list(layer._dirfds.values()))
-        return fds
+        return {fd for layer in layers for fd in layer.descriptors()}
 
     def settled(self, path, meta=False):
         """True if changing ``path`` needs no copy-up of data, so it is
