@@ -22,6 +22,7 @@ are kept across opens (``keep_cache``).
 import bisect
 import ctypes
 import errno
+import fcntl
 import os
 import queue
 import stat
@@ -45,7 +46,7 @@ _S_IFDIR = stat.S_IFDIR
 
 
 class Inode:
-    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fd", "ino", "alias",
+    __slots__ = ("nodeid", "path", "nlookup", "is_dir", "ident", "fds", "ino", "alias",
                  "replaced")
 
     def __init__(self, nodeid, path, is_dir):
@@ -54,7 +55,7 @@ class Inode:
         self.nlookup = 0
         self.is_dir = is_dir
         self.ident = None           # (st_dev, st_ino) of an upper hard link
-        self.fd = None              # an open fd, for fstat once unlinked
+        self.fds = None             # its open fds (a list once opened), for fstat once unlinked
         self.ino = 0                # the st_ino it shows (fixed for life)
         self.alias = False          # another node id has the same file (see _copied_up)
         self.replaced = False       # its name has a new node (_join, _open_as_new_inode)
@@ -399,9 +400,9 @@ class UnionFS:
             return
         inode = self._inode(nodeid)
         if inode.path is None:
-            if inode.fd is None:
+            if not inode.fds:
                 raise OSError(errno.ENOENT, "unlinked")
-            self._reply_attr(req, os.fstat(inode.fd), inode.ino, alias=inode.alias)
+            self._reply_attr(req, os.fstat(inode.fds[-1]), inode.ino, alias=inode.alias)
             return
         if self._by_path.get(inode.path) is not inode:
             # Its name now has a new inode (_open_as_new_inode), which the
@@ -550,14 +551,18 @@ class UnionFS:
 
     def open(self, req, nodeid, flags, kill_suidgid=False):
         """``kill_suidgid``: the open truncates, and removes set-id bits."""
-        path = self._path(nodeid)
         held = self._inodes.get(nodeid)
-        if held.__class__ is Inode and held.replaced:
-            # The name has another node now (_join, _open_as_new_inode)
-            # that the kernel has not looked up yet: ESTALE has it look the
-            # name up again and open that one.
-            raise OSError(errno.ESTALE, "the name has a new node")
-        fd = self.union.open(path, flags)
+        if held.__class__ is Inode and held.path is None:
+            path = None
+            fd = self._reopen_unlinked(held, flags)
+        else:
+            path = self._path(nodeid)
+            if held.__class__ is Inode and held.replaced:
+                # The name has another node now (_join, _open_as_new_inode)
+                # that the kernel has not looked up yet: ESTALE has it look
+                # the name up again and open that one.
+                raise OSError(errno.ESTALE, "the name has a new node")
+            fd = self.union.open(path, flags)
         if kill_suidgid:
             try:
                 self._drop_setid(req, nodeid, fd)
@@ -569,11 +574,58 @@ class UnionFS:
         fi.fh = fd
         inode = self._inode(nodeid)
         fi.keep_cache = not inode.alias     # see "Caching" in the module doc
-        inode.fd = fd
-        if not inode.ino:   # made from compact form: learn what fstat shows once unlinked
+        self._hold(inode, fd)
+        if not inode.ino and path is not None:   # made from compact form: learn what fstat shows once unlinked
             inode.ino = self.union.lstat(path)[1]
-        if ll.reply_open(req, fi) == -errno.ESTALE:
+        sent = ll.reply_open(req, fi)
+        if sent == -errno.ESTALE:
             self._open_as_new_inode(req, inode, path, fd)
+        elif sent == -errno.ENOENT:         # interrupted: the kernel never releases it
+            self._unhold(inode, fd)
+            os.close(fd)
+
+    @staticmethod
+    def _reopen_unlinked(inode, flags):
+        """A new descriptor on the file of ``inode``, whose name is gone.
+
+        The kernel opens a node by its id, and can hold one whose name was
+        unlinked meanwhile: an ``open(O_CREAT)`` racing an ``unlink`` of the
+        same name, or an open of ``/proc/PID/fd/N``. On kernel overlayfs the
+        first creates the file anew or opens the one still there; the second
+        opens the same file. Here: the same file, through a descriptor the
+        daemon still holds on it; with none (or a write to a lower file,
+        which is never written), ESTALE, which has the kernel walk the path
+        again and find the name as it is now."""
+        fds = inode.fds
+        if not fds:
+            raise OSError(errno.ESTALE, "unlinked: the kernel looks the name up again")
+        fd = fds[-1]
+        if flags & _WRITE_FLAGS and not any(fcntl.fcntl(f, fcntl.F_GETFL) & os.O_ACCMODE
+                                            != os.O_RDONLY for f in fds):
+            if os.fstat(fd).st_nlink:
+                # Held read-only, and still linked: it may be a lower file.
+                raise OSError(errno.ESTALE, "unlinked lower file: not writable")
+        return os.open(f"/proc/self/fd/{fd}", flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
+
+    def _hold(self, inode, fd):
+        """Count open ``fd`` as one of ``inode``'s (before the kernel can
+        release it: its reply is not sent yet)."""
+        fds = inode.fds
+        if fds is None:
+            with self._table:
+                if inode.fds is None:
+                    inode.fds = []
+                fds = inode.fds
+        fds.append(fd)
+
+    @staticmethod
+    def _unhold(inode, fd):
+        fds = inode.fds
+        if fds:
+            try:
+                fds.remove(fd)
+            except ValueError:
+                pass
 
     def _open_as_new_inode(self, req, inode, path, fd):
         """The binding could not give the kernel open ``fd`` as ``inode``
@@ -582,8 +634,7 @@ class UnionFS:
         id and answer ESTALE: the kernel then looks the name up again and
         opens it as a new inode. Opens made before keep the old one, whose
         attributes the kernel must ask for from now on (see getattr)."""
-        if inode.fd == fd:
-            inode.fd = None
+        self._unhold(inode, fd)
         os.close(fd)
         with self._table:
             inode.replaced = True
@@ -607,13 +658,12 @@ class UnionFS:
         f.keep_cache = 1
         inode = self._inode(e.ino)
         inode.ino = ino
-        inode.fd = fd
+        self._hold(inode, fd)
         sent = ll.reply_create(req, e, fi)
         if sent == -errno.ENOENT:
             # Interrupted: the kernel will neither release the file nor
             # forget the lookup (the file stays created, as it would natively).
-            if inode.fd == fd:
-                inode.fd = None
+            self._unhold(inode, fd)
             os.close(fd)
             self._unlookup(e.ino)
         elif sent == -errno.ESTALE:         # not sent: see open
@@ -639,8 +689,8 @@ class UnionFS:
     def release(self, req, nodeid, fi):
         fd = fi.contents.fh
         inode = self._inodes.get(nodeid)
-        if inode.__class__ is Inode and inode.fd == fd:
-            inode.fd = None
+        if inode.__class__ is Inode:
+            self._unhold(inode, fd)
         os.close(fd)
         ll.reply_err(req, 0)
 
