@@ -910,7 +910,7 @@ def run(handlers, mountpoint, options, threaded=False, fd=None):
     ``mount_early`` made) and serve requests until it is unmounted (or
     SIGINT/SIGTERM/SIGHUP, after which the mount is detached)."""
     global _session
-    import signal           # here: it loads enum, which mount_early's caller need not
+    import _signal as signal    # the C module: signal.py loads enum (~1-2 ms), for nothing here
     debug = "debug" in options
     flags, kernel, fusermount, conn, fsname, subtype, names = _split(options)
     session = Session(handlers, debug=debug, passthrough=conn.pop("passthrough", "on") != "off")
