@@ -167,7 +167,8 @@ def test_a_descriptor_closed_while_mounting_is_not_taken_from_the_daemon(layers,
 def test_fuse_unionfs_loads_only_what_mounting_needs(layers, cleanup_mounts):
     """The process a container engine waits for loads neither argparse nor
     the subcommands, nor (where the mount is made before the daemon starts)
-    the daemon's request code, its control socket, or slow-loading modules."""
+    the daemon's request code, the binding's, its control socket, threads,
+    or slow-loading modules (enum: signal's and socket's; importlib)."""
     (layers.lowers[0] / "f").write_text("x")
     cleanup_mounts.append(layers.mnt)
     code = textwrap.dedent(f"""
@@ -183,4 +184,6 @@ def test_fuse_unionfs_loads_only_what_mounting_needs(layers, cleanup_mounts):
     assert not loaded & {"argparse", "unionfs.cli", "unionfs.container", "unionfs.image"}
     if _early_mount_expected():     # (a libfuse binding is loaded to check it is there)
         assert not loaded & {"unionfs.fs", "unionfs.control", "socket", "dataclasses", "typing",
-                             "hashlib", "logging", "json", "re"}
+                             "hashlib", "logging", "json", "re", "unionfs.binding.devfuse",
+                             "unionfs.binding.common", "threading", "collections", "enum",
+                             "signal", "importlib"}
