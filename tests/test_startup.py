@@ -190,8 +190,9 @@ def test_fuse_unionfs_loads_only_what_mounting_needs(layers, cleanup_mounts):
 
 
 def test_unionfs_mount_parses_its_plain_form_without_argparse(layers, cleanup_mounts):
-    """`unionfs mount -o OPTS MNT` mounts without loading argparse (with re,
-    gettext, locale and shutil) nor any other subcommand's module."""
+    """`unionfs mount -o OPTS MNT` mounts without loading argparse nor any
+    other subcommand's module, nor (where the mount is made before the
+    daemon starts) what argparse would bring (re, gettext, shutil)."""
     (layers.lowers[0] / "f").write_text("x")
     cleanup_mounts.append(layers.mnt)
     code = textwrap.dedent(f"""
@@ -203,8 +204,10 @@ def test_unionfs_mount_parses_its_plain_form_without_argparse(layers, cleanup_mo
     r = run([sys.executable, "-c", code], timeout=30)
     assert r.returncode == 0, r.stderr
     assert (layers.mnt / "f").read_text() == "x"
-    assert not set(r.stdout.split()) & {"argparse", "re", "shutil", "gettext", "unionfs.image",
-                                        "unionfs.container", "unionfs.registry"}
+    loaded = set(r.stdout.split())
+    assert not loaded & {"argparse", "unionfs.image", "unionfs.container", "unionfs.registry"}
+    if _early_mount_expected():     # (a libfuse binding loads ctypes.util: re, shutil)
+        assert not loaded & {"re", "shutil", "gettext"}
 
 
 @pytest.mark.parametrize("argv", [
