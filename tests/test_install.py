@@ -44,3 +44,11 @@ def test_pip_install_and_run_the_readme_example(tmp_path):
                        cwd=project, capture_output=True, text=True, timeout=60)
     where, typed = r.stdout.split()
     assert where.startswith(str(venv)) and typed == "True", r.stdout + r.stderr
+    # The commands are our own launchers (bin/), not generated wrappers: pip
+    # points them at the venv's interpreter, and they run.
+    for name in ("unionfs", "fuse-unionfs"):
+        launcher = venv / "bin" / name
+        assert launcher.read_text().startswith(f"#!{venv}/bin/python"), launcher.read_text()[:200]
+        r = subprocess.run([str(launcher), "--version"], cwd=project, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith(name), r.stdout + r.stderr

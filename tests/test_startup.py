@@ -167,7 +167,8 @@ def test_a_descriptor_closed_while_mounting_is_not_taken_from_the_daemon(layers,
 def test_fuse_unionfs_loads_only_what_mounting_needs(layers, cleanup_mounts):
     """The process a container engine waits for loads neither argparse nor
     the subcommands, nor (where the mount is made before the daemon starts)
-    the daemon's request code, its control socket, or slow-loading modules."""
+    the daemon's request code, the binding's, its control socket, threads,
+    or slow-loading modules (enum: signal's and socket's; importlib)."""
     (layers.lowers[0] / "f").write_text("x")
     cleanup_mounts.append(layers.mnt)
     code = textwrap.dedent(f"""
@@ -183,4 +184,47 @@ def test_fuse_unionfs_loads_only_what_mounting_needs(layers, cleanup_mounts):
     assert not loaded & {"argparse", "unionfs.cli", "unionfs.container", "unionfs.image"}
     if _early_mount_expected():     # (a libfuse binding is loaded to check it is there)
         assert not loaded & {"unionfs.fs", "unionfs.control", "socket", "dataclasses", "typing",
-                             "hashlib", "logging", "json", "re"}
+                             "hashlib", "logging", "json", "re", "unionfs.binding.devfuse",
+                             "unionfs.binding.common", "threading", "collections", "enum",
+                             "signal", "importlib"}
+
+
+def test_unionfs_mount_parses_its_plain_form_without_argparse(layers, cleanup_mounts):
+    """`unionfs mount -o OPTS MNT` mounts without loading argparse nor any
+    other subcommand's module, nor (where the mount is made before the
+    daemon starts) what argparse would bring (re, gettext, shutil)."""
+    (layers.lowers[0] / "f").write_text("x")
+    cleanup_mounts.append(layers.mnt)
+    code = textwrap.dedent(f"""
+        import sys
+        from unionfs.cli import main
+        assert main(["mount", "-o", {layers.options()!r}, {str(layers.mnt)!r}]) == 0
+        print(" ".join(sorted(sys.modules)))
+    """)
+    r = run([sys.executable, "-c", code], timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert (layers.mnt / "f").read_text() == "x"
+    loaded = set(r.stdout.split())
+    assert not loaded & {"argparse", "unionfs.image", "unionfs.container", "unionfs.registry"}
+    if _early_mount_expected():     # (a libfuse binding loads ctypes.util: re, shutil)
+        assert not loaded & {"re", "shutil", "gettext"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["mount", "-o", "a=1", "/m"], ["mount", "/m", "-o", "a=1", "-oB=2"],
+    ["mount", "-f", "--debug", "-o", "x", "/m"], ["mount", "/m"], ["mount", "-ox,y", "/m", "-f"]])
+def test_the_plain_mount_form_parses_as_argparse_does(argv):
+    from unionfs import cli     # noqa: F401 (unionfs.cli, the module)
+    cli = sys.modules["unionfs.cli"]
+    plain, parsed = cli._plain_mount(argv), cli.build_parser(core_only=True).parse_args(argv)
+    assert ((plain.options, plain.foreground, plain.debug, plain.mountpoint, plain.func)
+            == (parsed.options, parsed.foreground, parsed.debug, parsed.mountpoint, parsed.func))
+
+
+@pytest.mark.parametrize("argv", [
+    ["mount"], ["mount", "-o"], ["mount", "-o", "-f", "/m"], ["mount", "a", "b"],
+    ["mount", "--", "/m"], ["mount", "-h"], ["mount", "--deb", "/m"], ["mount", "-o=x", "/m"],
+    ["umount", "/m"]])
+def test_anything_else_is_left_to_argparse(argv):
+    from unionfs import cli     # noqa: F401
+    assert sys.modules["unionfs.cli"]._plain_mount(argv) is None

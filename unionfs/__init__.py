@@ -32,13 +32,15 @@ _LAZY = {"mount": "unionfs.api", "Mount": "unionfs.api", "Change": "unionfs.api"
 
 
 def __getattr__(name: str):
-    from importlib import import_module
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-    elif name == "images":
-        value = import_module("unionfs.images")
-    else:
+    # Asked for every submodule a ``from unionfs import NAME`` loads for the
+    # first time, so a miss must cost nothing: importlib (with warnings,
+    # ~0.5 ms of every command's start) is not loaded to say no.
+    if name not in _LAZY and name != "images":
         raise AttributeError(f"module 'unionfs' has no attribute {name!r}")
+    from importlib import import_module
+    value = import_module(_LAZY.get(name, "unionfs.images"))
+    if name in _LAZY:
+        value = getattr(value, name)
     globals()[name] = value
     return value
 

@@ -2,7 +2,6 @@
 (fuse-overlayfs's argv) is fuse_cli.py's. User errors end as one line on
 stderr."""
 
-import argparse
 import sys
 
 from unionfs import __version__
@@ -13,11 +12,15 @@ from unionfs.fuse_cli import main as fuse_main  # noqa: F401  (fuse-unionfs's ol
 PROG = "unionfs"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump)."""
+def _parser_class():
+    """argparse's parser, but a usage error is one line (no usage dump).
+    Made when needed: a plain ``unionfs mount`` does without (_plain_mount)."""
+    import argparse
 
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(EXIT_USAGE, f"{self.prog}: {message}\n")
+    return _Parser
 
 
 def cmd_mount(args):
@@ -39,6 +42,7 @@ CORE_COMMANDS = ("mount", "umount")
 
 
 def build_parser(core_only=False):
+    _Parser = _parser_class()
     p = _Parser(prog=PROG, description="Union (copy-on-write) filesystem on FUSE, "
                 "and a container image tool.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -81,10 +85,53 @@ def _warn(msg):
     print(f"{PROG}: warning: {msg}", file=sys.stderr)
 
 
+class _MountArgs:
+    func = staticmethod(cmd_mount)
+
+    def __init__(self, options, foreground, debug, mountpoint):
+        self.options = options
+        self.foreground = foreground
+        self.debug = debug
+        self.mountpoint = mountpoint
+
+
+def _plain_mount(argv):
+    """``mount [-o OPTS | -oOPTS]... [-f] [--debug] MOUNTPOINT``, parsed
+    without argparse (which loads re, gettext, locale and shutil: ~8 ms of
+    every mount's start); None for anything else (help, usage errors, ``--``,
+    abbreviations, ...), which argparse parses, with its messages."""
+    if argv[:1] != ["mount"]:
+        return None
+    options, positional = [], []
+    foreground = debug = False
+    it = iter(argv[1:])
+    for a in it:
+        if a == "-o":
+            value = next(it, None)
+            if value is None or value.startswith("-"):
+                return None
+            options.append(value)
+        elif a.startswith("-o") and a[2] != "=":
+            options.append(a[2:])
+        elif a == "-f":
+            foreground = True
+        elif a == "--debug":
+            debug = True
+        elif a.startswith("-") or positional:
+            return None
+        else:
+            positional.append(a)
+    if not positional:
+        return None
+    return _MountArgs(options or None, foreground, debug, positional[0])
+
+
 def main(argv=None):
     as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(core_only=argv[:1] in [[c] for c in CORE_COMMANDS]).parse_args(argv)
+    args = _plain_mount(argv)
+    if args is None:
+        args = build_parser(core_only=argv[:1] in [[c] for c in CORE_COMMANDS]).parse_args(argv)
     code = report_errors(PROG, args.func, args)
     if as_program and code == EXIT_OK and args.func is cmd_mount and not (
             args.foreground or args.debug):

@@ -20,7 +20,7 @@ import errno
 import itertools
 import os
 import stat
-import threading
+import _thread   # threading.Lock is _thread.allocate_lock: see layers.py
 import time
 
 from unionfs import inodes
@@ -148,7 +148,7 @@ class CopyUp:
         self.on_publish = None      # called with each path a copy-up published
         self.observer = NO_OBSERVER
         self._seq = itertools.count()
-        self._stripes = [threading.Lock() for _ in range(64)]
+        self._stripes = [_thread.allocate_lock() for _ in range(64)]
 
     def recover(self):
         """Clean the work dir after an earlier daemon: finish the hard-link

@@ -24,11 +24,11 @@ import ctypes
 import errno
 import fcntl
 import os
-import queue
 import stat
 import threading
 import time
 import zlib
+from _queue import SimpleQueue     # queue.SimpleQueue, without queue's heapq et al.
 
 from unionfs import binding, killpriv
 from unionfs.binding import common
@@ -1018,7 +1018,7 @@ class _Later:
     request holds until it is answered)."""
 
     def __init__(self):
-        self._queue = queue.SimpleQueue()
+        self._queue = SimpleQueue()
         self._thread = None
         self._start = threading.Lock()
 
@@ -1041,16 +1041,25 @@ class _Later:
 
 
 class Workers:
-    """A few threads that run slow requests handed off by the session loop."""
+    """A few threads that run slow requests handed off by the session loop.
+    Started at the first such request, not before the daemon serves: a
+    container start waits for the first replies, and may never need them."""
 
     def __init__(self, count=4):
-        self._queue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"unionfs-worker-{i}",
-                                          daemon=True) for i in range(count)]
-        for t in self._threads:
-            t.start()
+        self._queue = SimpleQueue()
+        self._count = count
+        self._threads = []
+        self._start = threading.Lock()
 
     def submit(self, fn, args):
+        if not self._threads:
+            with self._start:
+                if not self._threads:
+                    threads = [threading.Thread(target=self._run, name=f"unionfs-worker-{i}",
+                                                daemon=True) for i in range(self._count)]
+                    for t in threads:
+                        t.start()
+                    self._threads = threads
         self._queue.put((fn, args))
 
     def _run(self):

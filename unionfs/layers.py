@@ -20,11 +20,15 @@ Invariants the caches rely on:
   ``LayerStack.invalidate`` for the paths it touched, after touching them.
 """
 
-import collections
+# _thread, _collections: the C modules under threading and collections, which
+# a mount command would load only for these (~3 ms of its start; see
+# docs/PERFORMANCE.md, "Start-up"). threading.Lock is _thread.allocate_lock,
+# threading.local is _thread._local, collections.deque and OrderedDict are _collections'.
+import _thread
 import errno
 import os
 import stat
-import threading
+from _collections import OrderedDict
 
 from unionfs import osutil
 from unionfs import whiteout as wh
@@ -117,7 +121,7 @@ def open_dir(dir_fd, name):
 # the calling thread's working directory, moved to N for the call and back
 # (each thread gets a working directory of its own first: unshare(CLONE_FS)).
 thread_cwd = False
-_cwd = threading.local()
+_cwd = _thread._local()
 
 
 def _home():
@@ -226,9 +230,9 @@ class Layer:
         # (A trailing slash makes the last component resolve even if a symlink.)
         self.fd = open_dir(None, self.root + "/" if follow_root else self.root)
         self.max_dirfds = DIRFD_BUDGET
-        self._dirfds = collections.OrderedDict()    # merged dir path -> DirFd
+        self._dirfds = OrderedDict()    # merged dir path -> DirFd
         self._dirfd_gen = 0
-        self._dirfd_lock = threading.Lock()
+        self._dirfd_lock = _thread.allocate_lock()
         self.alone = (self,)    # the ``layers`` of a Node this layer alone makes
 
     def __repr__(self):
@@ -559,7 +563,7 @@ class LayerStack:
         self._listings = {}         # merged dir path -> its merged entries
         self._listed = 0            # entries held by _listings
         self._gen = 0
-        self._cache_lock = threading.Lock()
+        self._cache_lock = _thread.allocate_lock()
 
     # -- lookup -------------------------------------------------------------
 

@@ -222,7 +222,8 @@ def validate(spec, mountpoint):
         raise FuseUnavailableError("/dev/fuse is missing: this machine cannot mount FUSE filesystems")
     try:
         from unionfs import binding
-        binding.load()
+        if not binding.is_devfuse():    # devfuse needs the standard library only:
+            binding.load()              # not loaded here (see _early_binding)
     except ValueError as e:
         raise UserError(str(e))
     except (OSError, ImportError) as e:
@@ -439,8 +440,10 @@ def _early_binding(spec):
             return None         # the libfuse bindings are loaded by the daemon only
     except ValueError as e:
         raise UserError(str(e))
-    from unionfs.binding import devfuse as ll
-    from unionfs.binding.common import MountError
+    # devmount, not devfuse: the request code, its layouts and structures
+    # are the daemon's to load, after the fork (~1.5-2 ms of CPU).
+    from unionfs.binding import MountError
+    from unionfs.binding import devmount as ll
     options = option_list(spec, ll)
     try:
         return (ll, options) if ll.can_mount_early(options) else None
@@ -450,7 +453,7 @@ def _early_binding(spec):
 
 def _mount_early(spec, mountpoint, ll, options):
     """Mount, fork the daemon to serve the mount, return the daemon's pid."""
-    from unionfs.binding.common import MountError
+    from unionfs.binding import MountError
     inherited = _open_fds()         # the caller's: the daemon lets go of them
     union = make_union(spec)
     pidfile = pidfile_for(mountpoint)   # before mounting: it looks at the mount point
@@ -459,9 +462,11 @@ def _mount_early(spec, mountpoint, ll, options):
     except MountError as e:
         raise UserError(f"mounting {mountpoint} failed: {e}")
     # Blocked across the fork: a stop signal reaching the daemon before its
-    # handlers are set would kill it and leave the mount dead. (signal loads
-    # enum: ~1-2 ms, after mount(2) at least.)
-    import signal
+    # handlers are set would kill it and leave the mount dead. _signal is
+    # the C module the signal module wraps: the same calls, with plain ints
+    # for signals and masks, and without signal's import of enum (~1-2 ms
+    # of every mount's start; the daemon loads it later, off the command's path).
+    import _signal as signal
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
@@ -488,7 +493,7 @@ def _mount_early(spec, mountpoint, ll, options):
 def _early_daemon(spec, mountpoint, union, ll, fd, inherited, pidfile, mask):
     """Child side of _mount_early: detach from the caller, serve ``fd``
     (``mask``: the signal mask to restore once the stop signals are ours)."""
-    import signal
+    import _signal as signal        # as in _mount_early
     os.setsid()
 
     def give_up(*_):        # until ll.run takes these signals over

@@ -19,9 +19,9 @@ queue is bounded: a reader that stalls loses the oldest events, counted,
 and never holds up the filesystem.
 """
 
-import collections
-import threading
+import _thread   # as in layers.py: no threading, collections at start-up
 import time
+from _collections import deque
 
 # Event kinds.
 COPY_UP = "copy-up"             # an entry copied from a lower into the upper
@@ -98,9 +98,10 @@ class Listener:
     follower's connection drains. ``dropped`` counts what did not fit."""
 
     def __init__(self, size=LISTENER_QUEUE):
-        self.queue = collections.deque()
+        self.queue = deque()
         self.size = size
         self.dropped = 0
+        import threading    # a follower of the events only
         self.wake = threading.Event()
 
     def put(self, event):
@@ -127,12 +128,12 @@ class Recorder(Observer):
         self.dir_copies = [0, 0, 0]         # count, bytes, ns
         self.whiteouts = 0
         self.opaques = 0
-        self.ring = collections.deque(maxlen=ring)
+        self.ring = deque(maxlen=ring)
         self.listeners = []
         self.listening = False
         self.dropped = 0                    # by listeners gone since
-        self._local = threading.local()
-        self._listeners_lock = threading.Lock()   # add/remove only
+        self._local = _thread._local()
+        self._listeners_lock = _thread.allocate_lock()   # add/remove only
 
     # -- requests ---------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import errno
 import os
 import resource
 import stat
-import threading
+import _thread   # threading.RLock is _thread.RLock: see layers.py
 
 from unionfs import inodes
 from unionfs import metacopy
@@ -69,7 +69,7 @@ class Union:
         self.upper = upper
         self.readonly = upper is None
         self.ids = ids if ids is not None and ids.active else None
-        self.lock = threading.RLock()
+        self.lock = _thread.RLock()
         self.work = None
         self.copyup = None
         self.writer = None

@@ -16,6 +16,12 @@ import os
 ENV = "UNIONFS_LIBFUSE"
 
 
+class MountError(Exception):
+    """The binding (libfuse, or the kernel for devfuse) refused the mount or
+    the options. Here, not in ``common``, so that mounting needs none of
+    common's ctypes structures (``common.MountError`` is this class)."""
+
+
 def _devfuse_usable():
     """/dev/fuse opens for us, and we can mount: as root with mount(2),
     otherwise through fusermount3."""

@@ -14,6 +14,8 @@ import types
 from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_int, c_long, c_size_t,
                     c_uint, c_uint64, c_ulong, c_void_p)
 
+from unionfs.binding import MountError  # noqa: F401 (the bindings', raised as common.MountError)
+
 
 def point_fusepy_at_libfuse2():
     """fusepy finds libfuse 2 with ctypes.util.find_library, which runs
@@ -198,10 +200,6 @@ def fd_bufvec(fd, size, pos):
     b.fd = fd
     b.pos = pos
     return v
-
-
-class MountError(Exception):
-    """libfuse refused the mount or the options (it printed why on stderr)."""
 
 
 def proto(lib, name, restype, *argtypes):
