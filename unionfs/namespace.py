@@ -82,7 +82,7 @@ def _new_entry(u, path, build, is_dir, owner):
         if pnode.kind != DIR:
             raise _err(errno.ENOTDIR, path)
         upper = u.upper
-        over_whiteout = upper.child_kind(parent, name) == WHITEOUT
+        over_whiteout = u.stack.upper_whiteout(path)
         try:
             result = (_publish_over_whiteout if over_whiteout else _make_in_place)(
                 u, path, build, is_dir, owner)
