@@ -215,11 +215,24 @@ class CopyUp:
             return self._copy_up_links(path, node, st, data)
         self.ensure_dir(parent)
         t0 = time.perf_counter_ns()
-        tmp = self._build_copy(st, data, node.top, path)
+        tmp, recorded = self._build_copy(st, data, node.top, path)
         self._before_publish(path, st, data)
         self.publish(tmp, path)
         self._report(path, st, data, t0)
-        return self.stack.lookup(path)
+        return self._published(path, st, node.top, data, recorded)
+
+    def _published(self, path, st, layer, data, recorded):
+        """The node of the copy of ``path`` (of lower ``layer``, stat
+        ``st``; not a hard link) just published, with what Union._learn
+        would read back from its xattrs filled in if they were written
+        (``recorded``): the inode number it shows, where its data is. A
+        copy-up then costs no listxattr and getxattrs when next stat'ed."""
+        node = self.stack.lookup(path)
+        if recorded and node is not None and node.in_upper and node.ino is None:
+            node.ino = origin_ino(st, layer)
+            node.hidden_links = 0
+            node.data = path if data is META and stat.S_ISREG(st.st_mode) else None
+        return node
 
     def _report(self, path, st, data, t0):
         meta = data is META and stat.S_ISREG(st.st_mode)
@@ -259,7 +272,7 @@ class CopyUp:
         intent = f"/{LINKS_INTENT}{layer.index}.{st.st_ino}"
         if copy is None:
             self.ensure_dir(split_path(path)[0])
-            tmp = self._build_copy(st, data, layer, path, hidden)
+            tmp = self._build_copy(st, data, layer, path, hidden)[0]
             self._write_intent(intent, f"{layer.index} {st.st_ino} {path}")
             self.publish(tmp, path, linked=True)
             copy = path
@@ -299,7 +312,7 @@ class CopyUp:
                     return self.copy_up(path, node, data)   # all names at once
                 self.ensure_dir(split_path(path)[0])
             t0 = time.perf_counter_ns()
-            tmp = self._build_copy(st, data, node.top, path)
+            tmp, recorded = self._build_copy(st, data, node.top, path)
             with lock:
                 now = self.stack.lookup(path)
                 if now is None or now.in_upper or now.top is not node.top:
@@ -310,7 +323,7 @@ class CopyUp:
                 self._before_publish(path, st, data)
                 self.publish(tmp, path)
                 self._report(path, st, data, t0)
-                return self.stack.lookup(path)
+                return self._published(path, st, node.top, data, recorded)
 
     def other_names(self, path, node, st):
         """(lower names, copy) of hard link ``path`` (lower ``node``, ``st``):
@@ -360,15 +373,15 @@ class CopyUp:
 
     def _build_copy(self, st, data, layer, path, hidden_links=0):
         """A copy of ``path`` of lower ``layer`` (stat ``st``) in the work
-        dir; returns its name there."""
+        dir; returns (its name there, whether its inode number is recorded)."""
         tmp = self.temp_name()
         work = self.work
         mode = st.st_mode
         ino = origin_ino(st, layer)
         try:
             if stat.S_ISREG(mode):
-                self._copy_file((layer, path), tmp, st, data, (ino, hidden_links), path)
-                return tmp
+                return tmp, self._copy_file((layer, path), tmp, st, data,
+                                            (ino, hidden_links), path)
             if stat.S_ISDIR(mode):
                 work.mkdir(tmp, 0o700)
             elif stat.S_ISLNK(mode):
@@ -376,17 +389,17 @@ class CopyUp:
             else:
                 work.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
             set_metadata(layer, path, work, tmp, st)
-            inodes.record_ino(work, tmp, ino)
+            recorded = inodes.record_ino(work, tmp, ino)
         except BaseException:
             remove_tree(work, tmp)
             raise
-        return tmp
+        return tmp, recorded
 
     def _copy_file(self, src, tmp, st, data, record, path, meta_src=None):
         """Build regular file ``tmp`` of the work dir: the data of ``src``
         ((layer, path)) as ``data`` says, the metadata of ``meta_src``
         (default ``src``; ``st`` is its stat), the inode record ``record``
-        (inodes.recorded)."""
+        (inodes.recorded). Returns whether the record was written."""
         work = self.work
         # Only a copy of the data reads the lower file (a metacopy's stays).
         copying = bool(data) and data is not META
@@ -400,7 +413,7 @@ class CopyUp:
                 elif copying:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
                 set_metadata(*meta_src, work, tmp, st)
-                inodes.record_ino(work, tmp, *record)
+                recorded = inodes.record_ino(work, tmp, *record)
                 if data is META:
                     metacopy.mark(work, tmp, path)
                 # No data copied, nothing to make durable before the rename
@@ -415,6 +428,7 @@ class CopyUp:
         finally:
             if copying:
                 os.close(fd_in)
+        return recorded
 
     def complete(self, path, lock, locate, data=True):
         """Give metacopy ``path`` its data (``data=False``: none, the

@@ -68,7 +68,8 @@ def recorded_ino(layer, path):
 
 
 def record_ino(layer, path, ino, hidden_links=0):
-    """Record on the upper copy ``path`` of ``layer`` the number ``ino`` it shows."""
+    """Record on the upper copy ``path`` of ``layer`` the number ``ino`` it
+    shows; True if recorded."""
     value = f"{ino} {hidden_links}" if hidden_links else str(ino)
     try:
         layer.setxattr(path, ORIGIN, value.encode())
@@ -78,6 +79,8 @@ def record_ino(layer, path, ino, hidden_links=0):
         # number (a documented limit of such uppers).
         if e.errno not in (errno.EPERM, errno.ENOTSUP):
             raise
+        return False
+    return True
 
 
 def copy_record(layer, src, work, dst):
