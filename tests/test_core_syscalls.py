@@ -53,15 +53,35 @@ def no_xattr(u, path, name):
     return e.value.errno == errno.ENODATA
 
 
-def test_new_file_answers_missing_xattr_without_a_call(dirs, monkeypatch):
+def test_new_file_has_no_capability_without_a_call(dirs, monkeypatch):
     u = make_union(dirs)
-    os.close(u.create("/new/f", 0o644, os.O_WRONLY))
-    u.lstat("/new/f")           # the reply to CREATE lists its xattrs once
+    assert u.stack.lookup("/new/f") is None     # the kernel's LOOKUP first
     counts = count_calls(monkeypatch, u.upper, ["getxattr", "listxattr"])
+    os.close(u.create("/new/f", 0o644, os.O_WRONLY))
+    st, ino, _ = u.lstat("/new/f")
+    assert ino == st.st_ino
     assert no_xattr(u, "/new/f", "security.capability")
     assert counts == {"getxattr": 0, "listxattr": 0}
     u.setxattr("/new/f", "user.k", b"v", 0)
     assert u.getxattr("/new/f", "user.k") == b"v"
+
+
+def test_new_file_shows_the_xattrs_it_was_made_with(dirs):
+    """An LSM label or an inherited ACL is there from the start: stand-in,
+    a name set on the upper file as it is made."""
+    u = make_union(dirs)
+    os.close(u.create("/new/f", 0o644, os.O_WRONLY))
+    os.setxattr(dirs["upper"] / "new" / "f", "user.label", b"l")
+    assert u.getxattr("/new/f", "user.label") == b"l"
+    assert "user.label" in u.listxattr("/new/f")
+
+
+def test_new_link_reads_the_records_of_its_file(dirs):
+    u = make_union(dirs)
+    ino = u.lstat("/d/f")[1]
+    u.chmod("/d/f", 0o600)                  # copied up: its number is recorded
+    u.link("/d/f", "/new/l")
+    assert u.lstat("/new/l")[1] == ino
 
 
 def test_xattr_change_through_one_link_shows_through_the_other(dirs):

@@ -72,7 +72,7 @@ class Union:
         self.lock = threading.RLock()
         # Counts changes of upper xattrs made through the mount (see
         # _xattr_names): an upper entry's cached names are of one epoch.
-        self._xattr_epoch = 0
+        self.xattr_epoch = 0
         self.work = None
         self.copyup = None
         self.writer = None
@@ -141,7 +141,10 @@ class Union:
         one listxattr tells an upper entry's records."""
         if node.in_upper:
             upper = node.top
-            epoch = self._xattr_epoch
+            if node.xattrs is not None and node.xattrs[1] is namespace.NEW_ENTRY_XATTRS:
+                node.ino = st.st_ino    # made here: no records to read
+                return
+            epoch = self.xattr_epoch
             try:
                 names = upper.listxattr(path)
             except OSError:     # ENOTSUP: no xattrs, so no records either
@@ -327,7 +330,7 @@ class Union:
             if names is None:
                 names = node.xattrs = frozenset(node.top.listxattr(path))
             return names
-        epoch = self._xattr_epoch
+        epoch = self.xattr_epoch
         if names is None or names[0] != epoch:
             names = node.xattrs = (epoch, frozenset(node.top.listxattr(path)))
         return names[1]
@@ -338,7 +341,7 @@ class Union:
         try:
             self.upper_for(path, META).setxattr(path, name, value, flags)
         finally:
-            self._xattr_epoch += 1
+            self.xattr_epoch += 1
 
     def removexattr(self, path, name):
         if wh.is_private_xattr(name):
@@ -350,7 +353,7 @@ class Union:
         try:
             self.upper_for(path, META).removexattr(path, name)
         finally:
-            self._xattr_epoch += 1
+            self.xattr_epoch += 1
 
     # -- namespace (see namespace.py) --------------------------------------------
 
