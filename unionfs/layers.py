@@ -84,13 +84,18 @@ class DirFd:
     the child's own files by then -- /dev/fuse among them. A child thus
     never closes what its parent opened (the few a daemon inherits from
     the union its parent set up stay open for its life).
+
+    ``impure``: the directory is known to carry overlayfs's impure mark
+    (metacopy.mark_impure); a property of the directory the descriptor
+    holds, so it cannot go stale when a name is reused.
     """
 
-    __slots__ = ("fd", "forks")
+    __slots__ = ("fd", "forks", "impure")
 
     def __init__(self, fd):
         self.fd = fd
         self.forks = _FORK_DEPTH[0]
+        self.impure = False
 
     def __index__(self):
         return self.fd
@@ -406,6 +411,14 @@ class Layer:
 
     def removexattr(self, path, attr):
         xattr_call(os.removexattr, *self.at(path), attr)
+
+    def setxattrs(self, path, items):
+        """setxattr of each (name, value) of ``items``, in order: the
+        directory is reached once for all of them (see xattr_call)."""
+        def set_all(target, follow_symlinks):
+            for attr, value in items:
+                os.setxattr(target, attr, value, follow_symlinks=follow_symlinks)
+        xattr_call(set_all, *self.at(path))
 
     def names_of(self, ino):
         """Every path of this lower layer that names inode ``ino`` (a
