@@ -302,7 +302,8 @@ class Union:
         if wh.is_private_xattr(name):
             raise _err(errno.ENODATA, path)
         node = self.node(path)
-        if name not in self._xattr_names(path, node):
+        names = self._xattr_names(path, node)
+        if names is not None and name not in names:
             raise _err(errno.ENODATA, path)
         return node.top.getxattr(path, name)
 
@@ -312,27 +313,28 @@ class Union:
         return [n for n in names if not wh.is_private_xattr(n)]
 
     def _xattr_names(self, path, node):
-        """The xattr names of ``node``, listed once per cached lookup: most
-        getxattr requests (security.selinux and the ACLs of every file
-        `ls -l` shows, security.capability before each write and chown)
-        ask for names an entry does not have, and are then answered
-        without a syscall.
+        """The xattr names of ``node`` (None: not known now), listed once
+        per cached lookup: most getxattr requests (security.selinux and the
+        ACLs of every file `ls -l` shows, security.capability before each
+        write and chown) ask for names an entry does not have, and are then
+        answered without a syscall.
 
         A lower entry's names never change (a copy-up gives the path a new
-        node). An upper entry's may, so they are kept with the epoch they
-        were listed in, and every setxattr/removexattr through the mount
-        starts a new one (another name of a hard link may have changed).
-        What changes them otherwise only removes names (the kernel drops
-        security.capability on a write or chown of the upper file): a name
-        kept that is gone costs a real getxattr, which says ENODATA."""
+        node). An upper entry's may: they are kept (listed by _learn) with
+        the epoch they were listed in, and every setxattr/removexattr
+        through the mount starts a new one (another name of a hard link may
+        have changed); in a later epoch they are not known, and a getxattr
+        answers (a new listing would cost as much). What changes them
+        otherwise only removes names (the kernel drops security.capability
+        on a write or chown of the upper file): a name kept that is gone
+        costs a real getxattr, which says ENODATA."""
         names = node.xattrs
         if not node.in_upper:
             if names is None:
                 names = node.xattrs = frozenset(node.top.listxattr(path))
             return names
-        epoch = self.xattr_epoch
-        if names is None or names[0] != epoch:
-            names = node.xattrs = (epoch, frozenset(node.top.listxattr(path)))
+        if names is None or names[0] != self.xattr_epoch:
+            return None
         return names[1]
 
     def setxattr(self, path, name, value, flags):
