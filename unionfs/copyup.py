@@ -41,6 +41,10 @@ LINKS_INTENT = "links."
 _COPY_CHUNK = 1 << 20
 _WRITEBACK_CHUNK = 8 << 20
 _IS_ROOT = os.geteuid() == 0
+# This process's id, for temporary names (a system call each time otherwise;
+# kept right in a child forked after import).
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 # Errors that mean "this xattr cannot be copied here", not "copy-up failed":
 # the upper's filesystem lacks the namespace (ENOTSUP), or the daemon lacks the
@@ -48,15 +52,17 @@ _IS_ROOT = os.geteuid() == 0
 _XATTR_SKIP = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 
-def copy_xattrs(src_layer, src, dst_layer, dst):
+def copy_xattrs(src_layer, src, dst_layer, dst, names=None):
     """Copy every non-private xattr of ``src`` (of ``src_layer``) to ``dst``
-    (of ``dst_layer``), no symlink followed."""
-    try:
-        names = src_layer.listxattr(src)
-    except OSError as e:
-        if e.errno in _XATTR_SKIP:
-            return
-        raise
+    (of ``dst_layer``), no symlink followed. ``names``: those of ``src`` if
+    the caller knows them (a lower entry's, listed once per lookup)."""
+    if names is None:
+        try:
+            names = src_layer.listxattr(src)
+        except OSError as e:
+            if e.errno in _XATTR_SKIP:
+                return
+            raise
     for name in names:
         if wh.is_private_xattr(name):
             continue
@@ -121,15 +127,15 @@ def _copy_range(fd_in, fd_out, off, count, durable=False):
         off += len(buf)
 
 
-def set_metadata(src_layer, src, dst_layer, dst, st):
+def set_metadata(src_layer, src, dst_layer, dst, st, xattr_names=None):
     """Give ``dst`` (of ``dst_layer``) the owner, xattrs, mode and times of
-    ``src`` (of ``src_layer``, stat ``st``).
+    ``src`` (of ``src_layer``, stat ``st``; ``xattr_names``: as copy_xattrs).
 
     Order matters: chown clears set-id bits, so the mode comes after it.
     """
     if _IS_ROOT:
         dst_layer.chown(dst, st.st_uid, st.st_gid)
-    copy_xattrs(src_layer, src, dst_layer, dst)
+    copy_xattrs(src_layer, src, dst_layer, dst, xattr_names)
     if not stat.S_ISLNK(st.st_mode):
         # (``dst`` is a copy being made, not a symlink: nothing to follow.)
         dst_layer.chmod(dst, stat.S_IMODE(st.st_mode), follow_symlinks=True)
@@ -186,7 +192,7 @@ class CopyUp:
     def temp_name(self):
         """A fresh name in the work dir, as a path of ``self.work`` (the pid
         keeps two daemons apart)."""
-        return f"/#{os.getpid():x}.{next(self._seq):x}"
+        return f"/#{_PID[0]:x}.{next(self._seq):x}"
 
     def ensure_dir(self, path):
         """Copy directory ``path`` (and its parents) up if needed; return its node."""
@@ -215,11 +221,24 @@ class CopyUp:
             return self._copy_up_links(path, node, st, data)
         self.ensure_dir(parent)
         t0 = time.perf_counter_ns()
-        tmp = self._build_copy(st, data, node.top, path)
+        tmp, recorded = self._build_copy(st, data, node.top, path, xattr_names=node.xattrs)
         self._before_publish(path, st, data)
         self.publish(tmp, path)
         self._report(path, st, data, t0)
-        return self.stack.lookup(path)
+        return self._published(path, st, node.top, data, recorded)
+
+    def _published(self, path, st, layer, data, recorded):
+        """The node of the copy of ``path`` (of lower ``layer``, stat
+        ``st``; not a hard link) just published, with what Union._learn
+        would read back from its xattrs filled in if they were written
+        (``recorded``): the inode number it shows, where its data is. A
+        copy-up then costs no listxattr and getxattrs when next stat'ed."""
+        node = self.stack.lookup(path)
+        if recorded and node is not None and node.in_upper and node.ino is None:
+            node.ino = origin_ino(st, layer)
+            node.hidden_links = 0
+            node.data = path if data is META and stat.S_ISREG(st.st_mode) else None
+        return node
 
     def _report(self, path, st, data, t0):
         meta = data is META and stat.S_ISREG(st.st_mode)
@@ -259,7 +278,7 @@ class CopyUp:
         intent = f"/{LINKS_INTENT}{layer.index}.{st.st_ino}"
         if copy is None:
             self.ensure_dir(split_path(path)[0])
-            tmp = self._build_copy(st, data, layer, path, hidden)
+            tmp = self._build_copy(st, data, layer, path, hidden)[0]
             self._write_intent(intent, f"{layer.index} {st.st_ino} {path}")
             self.publish(tmp, path, linked=True)
             copy = path
@@ -299,7 +318,7 @@ class CopyUp:
                     return self.copy_up(path, node, data)   # all names at once
                 self.ensure_dir(split_path(path)[0])
             t0 = time.perf_counter_ns()
-            tmp = self._build_copy(st, data, node.top, path)
+            tmp, recorded = self._build_copy(st, data, node.top, path, xattr_names=node.xattrs)
             with lock:
                 now = self.stack.lookup(path)
                 if now is None or now.in_upper or now.top is not node.top:
@@ -310,7 +329,7 @@ class CopyUp:
                 self._before_publish(path, st, data)
                 self.publish(tmp, path)
                 self._report(path, st, data, t0)
-                return self.stack.lookup(path)
+                return self._published(path, st, node.top, data, recorded)
 
     def other_names(self, path, node, st):
         """(lower names, copy) of hard link ``path`` (lower ``node``, ``st``):
@@ -358,35 +377,36 @@ class CopyUp:
         if self.on_publish is not None:
             self.on_publish(path, linked)
 
-    def _build_copy(self, st, data, layer, path, hidden_links=0):
-        """A copy of ``path`` of lower ``layer`` (stat ``st``) in the work
-        dir; returns its name there."""
+    def _build_copy(self, st, data, layer, path, hidden_links=0, xattr_names=None):
+        """A copy of ``path`` of lower ``layer`` (stat ``st``; its xattr
+        names if known) in the work dir; returns (its name there, whether
+        its inode number is recorded)."""
         tmp = self.temp_name()
         work = self.work
         mode = st.st_mode
         ino = origin_ino(st, layer)
         try:
             if stat.S_ISREG(mode):
-                self._copy_file((layer, path), tmp, st, data, (ino, hidden_links), path)
-                return tmp
+                return tmp, self._copy_file((layer, path), tmp, st, data,
+                                            (ino, hidden_links), path, xattr_names=xattr_names)
             if stat.S_ISDIR(mode):
                 work.mkdir(tmp, 0o700)
             elif stat.S_ISLNK(mode):
                 work.symlink(layer.readlink(path), tmp)
             else:
                 work.mknod(tmp, stat.S_IFMT(mode) | 0o600, st.st_rdev)
-            set_metadata(layer, path, work, tmp, st)
-            inodes.record_ino(work, tmp, ino)
+            set_metadata(layer, path, work, tmp, st, xattr_names)
+            recorded = inodes.record_ino(work, tmp, ino)
         except BaseException:
             remove_tree(work, tmp)
             raise
-        return tmp
+        return tmp, recorded
 
-    def _copy_file(self, src, tmp, st, data, record, path, meta_src=None):
+    def _copy_file(self, src, tmp, st, data, record, path, meta_src=None, xattr_names=None):
         """Build regular file ``tmp`` of the work dir: the data of ``src``
         ((layer, path)) as ``data`` says, the metadata of ``meta_src``
         (default ``src``; ``st`` is its stat), the inode record ``record``
-        (inodes.recorded)."""
+        (inodes.recorded). Returns whether the record was written."""
         work = self.work
         # Only a copy of the data reads the lower file (a metacopy's stays).
         copying = bool(data) and data is not META
@@ -399,13 +419,18 @@ class CopyUp:
                     os.ftruncate(fd_out, st.st_size)
                 elif copying:
                     copy_data(fd_in, fd_out, st.st_size, durable=self.fsync)
-                set_metadata(*meta_src, work, tmp, st)
-                inodes.record_ino(work, tmp, *record)
+                set_metadata(*meta_src, work, tmp, st, xattr_names)
                 if data is META:
-                    metacopy.mark(work, tmp, path)
+                    # The record and the markers in one visit (a metacopy
+                    # needs xattrs: no failure of the record is tolerated).
+                    work.setxattrs(tmp, (inodes.record_item(*record),
+                                         *metacopy.markers(path)))
+                    recorded = True
+                else:
+                    recorded = inodes.record_ino(work, tmp, *record)
                 # No data copied, nothing to make durable before the rename
                 # (the journal orders metadata), as overlayfs skips its fsync.
-                elif self.fsync:
+                if data is not META and self.fsync:
                     os.fsync(fd_out)
             except BaseException:
                 os.close(fd_out)
@@ -415,6 +440,7 @@ class CopyUp:
         finally:
             if copying:
                 os.close(fd_in)
+        return recorded
 
     def complete(self, path, lock, locate, data=True):
         """Give metacopy ``path`` its data (``data=False``: none, the

@@ -419,6 +419,7 @@ class UnionFS:
         u = self.union
         path = inode.path
         drop = 0
+        st = None
         if not to_set or to_set & common.SET_ATTR_KILL_SUIDGID:
             # The kernel asks to remove set-id bits: with nothing to set
             # (before a write: file_remove_privs; a chown to -1:-1), or on
@@ -441,7 +442,8 @@ class UnionFS:
             u.chmod(path, a.mode)
         if to_set & (common.SET_ATTR_UID | common.SET_ATTR_GID):
             u.chown(path, a.uid if to_set & common.SET_ATTR_UID else -1,
-                    a.gid if to_set & common.SET_ATTR_GID else -1)
+                    a.gid if to_set & common.SET_ATTR_GID else -1,
+                    st=None if to_set & (common.SET_ATTR_SIZE | common.SET_ATTR_MODE) else st)
         if to_set & (common.SET_ATTR_ATIME | common.SET_ATTR_MTIME
                      | common.SET_ATTR_ATIME_NOW | common.SET_ATTR_MTIME_NOW):
             now = time.time_ns()

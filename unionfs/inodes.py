@@ -67,17 +67,24 @@ def recorded_ino(layer, path):
     return recorded(layer, path)[0]
 
 
+def record_item(ino, hidden_links=0):
+    """The (xattr name, value) that records ``ino`` (see record_ino)."""
+    return ORIGIN, (f"{ino} {hidden_links}" if hidden_links else str(ino)).encode()
+
+
 def record_ino(layer, path, ino, hidden_links=0):
-    """Record on the upper copy ``path`` of ``layer`` the number ``ino`` it shows."""
-    value = f"{ino} {hidden_links}" if hidden_links else str(ino)
+    """Record on the upper copy ``path`` of ``layer`` the number ``ino`` it
+    shows; True if recorded."""
     try:
-        layer.setxattr(path, ORIGIN, value.encode())
+        layer.setxattr(path, *record_item(ino, hidden_links))
     except OSError as e:
         # EPERM: user.* xattrs on a symlink or device node; ENOTSUP: the
         # upper's filesystem has no xattrs. The copy then shows its own
         # number (a documented limit of such uppers).
         if e.errno not in (errno.EPERM, errno.ENOTSUP):
             raise
+        return False
+    return True
 
 
 def copy_record(layer, src, work, dst):

@@ -88,13 +88,18 @@ class DirFd:
     the child's own files by then -- /dev/fuse among them. A child thus
     never closes what its parent opened (the few a daemon inherits from
     the union its parent set up stay open for its life).
+
+    ``impure``: the directory is known to carry overlayfs's impure mark
+    (metacopy.mark_impure); a property of the directory the descriptor
+    holds, so it cannot go stale when a name is reused.
     """
 
-    __slots__ = ("fd", "forks")
+    __slots__ = ("fd", "forks", "impure")
 
     def __init__(self, fd):
         self.fd = fd
         self.forks = _FORK_DEPTH[0]
+        self.impure = False
 
     def __index__(self):
         return self.fd
@@ -411,6 +416,14 @@ class Layer:
     def removexattr(self, path, attr):
         xattr_call(os.removexattr, *self.at(path), attr)
 
+    def setxattrs(self, path, items):
+        """setxattr of each (name, value) of ``items``, in order: the
+        directory is reached once for all of them (see xattr_call)."""
+        def set_all(target, follow_symlinks):
+            for attr, value in items:
+                os.setxattr(target, attr, value, follow_symlinks=follow_symlinks)
+        xattr_call(set_all, *self.at(path))
+
     def names_of(self, ino):
         """Every path of this lower layer that names inode ``ino`` (a
         non-directory with several names). The layer is walked once, on the
@@ -438,8 +451,13 @@ class Layer:
 
     # -- lookup primitives ------------------------------------------------
 
-    def child_kind(self, parent, name):
-        """Kind of ``name`` inside directory ``parent`` of this layer, or None."""
+    def child_kind(self, parent, name, markers=True):
+        """Kind of ``name`` inside directory ``parent`` of this layer, or None.
+
+        ``markers=False``: an OCI marker of ``name`` is not looked for in the
+        upper (one lstat less); for a directory nothing lies below, where
+        a marker would hide nothing (and the daemon writes none there).
+        """
         if not self.upper:
             idx = self._dirs.get(parent)
             if idx is None:
@@ -448,7 +466,7 @@ class Layer:
         try:
             st = self.lstat(child_path(parent, name))
         except (FileNotFoundError, NotADirectoryError):
-            if self.exists(child_path(parent, wh.WH_PREFIX + name)):
+            if markers and self.exists(child_path(parent, wh.WH_PREFIX + name)):
                 return WHITEOUT
             return None
         if stat.S_ISDIR(st.st_mode):
@@ -528,7 +546,7 @@ class Node:
         self.ino = None
         self.data = None    # a metacopy's lower data path (Union._learn)
         self.hidden_links = 0
-        self.xattrs = None  # a lower entry's xattr names, once listed (Union.getxattr)
+        self.xattrs = None  # its xattr names, once listed (Union._xattr_names)
 
     @property
     def is_dir(self):
@@ -547,6 +565,9 @@ class Node:
 
 
 _MISS = object()
+# Cached for a name that does not show because the upper holds a whiteout
+# for it (LayerStack.upper_whiteout); lookup() answers None for it.
+_WHITED_OUT = object()
 
 
 class LayerStack:
@@ -576,7 +597,7 @@ class LayerStack:
         """
         node = self._cache.get(path, _MISS)
         if node is not _MISS:
-            return node
+            return None if node is _WHITED_OUT else node
         gen = self._gen
         if path == "/":
             node = self._lookup_in("/", None, self.layers, root=True)
@@ -589,7 +610,7 @@ class LayerStack:
                 raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
             node = self._lookup_in(parent_path, name, parent.layers)
         self._store(gen, path, node)
-        return node
+        return None if node is _WHITED_OUT else node
 
     def _lookup_walk(self, path):
         """Iterative lookup from the deepest cached ancestor (no recursion,
@@ -617,10 +638,12 @@ class LayerStack:
             if root:
                 kind = DIR      # (a layer's root is a directory: Layer())
             else:
-                kind = layer.child_kind(parent, name)
+                kind = layer.child_kind(parent, name, markers=len(layers) > 1)
             if kind is None:
                 continue
             if kind == WHITEOUT:
+                if layer.upper and not dirs:
+                    return _WHITED_OUT
                 break
             if kind == DIR:
                 dirs.append(layer)
@@ -631,6 +654,22 @@ class LayerStack:
                 break       # a directory above hides a non-directory below
             return Node(NONDIR, layer.alone)
         return Node(DIR, tuple(dirs)) if dirs else None
+
+    def upper_whiteout(self, path):
+        """True if ``path`` (which shows nothing) shows nothing because the
+        upper holds a whiteout for it: then a new entry must replace it.
+        Answered from the lookup that found ``path`` missing while it is
+        cached (the daemon makes every change to the upper, and drops what
+        it changes from the cache), else asked of the layers again; as
+        lookups do, an OCI marker counts only where lower layers lie below."""
+        node = self._cache.get(path, _MISS)
+        if node is _MISS:
+            parent_path, name = split_path(path)
+            parent = self.lookup(parent_path)
+            if parent is None or parent.kind != DIR:
+                return False
+            node = self._lookup_in(parent_path, name, parent.layers)
+        return node is _WHITED_OUT
 
     def lookup_below(self, path):
         """What shows at ``path`` if the upper had no entry there (None if

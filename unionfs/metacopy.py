@@ -30,23 +30,27 @@ IMPURE_XATTRS = ("trusted.overlay.impure", "user.overlay.impure")
 _OWN = 0 if os.geteuid() == 0 else 1
 
 
-def mark(layer, path, data_path):
-    """Mark file ``path`` of ``layer`` (a copy being built in the work dir)
-    as metacopy, its data at merged ``data_path``."""
-    layer.setxattr(path, METACOPY_XATTRS[_OWN], b"")
-    layer.setxattr(path, REDIRECT_XATTRS[_OWN], os.fsencode(data_path))
+def markers(data_path):
+    """The (xattr name, value) pairs that mark a file (a copy being built in
+    the work dir) as metacopy, its data at merged ``data_path``."""
+    return ((METACOPY_XATTRS[_OWN], b""), (REDIRECT_XATTRS[_OWN], os.fsencode(data_path)))
 
 
 def mark_impure(layer, path):
     """Mark directory ``path`` of ``layer`` (the upper) as holding a
     metacopy. Once, as overlayfs does: reading the mark costs no journal
-    write, setting it again (every copy-up of a chown -R) would."""
+    write, setting it again (every copy-up of a chown -R) would; and once
+    known, it is remembered with the directory's descriptor (DirFd)."""
+    d = layer.dir(path)
+    if d.impure:
+        return
     try:
-        if layer.getxattr(path, IMPURE_XATTRS[_OWN]) == b"y":
-            return
+        marked = layer.getxattr(path, IMPURE_XATTRS[_OWN]) == b"y"
     except OSError:
-        pass        # ENODATA: not marked yet (other errors: setxattr says)
-    layer.setxattr(path, IMPURE_XATTRS[_OWN], b"y")
+        marked = False  # ENODATA: not marked yet (other errors: setxattr says)
+    if not marked:
+        layer.setxattr(path, IMPURE_XATTRS[_OWN], b"y")
+    d.impure = True
 
 
 def data_path(get, path, xattr_names):

@@ -35,6 +35,27 @@ def _err(code, path=None):
     return OSError(code, os.strerror(code), path)
 
 
+# The kernel's check before clearing privileges (a GETXATTR before the first
+# write to a file and before each chown) asks for this name.
+CAPABILITY_XATTR = "security.capability"
+
+
+class _NewEntryXattrs:
+    """The xattr names of an entry just made through the mount, as far as
+    getxattr needs them (Union._xattr_names): not listed (an LSM's label or
+    an inherited ACL may be there), but without security.capability (only
+    a setxattr makes one, and the mount's start a new epoch) and without
+    records of ours (Union._learn: it was not copied up)."""
+
+    __slots__ = ()
+
+    def __contains__(self, name):
+        return name != CAPABILITY_XATTR
+
+
+NEW_ENTRY_XATTRS = _NewEntryXattrs()
+
+
 def check_name(name):
     """Names that cannot exist in the merged view: OCI markers are reserved
     (they would read back as whiteouts), and over-long names are refused
@@ -66,13 +87,16 @@ def _set_owner(u, layer, path, owner, parent, is_dir):
         layer.chmod(path, stat.S_IMODE(st.st_mode))
 
 
-def _new_entry(u, path, build, is_dir, owner):
+def _new_entry(u, path, build, is_dir, owner, linked=False):
     """Create a new name at merged ``path`` with ``build(layer, path)``.
 
     ``build`` makes the entry at the path of the Layer it is given and
     returns what the caller wants back (an fd for create). Returns that value.
+    ``linked``: the name is a new link to an existing file (which has its
+    xattrs and records), not a new entry.
     """
     u.check_writable()
+    epoch = u.xattr_epoch      # (before the entry exists: see _xattr_names)
     parent, name = split_path(path)
     check_name(name)
     with u.lock:
@@ -82,7 +106,7 @@ def _new_entry(u, path, build, is_dir, owner):
         if pnode.kind != DIR:
             raise _err(errno.ENOTDIR, path)
         upper = u.upper
-        over_whiteout = upper.child_kind(parent, name) == WHITEOUT
+        over_whiteout = u.stack.upper_whiteout(path)
         try:
             result = (_publish_over_whiteout if over_whiteout else _make_in_place)(
                 u, path, build, is_dir, owner)
@@ -94,7 +118,10 @@ def _new_entry(u, path, build, is_dir, owner):
         # or an opaque parent hides whatever lower layers have), so record it
         # instead of paying for the lookup.
         u.stack.invalidate(path)
-        u.stack.prime(path, Node(DIR if is_dir else NONDIR, (upper,)))
+        node = Node(DIR if is_dir else NONDIR, (upper,))
+        if not linked:
+            node.xattrs = (epoch, NEW_ENTRY_XATTRS)
+        u.stack.prime(path, node)
         return result
 
 
@@ -167,7 +194,8 @@ def link(u, existing, path):
         # With its data: a metacopy's data must not have to follow two names.
         upper = u.upper_for(existing)
         try:
-            _new_entry(u, path, lambda layer, p: upper.link(existing, layer, p), False, None)
+            _new_entry(u, path, lambda layer, p: upper.link(existing, layer, p), False, None,
+                       linked=True)
         finally:
             u.stack.invalidate(existing)
 

@@ -70,6 +70,9 @@ class Union:
         self.readonly = upper is None
         self.ids = ids if ids is not None and ids.active else None
         self.lock = _thread.RLock()
+        # Counts changes of upper xattrs made through the mount (see
+        # _xattr_names): an upper entry's cached names are of one epoch.
+        self.xattr_epoch = 0
         self.work = None
         self.copyup = None
         self.writer = None
@@ -138,10 +141,17 @@ class Union:
         one listxattr tells an upper entry's records."""
         if node.in_upper:
             upper = node.top
+            if node.xattrs is not None and node.xattrs[1] is namespace.NEW_ENTRY_XATTRS:
+                node.ino = st.st_ino    # made here: no records to read
+                return
+            epoch = self.xattr_epoch
             try:
                 names = upper.listxattr(path)
             except OSError:     # ENOTSUP: no xattrs, so no records either
                 names = ()
+            # Kept for getxattr (_xattr_names): the first GETXATTR of a new
+            # file (the kernel's security.capability check) needs no call.
+            node.xattrs = (epoch, frozenset(names))
             ino, node.hidden_links = (inodes.recorded(upper, path) if inodes.ORIGIN in names
                                       else (None, 0))
             if names and node.kind != DIR:
@@ -260,11 +270,14 @@ class Union:
     def chmod(self, path, mode):
         self.upper_for(path, META).chmod(path, stat.S_IMODE(mode))
 
-    def chown(self, path, uid, gid):
+    def chown(self, path, uid, gid, st=None):
+        """``st``: the stat of ``path`` if the caller has just read it (its
+        mode is all that is used: a copy-up keeps it), to save an lstat."""
         if self.ids is not None:
             uid, gid = self.ids.stored_uid(uid), self.ids.stored_gid(gid)
         upper = self.upper_for(path, META)
-        st = upper.lstat(path)
+        if st is None:
+            st = upper.lstat(path)
         upper.chown(path, uid, gid)
         # chown of a non-directory clears set-id bits when the caller is not
         # privileged; the daemon is, so the kernel won't: do it as it would.
@@ -289,32 +302,48 @@ class Union:
         if wh.is_private_xattr(name):
             raise _err(errno.ENODATA, path)
         node = self.node(path)
-        if not node.in_upper and name not in self._lower_xattrs(path, node):
+        names = self._xattr_names(path, node)
+        if names is not None and name not in names:
             raise _err(errno.ENODATA, path)
         return node.top.getxattr(path, name)
 
     def listxattr(self, path):
         node = self.node(path)
-        names = node.top.listxattr(path) if node.in_upper else self._lower_xattrs(path, node)
+        names = node.top.listxattr(path) if node.in_upper else self._xattr_names(path, node)
         return [n for n in names if not wh.is_private_xattr(n)]
 
-    @staticmethod
-    def _lower_xattrs(path, node):
-        """The xattr names of lower entry ``node``, listed once per cached
-        lookup (lowers never change; a copy-up gives the path a new node):
-        most getxattr requests (security.selinux and the ACLs of every
-        file `ls -l` shows) ask for names a lower file does not have, and
-        are then answered without a syscall. (An upper entry's xattrs
-        change: setxattr, a write dropping security.capability.)"""
+    def _xattr_names(self, path, node):
+        """The xattr names of ``node`` (None: not known now), listed once
+        per cached lookup: most getxattr requests (security.selinux and the
+        ACLs of every file `ls -l` shows, security.capability before each
+        write and chown) ask for names an entry does not have, and are then
+        answered without a syscall.
+
+        A lower entry's names never change (a copy-up gives the path a new
+        node). An upper entry's may: they are kept (listed by _learn) with
+        the epoch they were listed in, and every setxattr/removexattr
+        through the mount starts a new one (another name of a hard link may
+        have changed); in a later epoch they are not known, and a getxattr
+        answers (a new listing would cost as much). What changes them
+        otherwise only removes names (the kernel drops security.capability
+        on a write or chown of the upper file): a name kept that is gone
+        costs a real getxattr, which says ENODATA."""
         names = node.xattrs
-        if names is None:
-            names = node.xattrs = frozenset(node.top.listxattr(path))
-        return names
+        if not node.in_upper:
+            if names is None:
+                names = node.xattrs = frozenset(node.top.listxattr(path))
+            return names
+        if names is None or names[0] != self.xattr_epoch:
+            return None
+        return names[1]
 
     def setxattr(self, path, name, value, flags):
         if wh.is_private_xattr(name):
             raise _err(errno.EPERM, path)
-        self.upper_for(path, META).setxattr(path, name, value, flags)
+        try:
+            self.upper_for(path, META).setxattr(path, name, value, flags)
+        finally:
+            self.xattr_epoch += 1
 
     def removexattr(self, path, name):
         if wh.is_private_xattr(name):
@@ -323,7 +352,10 @@ class Union:
         node = self.node(path)
         # Removing what is not there must not cost a copy-up.
         node.top.getxattr(path, name)
-        self.upper_for(path, META).removexattr(path, name)
+        try:
+            self.upper_for(path, META).removexattr(path, name)
+        finally:
+            self.xattr_epoch += 1
 
     # -- namespace (see namespace.py) --------------------------------------------
 
