@@ -50,6 +50,9 @@ MIN_DIRFDS = 32
 
 _O_DIRFD = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
 
 
 def child_path(parent, name):
@@ -469,7 +472,18 @@ class Layer:
 
     def _load(self, path):
         """Read lower directory ``path`` once: its entries, whiteouts, opacity."""
+        return self.scan(path)[0]
+
+    def scan(self, path):
+        """Read lower directory ``path``: (its DirIndex, now cached, and
+        ``[(name, file type bits, inode)]`` of the entries it shows, in
+        directory order, and the names its whiteouts hide below it).
+
+        One read serves both the lookups and the merged listing
+        (readdir.merged_entries): a listing is mostly followed by the
+        lookup of every name in it, which would read the directory again."""
         kinds = {}
+        shown = []
         hidden = []
         opaque = False
         try:
@@ -489,22 +503,38 @@ class Layer:
                         continue
                     if e.is_dir(follow_symlinks=False):
                         kinds[name] = DIR
-                    elif e.is_file(follow_symlinks=False) or e.is_symlink():
+                        ftype = _S_IFDIR
+                    elif e.is_symlink():
                         kinds[name] = NONDIR
+                        ftype = _S_IFLNK
+                    elif e.is_file(follow_symlinks=False):
+                        kinds[name] = NONDIR
+                        ftype = _S_IFREG
                     else:
                         st = e.stat(follow_symlinks=False)
-                        kinds[name] = WHITEOUT if wh.is_whiteout_stat(st) else NONDIR
+                        if wh.is_whiteout_stat(st):
+                            kinds[name] = WHITEOUT
+                            hidden.append(name)
+                            continue
+                        kinds[name] = NONDIR
+                        ftype = stat.S_IFMT(st.st_mode)
+                    shown.append((name, ftype, e.inode()))
             opaque = opaque or wh.has_opaque_xattr(path, self)
         for name in hidden:
             # An entry present in the same layer as its marker stays visible.
             kinds.setdefault(name, WHITEOUT)
         idx = DirIndex(kinds, opaque)
+        # (No lock: two threads reading one directory at once may count
+        # it twice, which only brings the next clear() nearer.)
         budget = self._budget
+        old = self._dirs.get(path)
+        if old is not None:
+            budget.used -= len(old.kinds)   # read again: counted once
         if budget.used + len(kinds) > MAX_INDEXED_NAMES:
             budget.clear()
         self._dirs[path] = idx
         budget.used += len(kinds)
-        return idx
+        return idx, shown, hidden
 
 
 class Node:
@@ -577,8 +607,12 @@ class LayerStack:
         if path == "/":
             node = self._lookup_in("/", None, self.layers, root=True)
         else:
-            parent_path, name = split_path(path)
-            parent = self._lookup_walk(parent_path)
+            parent_path, _, name = path.rpartition("/")
+            parent_path = parent_path or "/"
+            # Mostly the parent was just looked up (a walk, a listing).
+            parent = self._cache.get(parent_path, _MISS)
+            if parent is _MISS:
+                parent = self._lookup_walk(parent_path)
             if parent is None:
                 return None
             if parent.kind != DIR:
