@@ -113,3 +113,33 @@ def test_opacity_without_reading_the_directory(stack_dirs):
     # Indexed or not, the answer is the same.
     top.child_kind("/d2", "f0")
     assert "/d2" in top._dirs and top.is_opaque("/d2")
+
+
+def test_listing_indexes_the_lowers_in_the_same_read(stack_dirs, monkeypatch):
+    """Listing a merged directory reads each lower directory once, and
+    that read is also the index the lookups of its names use: looking up
+    every listed name (what readdirplus and find do next) reads nothing
+    again. A directory read a second time is counted once in the budget."""
+    u = make_union(stack_dirs)
+    reads = []
+    real = layers.Layer.scandir
+    monkeypatch.setattr(layers.Layer, "scandir",
+                        lambda self, path: reads.append((self.index, path)) or real(self, path))
+    u.stack.lookup("/d1")
+    reads.clear()
+    names = sorted(n for n, _, _ in u.listdir("/d1"))
+    assert names == ["f0", "f2", "f3", "f4", "only1"]
+    assert sorted(reads) == [(1, "/d1"), (2, "/d1")]
+    top, bottom = u.stack.lowers
+    assert top._dirs["/d1"].kinds["f1"] == layers.WHITEOUT
+    assert bottom._dirs["/d1"].kinds["f1"] == layers.NONDIR
+    reads.clear()
+    shown = {n: u.stack.lookup("/d1/" + n).top for n in names}
+    assert u.stack.lookup("/d1/f1") is None
+    assert reads == []
+    assert shown["f0"] is top and shown["f2"] is bottom and shown["only1"] is top
+    u.stack.invalidate("/d1")
+    assert sorted(n for n, _, _ in u.listdir("/d1")) == names
+    budget = top._budget
+    assert budget.used == sum(len(i.kinds) for layer in u.stack.lowers
+                              for i in layer._dirs.values())
