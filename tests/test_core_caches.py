@@ -143,3 +143,23 @@ def test_listing_indexes_the_lowers_in_the_same_read(stack_dirs, monkeypatch):
     budget = top._budget
     assert budget.used == sum(len(i.kinds) for layer in u.stack.lowers
                               for i in layer._dirs.values())
+
+
+def test_opacity_is_asked_only_with_a_directory_below(stack_dirs, monkeypatch):
+    """A directory's opacity matters only if a layer below has the same
+    directory: one that lives in one layer is looked up without asking,
+    and an opaque one still hides the layers below."""
+    (stack_dirs["l1"] / "solo" / "sub").mkdir(parents=True)
+    asked = []
+    real = layers.Layer.is_opaque
+    monkeypatch.setattr(layers.Layer, "is_opaque",
+                        lambda self, path: asked.append((self.index, path)) or real(self, path))
+    u = make_union(stack_dirs)
+    top, bottom = u.stack.lowers
+    assert u.stack.lookup("/solo/sub").layers == (bottom,)
+    assert not [a for a in asked if a[1].startswith("/solo")]
+    assert u.stack.lookup("/d2").layers == (top,)           # opaque in l0
+    assert (1, "/d2") in asked
+    assert u.stack.lookup("/d1").layers == (top, bottom)
+    assert u.stack.lookup("/d3").layers == (u.upper, top, bottom)
+    assert sorted(n for n, _, _ in u.listdir("/d2")) == ["f0", "only2"]

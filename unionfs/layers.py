@@ -653,14 +653,19 @@ class LayerStack:
             if kind == WHITEOUT:
                 break
             if kind == DIR:
-                dirs.append(layer)
-                if layer.is_opaque(path):
+                # Whether the directory above is opaque matters only now
+                # that a layer below has one too: a directory of one layer
+                # (most of any image) costs no opacity check at all.
+                if dirs and dirs[-1].is_opaque(path):
                     break
+                dirs.append(layer)
                 continue
             if dirs:
                 break       # a directory above hides a non-directory below
             return Node(NONDIR, layer.alone)
-        return Node(DIR, tuple(dirs)) if dirs else None
+        if not dirs:
+            return None
+        return Node(DIR, dirs[0].alone if len(dirs) == 1 else tuple(dirs))
 
     def lookup_below(self, path):
         """What shows at ``path`` if the upper had no entry there (None if
