@@ -163,3 +163,18 @@ def test_opacity_is_asked_only_with_a_directory_below(stack_dirs, monkeypatch):
     assert u.stack.lookup("/d1").layers == (top, bottom)
     assert u.stack.lookup("/d3").layers == (u.upper, top, bottom)
     assert sorted(n for n, _, _ in u.listdir("/d2")) == ["f0", "only2"]
+
+
+def test_opacity_of_a_directory_read_before_it_was_asked(stack_dirs):
+    """A listing reads a lower directory without asking its opacity
+    xattr; asked later, the answer is the xattr's (and the marker's)."""
+    os.setxattr(stack_dirs["l0"] / "d4", "user.overlay.opaque", wh.OVL_OPAQUE_VALUE)
+    u = make_union(stack_dirs)
+    top, bottom = u.stack.lowers
+    for d in ("/d1", "/d2", "/d4"):
+        top.scan(d)
+    assert top._dirs["/d4"].opaque is None and top._dirs["/d2"].opaque is True
+    assert top.is_opaque("/d4") and top.is_opaque("/d2") and not top.is_opaque("/d1")
+    assert u.stack.lookup("/d4").layers == (top,)
+    assert sorted(n for n, _, _ in u.listdir("/d4")) == ["f0", "only4"]
+    assert u.stack.lookup("/d1").layers == (top, bottom)

@@ -180,7 +180,7 @@ class DirIndex:
 
     def __init__(self, kinds, opaque):
         self.kinds = kinds      # name -> DIR | NONDIR | WHITEOUT
-        self.opaque = opaque
+        self.opaque = opaque    # None: no marker file; the xattr not asked yet
 
 
 class IndexBudget:
@@ -466,6 +466,8 @@ class Layer:
         if not self.upper:
             idx = self._dirs.get(path)
             if idx is not None:
+                if idx.opaque is None:      # (read, but not asked: see scan)
+                    idx.opaque = wh.has_opaque_xattr(path, self)
                 return idx.opaque
         return wh.has_opaque_xattr(path, self) or self.exists(
             child_path(path, wh.WH_OPAQUE))
@@ -485,7 +487,9 @@ class Layer:
         kinds = {}
         shown = []
         hidden = []
-        opaque = False
+        # Opaque by its marker file, or else maybe by its xattr: asked by
+        # is_opaque, only if ever needed (rarely: see LayerStack._lookup_in).
+        opaque = None
         try:
             it = self.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -519,7 +523,6 @@ class Layer:
                         kinds[name] = NONDIR
                         ftype = stat.S_IFMT(st.st_mode)
                     shown.append((name, ftype, e.inode()))
-            opaque = opaque or wh.has_opaque_xattr(path, self)
         for name in hidden:
             # An entry present in the same layer as its marker stays visible.
             kinds.setdefault(name, WHITEOUT)
