@@ -113,3 +113,68 @@ def test_opacity_without_reading_the_directory(stack_dirs):
     # Indexed or not, the answer is the same.
     top.child_kind("/d2", "f0")
     assert "/d2" in top._dirs and top.is_opaque("/d2")
+
+
+def test_listing_indexes_the_lowers_in_the_same_read(stack_dirs, monkeypatch):
+    """Listing a merged directory reads each lower directory once, and
+    that read is also the index the lookups of its names use: looking up
+    every listed name (what readdirplus and find do next) reads nothing
+    again. A directory read a second time is counted once in the budget."""
+    u = make_union(stack_dirs)
+    reads = []
+    real = layers.Layer.scandir
+    monkeypatch.setattr(layers.Layer, "scandir",
+                        lambda self, path: reads.append((self.index, path)) or real(self, path))
+    u.stack.lookup("/d1")
+    reads.clear()
+    names = sorted(n for n, _, _ in u.listdir("/d1"))
+    assert names == ["f0", "f2", "f3", "f4", "only1"]
+    assert sorted(reads) == [(1, "/d1"), (2, "/d1")]
+    top, bottom = u.stack.lowers
+    assert top._dirs["/d1"].kinds["f1"] == layers.WHITEOUT
+    assert bottom._dirs["/d1"].kinds["f1"] == layers.NONDIR
+    reads.clear()
+    shown = {n: u.stack.lookup("/d1/" + n).top for n in names}
+    assert u.stack.lookup("/d1/f1") is None
+    assert reads == []
+    assert shown["f0"] is top and shown["f2"] is bottom and shown["only1"] is top
+    u.stack.invalidate("/d1")
+    assert sorted(n for n, _, _ in u.listdir("/d1")) == names
+    budget = top._budget
+    assert budget.used == sum(len(i.kinds) for layer in u.stack.lowers
+                              for i in layer._dirs.values())
+
+
+def test_opacity_is_asked_only_with_a_directory_below(stack_dirs, monkeypatch):
+    """A directory's opacity matters only if a layer below has the same
+    directory: one that lives in one layer is looked up without asking,
+    and an opaque one still hides the layers below."""
+    (stack_dirs["l1"] / "solo" / "sub").mkdir(parents=True)
+    asked = []
+    real = layers.Layer.is_opaque
+    monkeypatch.setattr(layers.Layer, "is_opaque",
+                        lambda self, path: asked.append((self.index, path)) or real(self, path))
+    u = make_union(stack_dirs)
+    top, bottom = u.stack.lowers
+    assert u.stack.lookup("/solo/sub").layers == (bottom,)
+    assert not [a for a in asked if a[1].startswith("/solo")]
+    assert u.stack.lookup("/d2").layers == (top,)           # opaque in l0
+    assert (1, "/d2") in asked
+    assert u.stack.lookup("/d1").layers == (top, bottom)
+    assert u.stack.lookup("/d3").layers == (u.upper, top, bottom)
+    assert sorted(n for n, _, _ in u.listdir("/d2")) == ["f0", "only2"]
+
+
+def test_opacity_of_a_directory_read_before_it_was_asked(stack_dirs):
+    """A listing reads a lower directory without asking its opacity
+    xattr; asked later, the answer is the xattr's (and the marker's)."""
+    os.setxattr(stack_dirs["l0"] / "d4", "user.overlay.opaque", wh.OVL_OPAQUE_VALUE)
+    u = make_union(stack_dirs)
+    top, bottom = u.stack.lowers
+    for d in ("/d1", "/d2", "/d4"):
+        top.scan(d)
+    assert top._dirs["/d4"].opaque is None and top._dirs["/d2"].opaque is True
+    assert top.is_opaque("/d4") and top.is_opaque("/d2") and not top.is_opaque("/d1")
+    assert u.stack.lookup("/d4").layers == (top,)
+    assert sorted(n for n, _, _ in u.listdir("/d4")) == ["f0", "only4"]
+    assert u.stack.lookup("/d1").layers == (top, bottom)

@@ -54,6 +54,9 @@ MIN_DIRFDS = 32
 
 _O_DIRFD = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
 
 
 def child_path(parent, name):
@@ -186,7 +189,7 @@ class DirIndex:
 
     def __init__(self, kinds, opaque):
         self.kinds = kinds      # name -> DIR | NONDIR | WHITEOUT
-        self.opaque = opaque
+        self.opaque = opaque    # None: no marker file; the xattr not asked yet
 
 
 class IndexBudget:
@@ -485,15 +488,30 @@ class Layer:
         if not self.upper:
             idx = self._dirs.get(path)
             if idx is not None:
+                if idx.opaque is None:      # (read, but not asked: see scan)
+                    idx.opaque = wh.has_opaque_xattr(path, self)
                 return idx.opaque
         return wh.has_opaque_xattr(path, self) or self.exists(
             child_path(path, wh.WH_OPAQUE))
 
     def _load(self, path):
         """Read lower directory ``path`` once: its entries, whiteouts, opacity."""
+        return self.scan(path)[0]
+
+    def scan(self, path):
+        """Read lower directory ``path``: (its DirIndex, now cached, and
+        ``[(name, file type bits, inode)]`` of the entries it shows, in
+        directory order, and the names its whiteouts hide below it).
+
+        One read serves both the lookups and the merged listing
+        (readdir.merged_entries): a listing is mostly followed by the
+        lookup of every name in it, which would read the directory again."""
         kinds = {}
+        shown = []
         hidden = []
-        opaque = False
+        # Opaque by its marker file, or else maybe by its xattr: asked by
+        # is_opaque, only if ever needed (rarely: see LayerStack._lookup_in).
+        opaque = None
         try:
             it = self.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -511,22 +529,37 @@ class Layer:
                         continue
                     if e.is_dir(follow_symlinks=False):
                         kinds[name] = DIR
-                    elif e.is_file(follow_symlinks=False) or e.is_symlink():
+                        ftype = _S_IFDIR
+                    elif e.is_symlink():
                         kinds[name] = NONDIR
+                        ftype = _S_IFLNK
+                    elif e.is_file(follow_symlinks=False):
+                        kinds[name] = NONDIR
+                        ftype = _S_IFREG
                     else:
                         st = e.stat(follow_symlinks=False)
-                        kinds[name] = WHITEOUT if wh.is_whiteout_stat(st) else NONDIR
-            opaque = opaque or wh.has_opaque_xattr(path, self)
+                        if wh.is_whiteout_stat(st):
+                            kinds[name] = WHITEOUT
+                            hidden.append(name)
+                            continue
+                        kinds[name] = NONDIR
+                        ftype = stat.S_IFMT(st.st_mode)
+                    shown.append((name, ftype, e.inode()))
         for name in hidden:
             # An entry present in the same layer as its marker stays visible.
             kinds.setdefault(name, WHITEOUT)
         idx = DirIndex(kinds, opaque)
+        # (No lock: two threads reading one directory at once may count
+        # it twice, which only brings the next clear() nearer.)
         budget = self._budget
+        old = self._dirs.get(path)
+        if old is not None:
+            budget.used -= len(old.kinds)   # read again: counted once
         if budget.used + len(kinds) > MAX_INDEXED_NAMES:
             budget.clear()
         self._dirs[path] = idx
         budget.used += len(kinds)
-        return idx
+        return idx, shown, hidden
 
 
 class Node:
@@ -602,8 +635,12 @@ class LayerStack:
         if path == "/":
             node = self._lookup_in("/", None, self.layers, root=True)
         else:
-            parent_path, name = split_path(path)
-            parent = self._lookup_walk(parent_path)
+            parent_path, _, name = path.rpartition("/")
+            parent_path = parent_path or "/"
+            # Mostly the parent was just looked up (a walk, a listing).
+            parent = self._cache.get(parent_path, _MISS)
+            if parent is _MISS:
+                parent = self._lookup_walk(parent_path)
             if parent is None:
                 return None
             if parent.kind != DIR:
@@ -646,14 +683,19 @@ class LayerStack:
                     return _WHITED_OUT
                 break
             if kind == DIR:
-                dirs.append(layer)
-                if layer.is_opaque(path):
+                # Whether the directory above is opaque matters only now
+                # that a layer below has one too: a directory of one layer
+                # (most of any image) costs no opacity check at all.
+                if dirs and dirs[-1].is_opaque(path):
                     break
+                dirs.append(layer)
                 continue
             if dirs:
                 break       # a directory above hides a non-directory below
             return Node(NONDIR, layer.alone)
-        return Node(DIR, tuple(dirs)) if dirs else None
+        if not dirs:
+            return None
+        return Node(DIR, dirs[0].alone if len(dirs) == 1 else tuple(dirs))
 
     def upper_whiteout(self, path):
         """True if ``path`` (which shows nothing) shows nothing because the

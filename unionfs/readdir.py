@@ -29,9 +29,18 @@ def merged_entries(path, node):
     seen = set()
     hidden = set()
     for layer in node.layers:
-        layer_hidden = []
         tag = layer.ino_tag
-        upper = layer.upper
+        if not layer.upper:
+            # A lower: one read gives the entries and the layer's index.
+            _, shown, layer_hidden = layer.scan(path)
+            for name, ftype, ino in shown:
+                if name in seen or name in hidden:
+                    continue
+                seen.add(name)
+                out.append((name, ftype, ino | tag))
+            hidden.update(layer_hidden)
+            continue
+        layer_hidden = []
         prefix = "/" if path == "/" else path + "/"
         with layer.scandir(path) as it:
             for e in it:
@@ -55,7 +64,7 @@ def merged_entries(path, node):
                         continue
                     ftype = stat.S_IFMT(st.st_mode)
                 seen.add(name)
-                ino = recorded_ino(layer, prefix + name) if upper else None
+                ino = recorded_ino(layer, prefix + name)
                 out.append((name, ftype, e.inode() | tag if ino is None else ino))
         # Markers hide names in the layers below, not in their own layer.
         hidden.update(layer_hidden)
