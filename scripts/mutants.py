@@ -173,11 +173,11 @@ MUTANTS = [
       ["tests/test_image_demo.py::test_demo_image_is_deterministic_and_layered"],
       "the demo image's delete layer has no whiteout"),
     # -- entry points -----------------------------------------------------------------
-    M("unionfs/cli.py", "    PROG = \"fuse-unionfs\"\n",
-      "    PROG = \"fuse-unionfs\"\n    return 0\n",
+    M("unionfs/fuse_cli.py", "        mount(spec, positional[-1], foreground=foreground, debug=debug)\n",
+      "        pass\n",
       ["tests/test_mount.py::test_mount_through_mount_fuse"],
       "fuse-unionfs exits at once without mounting"),
-    M("unionfs/cli.py", "    return _run(args.func, args)\n", "    return 0\n",
+    M("unionfs/cli.py", "    code = report_errors(PROG, args.func, args)\n", "    code = 0\n",
       ["tests/test_mount.py::test_merged_view_copy_up_whiteout_opaque"],
       "unionfs does nothing and claims success"),
     # -- registry push/pull ---------------------------------------------------------
