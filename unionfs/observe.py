@@ -140,6 +140,13 @@ class Recorder(Observer):
     def current_op(self):
         return getattr(self._local, "op", None)
 
+    def timer(self, name):
+        """(histogram, thread-local) of request ``name``, for a dispatcher
+        that times requests itself (fs.UnionFS._dispatch): it sets
+        ``local.op`` to ``name`` while serving and counts each duration into
+        the histogram at ``bucket_of(ns)``."""
+        return self.requests.setdefault(name, [0] * BUCKETS), self._local
+
     def timed(self, name, method):
         """``method`` wrapped to count its calls and time them into the
         histogram of request ``name``."""
