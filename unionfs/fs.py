@@ -337,8 +337,11 @@ class UnionFS:
         """``nlink``: the link count to show (None: the backing one)."""
         if timeout is None:
             timeout = 0.0 if alias else self.timeout
-        ll.reply_stat(req, st, ino, st.st_nlink if nlink is None else nlink,
-                      *self._shown_owner(st), timeout)
+        if self.union.ids is None:      # (_shown_owner, inlined: every attribute reply)
+            uid, gid = st.st_uid, st.st_gid
+        else:
+            uid, gid = self._shown_owner(st)
+        ll.reply_stat(req, st, ino, st.st_nlink if nlink is None else nlink, uid, gid, timeout)
 
     def _shown_owner(self, st):
         """(uid, gid) of ``st`` as the mount shows them (see idmap)."""
@@ -807,7 +810,10 @@ class UnionFS:
         ll.reply_err(req, 0)
 
     def getxattr(self, req, nodeid, name, size):
-        data = self.union.getxattr(self._path(nodeid), os.fsdecode(name))
+        data = self.union.xattr(self._path(nodeid), name.decode(_FS_ENCODING, _FS_ERRORS))
+        if data is None:        # (no exception raised and caught: ls -l asks for many)
+            ll.reply_err(req, errno.ENODATA)
+            return
         self._reply_sized(req, data, size)
 
     def listxattr(self, req, nodeid, size):
