@@ -300,6 +300,7 @@ class Entry:
 
 _ZERO_ATTR = (0,) * 16
 _ENTRY_PACK = P.ENTRY_OUT.pack
+_GETXATTR_IN_UNPACK = P.GETXATTR_IN.unpack_from
 _ATTR_PACK = P.ATTR_OUT.pack
 
 
@@ -762,6 +763,7 @@ class Session:
         return partial(decode, op)          # handle(req, nodeid, buf, mv, n)
 
     _H = P.IN_HEADER.size
+    assert _H == 40 and P.GETXATTR_IN.size == 8     # as the inlined offsets say
 
     @staticmethod
     def _cstr(buf, start, end):
@@ -858,8 +860,9 @@ class Session:
         op(req, nodeid, name, bytes(buf[at:at + size]), size, flags)
 
     def _getxattr(self, op, req, nodeid, buf, mv, n):
-        size, _ = P.GETXATTR_IN.unpack_from(buf, self._H)
-        op(req, nodeid, self._cstr(buf, self._H + P.GETXATTR_IN.size, n)[0], size)
+        size, _ = _GETXATTR_IN_UNPACK(buf, 40)
+        z = buf.find(0, 48, n)          # the name after the header and GETXATTR_IN (_cstr)
+        op(req, nodeid, bytes(buf[48:z if z >= 0 else n]), size)
 
     # -- requests the binding answers itself --
 
