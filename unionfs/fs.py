@@ -371,9 +371,7 @@ class UnionFS:
             ll.reply_entry(req, self._negative)
             return
         e = self._entry_ino(path)[0]
-        # -ENOENT: the kernel gave up on the request (interrupted), so the
-        # lookup this reply counted will never be forgotten by it.
-        if ll.reply_entry(req, e) == -errno.ENOENT:
+        if ll.reply_entry(req, e) == -errno.ENOENT:     # (_reply_entry, inlined)
             self._unlookup(e.ino)
 
     def forget(self, req, nodeid, nlookup):
