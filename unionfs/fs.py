@@ -25,6 +25,7 @@ import errno
 import fcntl
 import os
 import stat
+import sys
 import threading
 import time
 import zlib
@@ -43,6 +44,8 @@ MAX_LISTED_ENTRIES = 16_384     # directory entries kept ready for readdir (see 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 _S_IFDIR = stat.S_IFDIR
+_FS_ENCODING = sys.getfilesystemencoding()     # os.fsdecode's, without its call
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
 class Inode:
@@ -324,15 +327,22 @@ class UnionFS:
         if inode is not None:
             inode.ino = ino
             alias = inode.alias
-        return ll.entry(nodeid, st, ino, nlink, *self._shown_owner(st),
+        if self.union.ids is None:
+            uid, gid = st.st_uid, st.st_gid
+        else:
+            uid, gid = self._shown_owner(st)
+        return ll.entry(nodeid, st, ino, nlink, uid, gid,
                         0.0 if alias else self.timeout, self.timeout), ino
 
     def _reply_attr(self, req, st, ino, nlink=None, alias=False, timeout=None):
         """``nlink``: the link count to show (None: the backing one)."""
         if timeout is None:
             timeout = 0.0 if alias else self.timeout
-        ll.reply_stat(req, st, ino, st.st_nlink if nlink is None else nlink,
-                      *self._shown_owner(st), timeout)
+        if self.union.ids is None:      # (_shown_owner, inlined: every attribute reply)
+            uid, gid = st.st_uid, st.st_gid
+        else:
+            uid, gid = self._shown_owner(st)
+        ll.reply_stat(req, st, ino, st.st_nlink if nlink is None else nlink, uid, gid, timeout)
 
     def _shown_owner(self, st):
         """(uid, gid) of ``st`` as the mount shows them (see idmap)."""
@@ -354,11 +364,16 @@ class UnionFS:
             self.on_init()
 
     def lookup(self, req, parent, name):
-        path = child_path(self._path(parent), os.fsdecode(name))
+        # (child_path and os.fsdecode, inlined: the most common request.)
+        parent = self._path(parent)
+        name = name.decode(_FS_ENCODING, _FS_ERRORS)
+        path = "/" + name if parent == "/" else parent + "/" + name
         if self.union.stack.lookup(path) is None:
             ll.reply_entry(req, self._negative)
             return
-        self._reply_entry(req, self._entry(path))
+        e = self._entry_ino(path)[0]
+        if ll.reply_entry(req, e) == -errno.ENOENT:     # (_reply_entry, inlined)
+            self._unlookup(e.ino)
 
     def forget(self, req, nodeid, nlookup):
         self._unlookup(nodeid, nlookup)
@@ -396,7 +411,11 @@ class UnionFS:
     def getattr(self, req, nodeid, fi):
         inode = self._inodes.get(nodeid)
         if inode.__class__ is str:          # compact: nothing else to know
-            self._reply_attr(req, *self.union.lstat(inode))
+            st, ino, nlink = self.union.lstat(inode)
+            if self.union.ids is None:      # (_reply_attr, inlined: the common case)
+                ll.reply_stat(req, st, ino, nlink, st.st_uid, st.st_gid, self.timeout)
+            else:
+                self._reply_attr(req, st, ino, nlink)
             return
         inode = self._inode(nodeid)
         if inode.path is None:
@@ -841,7 +860,10 @@ class UnionFS:
         ll.reply_err(req, 0)
 
     def getxattr(self, req, nodeid, name, size):
-        data = self.union.getxattr(self._path(nodeid), os.fsdecode(name))
+        data = self.union.xattr(self._path(nodeid), name.decode(_FS_ENCODING, _FS_ERRORS))
+        if data is None:        # (no exception raised and caught: ls -l asks for many)
+            ll.reply_err(req, errno.ENODATA)
+            return
         self._reply_sized(req, data, size)
 
     def listxattr(self, req, nodeid, size):
@@ -929,16 +951,11 @@ class UnionFS:
         # forget has no reply to send, not even an error.
         out = {"init": self.init, "forget": self.forget}
         for name in self.QUICK:
-            out[name] = self._dispatch(name, self._method(name))
+            out[name] = self._dispatch(name, getattr(self, name))
         for name, (copy, blocks) in self.MAY_BLOCK.items():
-            call = self._dispatch(name, self._method(name))
+            call = self._dispatch(name, getattr(self, name))
             out[name] = self._deferring(call, copy, blocks, workers)
         return out
-
-    def _method(self, name):
-        """The handler of request ``name``, timed if stats are kept."""
-        method = getattr(self, name)
-        return method if self.watch is None else self.watch.timed(name, method)
 
     def _deferring(self, call, copy, blocks, workers):
         if workers is None:
@@ -953,20 +970,47 @@ class UnionFS:
                 call(*args)
         return handler
 
-    @staticmethod
-    def _dispatch(name, method):
+    def _dispatch(self, name, method):
+        """``method`` as a handler of request ``name``: errors answered, and
+        timed into the request's histogram if stats are kept (one wrapper,
+        not two: it runs for every request)."""
         reply_err = ll.reply_err
+        if self.watch is None:
+            def call(req, *args):
+                try:
+                    method(req, *args)
+                except OSError as e:
+                    reply_err(req, e.errno or errno.EIO)
+                except Exception:
+                    _log_failure(name)
+                    reply_err(req, errno.EIO)
+            return call
+        from unionfs.observe import _SUB as sub     # loaded already: watch is a Recorder
+        hist, local = self.watch.timer(name)
+        clock = time.perf_counter_ns
+        sub_mask = (1 << sub) - 1
 
-        def call(req, *args):
+        def timed(req, *args):
+            local.op = name
+            t0 = clock()
             try:
                 method(req, *args)
             except OSError as e:
                 reply_err(req, e.errno or errno.EIO)
             except Exception:
-                import logging      # only here: a daemon start need not load it
-                logging.getLogger("unionfs").exception("unionfs: %s failed", name)
+                _log_failure(name)
                 reply_err(req, errno.EIO)
-        return call
+            finally:
+                # observe.bucket_of, inlined.
+                ns = clock() - t0
+                b = ns.bit_length()
+                hist[(b << sub) | ((ns >> (b - 1 - sub)) & sub_mask) if b > sub else ns] += 1
+        return timed
+
+
+def _log_failure(name):
+    import logging      # only here: a daemon start need not load it
+    logging.getLogger("unionfs").exception("unionfs: %s failed", name)
 
 
 # Entry offsets: "." 1, ".." 2, any other name a hash of it in [3, 2**31).

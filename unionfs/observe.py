@@ -117,7 +117,8 @@ class Recorder(Observer):
     ring of recent events and the listeners that follow them.
 
     ``current_op`` is the name of the FUSE request the calling thread is
-    serving (set by ``timed``), so an event says what caused it.
+    serving (set by the dispatcher that ``timer`` serves), so an event says
+    what caused it.
     """
 
     def __init__(self, ring=RING_SIZE):
@@ -141,24 +142,12 @@ class Recorder(Observer):
     def current_op(self):
         return getattr(self._local, "op", None)
 
-    def timed(self, name, method):
-        """``method`` wrapped to count its calls and time them into the
-        histogram of request ``name``."""
-        hist = self.requests.setdefault(name, [0] * BUCKETS)
-        local = self._local
-        clock = time.perf_counter_ns
-
-        def call(*args):
-            local.op = name
-            t0 = clock()
-            try:
-                method(*args)
-            finally:
-                # bucket_of, inlined: this runs for every request.
-                ns = clock() - t0
-                b = ns.bit_length()
-                hist[(b << _SUB) | ((ns >> (b - 1 - _SUB)) & _SUB_MASK) if b > _SUB else ns] += 1
-        return call
+    def timer(self, name):
+        """(histogram, thread-local) of request ``name``, for a dispatcher
+        that times requests itself (fs.UnionFS._dispatch): it sets
+        ``local.op`` to ``name`` while serving and counts each duration into
+        the histogram at ``bucket_of(ns)``."""
+        return self.requests.setdefault(name, [0] * BUCKETS), self._local
 
     # -- events ----------------------------------------------------------------------
 

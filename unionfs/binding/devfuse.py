@@ -279,17 +279,26 @@ class Entry:
 
 
 _ZERO_ATTR = (0,) * 16
+_ENTRY_PACK = P.ENTRY_OUT.pack
+_GETXATTR_IN_UNPACK = P.GETXATTR_IN.unpack_from
+_ATTR_PACK = P.ATTR_OUT.pack
 
 
 def entry(nodeid, st, ino, nlink, uid, gid, attr_timeout, entry_timeout):
     """As ``common.entry``: node id ``nodeid`` with the attributes of
     ``os.stat_result`` ``st`` (``st`` None: no such name), encoded once."""
-    es, ens = _split_timeout(entry_timeout)
+    es, ens = _timeouts.get(entry_timeout) or _split_timeout(entry_timeout)
     if st is None:          # a negative entry: only its lifetime matters
         return Entry(0, P.ENTRY_OUT.pack(0, 0, es, 0, ens, 0, *_ZERO_ATTR), 0, 0)
-    as_, ans = _split_timeout(attr_timeout)
-    out = P.ENTRY_OUT.pack(nodeid, 0, es, as_, ens, ans, *_stat_attr(st, ino, nlink, uid, gid), 0)
-    return Entry(nodeid, out, ino, st.st_mode)
+    as_, ans = _timeouts.get(attr_timeout) or _split_timeout(attr_timeout)
+    # _stat_attr, inlined: every LOOKUP and READDIRPLUS entry comes here.
+    a, m, c = st[7], st[8], st[9]
+    mode = st.st_mode
+    out = _ENTRY_PACK(nodeid, 0, es, as_, ens, ans, ino, st.st_size, st.st_blocks, a, m, c,
+                      st.st_atime_ns - a * _NS, st.st_mtime_ns - m * _NS,
+                      st.st_ctime_ns - c * _NS, mode, nlink if nlink <= _U32 else _U32,
+                      uid, gid, st.st_rdev & _U32, st.st_blksize, 0)
+    return Entry(nodeid, out, ino, mode)
 
 
 _BARE_OUT = P.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0, *_ZERO_ATTR)
@@ -351,8 +360,13 @@ def reply_attr(req, cst, timeout):
 
 def reply_stat(req, st, ino, nlink, uid, gid, timeout):
     """As reply_attr, from an ``os.stat_result`` (no struct stat between)."""
-    s, ns = _split_timeout(timeout)
-    return _send(req, 0, (P.ATTR_OUT.pack(s, ns, 0, *_stat_attr(st, ino, nlink, uid, gid), 0),))
+    s, ns = _timeouts.get(timeout) or _split_timeout(timeout)
+    a, m, c = st[7], st[8], st[9]       # _stat_attr, inlined: every GETATTR
+    return _send(req, 0, (_ATTR_PACK(s, ns, 0, ino, st.st_size, st.st_blocks, a, m, c,
+                                     st.st_atime_ns - a * _NS, st.st_mtime_ns - m * _NS,
+                                     st.st_ctime_ns - c * _NS, st.st_mode,
+                                     nlink if nlink <= _U32 else _U32, uid, gid,
+                                     st.st_rdev & _U32, st.st_blksize, 0),))
 
 
 def reply_readlink(req, target):
@@ -729,6 +743,7 @@ class Session:
         return partial(decode, op)          # handle(req, nodeid, buf, mv, n)
 
     _H = P.IN_HEADER.size
+    assert _H == 40 and P.GETXATTR_IN.size == 8     # as the inlined offsets say
 
     @staticmethod
     def _cstr(buf, start, end):
@@ -742,7 +757,8 @@ class Session:
         op(req, nodeid)
 
     def _name(self, op, req, nodeid, buf, mv, n):
-        op(req, nodeid, self._cstr(buf, self._H, n)[0])
+        z = buf.find(0, 40, n)          # _cstr, inlined (40: the header's size)
+        op(req, nodeid, bytes(buf[40:z if z >= 0 else n]))
 
     def _size(self, op, req, nodeid, buf, mv, n):     # listxattr's size, access's mask
         op(req, nodeid, P.ACCESS_IN.unpack_from(buf, self._H)[0])
@@ -824,8 +840,9 @@ class Session:
         op(req, nodeid, name, bytes(buf[at:at + size]), size, flags)
 
     def _getxattr(self, op, req, nodeid, buf, mv, n):
-        size, _ = P.GETXATTR_IN.unpack_from(buf, self._H)
-        op(req, nodeid, self._cstr(buf, self._H + P.GETXATTR_IN.size, n)[0], size)
+        size, _ = _GETXATTR_IN_UNPACK(buf, 40)
+        z = buf.find(0, 48, n)          # the name after the header and GETXATTR_IN (_cstr)
+        op(req, nodeid, bytes(buf[48:z if z >= 0 else n]), size)
 
     # -- requests the binding answers itself --
 
