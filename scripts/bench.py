@@ -745,8 +745,10 @@ class Workload:
       copy, read-only use), "copy" (a fresh merged copy per run), "link" (a
       fresh hard-linked copy per run) or "none" (native does not take part).
     command(root, ds) -> argv; check(root, ds, proc) raises BenchError when
-    the result is wrong.  goal: the issue's ratio target for unionfs /
-    fuse-overlayfs (None: reported only).
+    the result is wrong.  goal: issue 17's ratio target for unionfs /
+    fuse-overlayfs (None: not held to one); kernel_goal: its target for
+    unionfs / kernel overlayfs (the data paths: near the physical limit;
+    copy-up, which both make durable, is held to kernel overlayfs alone).
     """
 
     name: str
@@ -756,7 +758,8 @@ class Workload:
     native: str
     command: Callable[[Path, Dataset], list[str]]
     check: Callable[[Path, Dataset, subprocess.CompletedProcess], None]
-    goal: float | None = 1.5
+    goal: float | None = 1.0
+    kernel_goal: float | None = None
     capture: bool = False
     # Extra mount options per system (metacopy for chown-R).
     options: dict = field(default_factory=dict)
@@ -767,6 +770,25 @@ class Workload:
     podman: Callable[["PodmanRun", Dataset], None] | None = None
     # Long (hundreds of thousands of files): run with --scale or --only.
     scale: bool = False
+
+
+def _goal_cell(wl: Workload, to_fuse, to_kernel, missed: list) -> str:
+    """The goal column: each target of ``wl`` (to fuse-overlayfs, to
+    kernel overlayfs), met or MISSED; a missed row is added to ``missed``."""
+    parts = []
+    ok = True
+    for goal, r, peer in ((wl.goal, to_fuse, ""), (wl.kernel_goal, to_kernel, " overlayfs")):
+        if goal is None:
+            continue
+        if r is None:           # the peer did not run: nothing to hold it to
+            parts.append(f"≤ {goal:.1f}{peer} -")
+            continue
+        met = r <= goal
+        ok = ok and met
+        parts.append(f"≤ {goal:.1f}{peer} " + ("met" if met else "MISSED"))
+    if not ok:
+        missed.append(wl.name)
+    return "; ".join(parts) or "(info)"
 
 
 def _expect(what: str, got, want) -> None:
@@ -873,32 +895,32 @@ def _check_find_all(root, ds, proc):
 WORKLOADS: list[Workload] = [
     Workload("mount", "mount over 3 layers of the find tree, caches dropped "
              "(native: nothing to mount)", "tree", "cold", "none",
-             lambda root, ds: ["true"], _check_mount, goal=None),
+             lambda root, ds: ["true"], _check_mount),
     Workload("read-cold", "sequential read of a large lower file, caches dropped",
-             "big", "cold", "shared", _dd_read, _check_read, goal=1.0),
+             "big", "cold", "shared", _dd_read, _check_read, kernel_goal=1.3),
     Workload("read-warm", "the same read again on the same mount",
-             "big", "warm", "shared", _dd_read, _check_read, goal=1.0),
+             "big", "warm", "shared", _dd_read, _check_read, kernel_goal=1.3),
     Workload("write", "sequential write, 1 MiB blocks, fsync (dd conv=fsync)",
              "empty", "fresh", "copy",
              lambda root, ds: ["dd", "if=/dev/zero", f"of={root}/out.bin", "bs=1M",
                                f"count={ds.expect['size'] // MIB}", "conv=fsync"],
-             _check_write, goal=1.0),
+             _check_write, kernel_goal=1.3),
     Workload("copy-up", "first 4 KiB append to a large lower file (copy-up)",
              "big", "fresh", "copy",
              lambda root, ds: ["dd", "if=/dev/zero", f"of={root}/big.bin", "bs=4096",
                                "count=1", "oflag=append", "conv=notrunc"],
-             _check_append, goal=1.0),
+             _check_append, goal=None, kernel_goal=1.0),
     Workload("reread", "read of a file just written through the mount "
              "(written untimed with dd conv=fsync)", "empty", "fresh", "copy",
              lambda root, ds: ["dd", f"if={root}/out.bin", "of=/dev/null", "bs=1M"],
-             _check_read, goal=1.0,
+             _check_read, kernel_goal=1.3,
              prepare=lambda root, ds: ["dd", "if=/dev/zero", f"of={root}/out.bin", "bs=1M",
                                        f"count={ds.expect['size'] // MIB}", "conv=fsync"]),
     Workload("read-random", "random 4 KiB reads of the large lower file (lowers cached)",
              "big", "fresh", "shared",
              lambda root, ds: [sys.executable, "-c", _RANDOM_READ, f"{root}/big.bin",
                                str(ds.expect["random_reads"])],
-             _check_random, goal=1.0, capture=True),
+             _check_random, kernel_goal=1.3, capture=True),
     Workload("find-cold", "find + stat of every file over 3 layers, caches dropped",
              "tree", "cold", "shared", _find, _check_find, capture=True),
     Workload("find-warm", "the same find again on the same mount",
@@ -925,12 +947,12 @@ WORKLOADS: list[Workload] = [
              _check_compile),
     Workload("dpkg", "dpkg -i of local .debs (Python stdlib packages, a postinst "
              "writing /dev/null) into a Debian-like rootfs with a real dpkg database",
-             "dpkg", "fresh", "copy", _dpkg_install, _check_dpkg, goal=None),
+             "dpkg", "fresh", "copy", _dpkg_install, _check_dpkg),
     Workload("chown-R", "chown -R of an image-sized lower tree (overlayfs and unionfs "
              "with metacopy=on: metadata-only copy-up; fuse-overlayfs has none)",
              "image", "fresh", "copy",
              lambda root, ds: ["chown", "-R", "4321:4321", str(root / "image")],
-             _check_chown, goal=None,
+             _check_chown,
              options={"overlayfs": "metacopy=on,redirect_dir=on", "unionfs": "metacopy=on"}),
     # --scale only (long): how cost and the daemon's memory grow with the tree.
     Workload("find-500k", "find -printf '%s\\n' of one lower of 505,000 files in "
@@ -1201,22 +1223,22 @@ PODMAN_WORKLOADS = [
              lambda pr, ds: ["podman", "build", "--network=none", "-t", PODMAN_BUILT,
                              "-f", str(ds.expect["context"] / "Containerfile"),
                              str(ds.expect["context"])],
-             _check_podman_build, goal=None, podman=lambda pr, ds: None),
+             _check_podman_build, podman=lambda pr, ds: None),
     Workload("podman-run", "podman run --rm IMAGE true", "podman", "fresh", "podman",
              lambda pr, ds: ["podman", "run", "--rm", PODMAN_BASE, "true"],
-             _check_podman_run, goal=None, podman=lambda pr, ds: None),
+             _check_podman_run, podman=lambda pr, ds: None),
     Workload("podman-reread", "dd of a file just written in a running container "
              "(written untimed with dd conv=fsync; read through /proc/PID/root)",
              "podman", "fresh", "podman",
              lambda pr, ds: ["dd", f"if=/proc/{pr.pid}/root/big.bin", "of=/dev/null", "bs=1M"],
-             _check_read, goal=None, podman=_podman_write_big),
+             _check_read, podman=_podman_write_big),
     Workload("podman-commit", "podman commit of a running container that wrote "
              "small files, a big one, modified and deleted one", "podman", "fresh", "podman",
              lambda pr, ds: ["podman", "commit", "--quiet", PODMAN_CONTAINER, PODMAN_COMMITTED],
-             _check_podman_commit, goal=None, podman=_podman_change),
+             _check_podman_commit, podman=_podman_change),
     Workload("podman-diff", "podman diff of the same container", "podman", "fresh", "podman",
              lambda pr, ds: ["podman", "diff", PODMAN_CONTAINER],
-             _check_podman_diff, goal=None, podman=_podman_change),
+             _check_podman_diff, podman=_podman_change),
 ]
 WORKLOADS += PODMAN_WORKLOADS
 
@@ -1603,19 +1625,13 @@ def render_table(bench: Bench, workloads: list[Workload], systems: list[str]) ->
             row.append("-" if r is None else f"{r:.2f}")
             pairs = bench.paired_ratios(wl.name)
             row.append(f"{sum(p < 1 for p in pairs)} of {len(pairs)}" if pairs else "-")
-            if wl.goal is None:
-                row.append("(info)")
-            else:
-                met = r is not None and r <= wl.goal
-                row.append(f"≤ {wl.goal:.1f} " + ("met" if met else "MISSED"))
-                if not met:
-                    missed.append(wl.name)
+            row.append(_goal_cell(wl, r, bench.ratio(wl.name, "unionfs", "overlayfs"), missed))
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     if ratio:
-        goals = [wl for wl in workloads if wl.goal is not None]
+        goals = [wl for wl in workloads if wl.goal is not None or wl.kernel_goal is not None]
         lines.append(f"\nunionfs goals met: {len(goals) - len(missed)} of {len(goals)}"
                      + (f"; missed: {', '.join(missed)}" if missed else ""))
         lines.append("\"unionfs faster\": in how many repetitions unionfs beat "
@@ -1671,6 +1687,7 @@ def to_json(bench: Bench, workloads, systems, info, sizes: Sizes, hot) -> dict:
         res[wl.name]["ratio_unionfs_fuse_overlayfs"] = bench.ratio(wl.name)
         res[wl.name]["paired_ratios"] = bench.paired_ratios(wl.name)
         res[wl.name]["goal"] = wl.goal
+        res[wl.name]["kernel_goal"] = wl.kernel_goal
     return {"machine": info, "sizes": sizes.__dict__, "repeat": bench.args.repeat,
             "unionfs_code": bench.args.unionfs_code,
             "systems": systems, "unionfs_options": bench.args.unionfs_options,
