@@ -47,3 +47,28 @@ def test_below_a_removed_directory_nothing_shows(dirs):
     assert e.value.errno == errno.ENOENT
     assert sorted(os.listdir(dirs["upper"])) == [wh.WH_PREFIX + "d"]
 
+
+def test_a_copy_up_shows_its_number_only_once_its_data_path_is_known(dirs, monkeypatch):
+    """A node's number is what says its other facts are learned (Union.lstat,
+    lower_data: no lock): a copy-up must give it last, or a thread that
+    opens the metacopy meanwhile reads the upper's empty (sparse) file
+    instead of the lower data."""
+    seen = []
+
+    class Watched(layers.Node):
+        __slots__ = ()
+
+        def __setattr__(self, name, value):
+            if name == "ino" and value is not None and self.in_upper and not self.is_dir:
+                seen.append((self.data, self.hidden_links))
+            super().__setattr__(name, value)
+    monkeypatch.setattr(layers, "Node", Watched)
+    u = make_union(dirs, metacopy=True)
+    u.lstat("/d/sub/f")
+    u.chmod("/d/sub/f", 0o600)
+    assert seen == [("/d/sub/f", 0)]
+    fd = u.open("/d/sub/f", os.O_RDONLY)
+    try:
+        assert os.read(fd, 100) == b"lower data"
+    finally:
+        os.close(fd)
