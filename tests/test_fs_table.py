@@ -107,3 +107,23 @@ def test_the_request_loop_ends_when_its_descriptor_is_no_longer_the_device(tmp_p
         assert session.done.is_set() and session.error.errno == errno.EBADF
     finally:
         os.close(fd)
+
+
+def test_an_open_failing_before_its_reply_keeps_no_descriptor(served, monkeypatch):
+    """An open that fails after the file was opened (here: its name unlinked
+    by another thread before the node learns its number) answers the error
+    and closes what it opened: the kernel will never release it, and a
+    later open of the unlinked node must not reopen a descriptor nobody
+    holds."""
+    with open(os.path.join(served.union.stack.lowers[0].root, "c"), "w") as f:
+        f.write("c")
+    node = served.lookup_name("c")
+    before = set(os.listdir("/proc/self/fd"))
+
+    def gone(path):
+        raise FileNotFoundError(errno.ENOENT, "unlinked meanwhile", path)
+    monkeypatch.setattr(served.union, "lstat", gone)
+    with pytest.raises(OSError):
+        served.open(None, node, os.O_RDONLY)
+    assert not served._inode(node).fds
+    assert set(os.listdir("/proc/self/fd")) <= before

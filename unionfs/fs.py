@@ -590,14 +590,22 @@ class UnionFS:
             except BaseException:
                 os.close(fd)
                 raise
-        fi = ll.fuse_file_info()
-        fi.flags = flags
-        fi.fh = fd
-        inode = self._inode(nodeid)
-        fi.keep_cache = not inode.alias     # see "Caching" in the module doc
-        self._hold(inode, fd)
-        if not inode.ino and path is not None:   # made from compact form: learn what fstat shows once unlinked
-            inode.ino = self.union.lstat(path)[1]
+        inode = None
+        try:
+            fi = ll.fuse_file_info()
+            fi.flags = flags
+            fi.fh = fd
+            inode = self._inode(nodeid)
+            fi.keep_cache = not inode.alias     # see "Caching" in the module doc
+            self._hold(inode, fd)
+            if not inode.ino and path is not None:   # made from compact form: learn what fstat shows once unlinked
+                inode.ino = self.union.lstat(path)[1]
+        except BaseException:
+            # (The error is the reply: the kernel will never release fd.)
+            if inode is not None:
+                self._unhold(inode, fd)
+            os.close(fd)
+            raise
         sent = ll.reply_open(req, fi)
         if sent == -errno.ESTALE:
             self._open_as_new_inode(req, inode, path, fd)
