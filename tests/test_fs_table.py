@@ -181,3 +181,26 @@ def test_an_unlinked_node_is_never_reopened_through_a_reused_descriptor_number(
         assert os.fstat(fd).st_ino == want
     finally:
         os.close(fd)
+
+
+def test_an_unlinked_node_is_reopened_for_writing_only_through_a_writable_descriptor(
+        served, tmp_path):
+    """A node can hold a descriptor of its lower file (opened for reading
+    just before another open copied it up) after one of its upper copy.
+    Reopened for writing once unlinked, it must be the upper copy: a lower
+    layer is never written."""
+    lower = os.open(os.path.join(served.union.stack.lowers[0].root, "a"), os.O_RDONLY)
+    upper_copy = tmp_path / "copy"
+    upper_copy.write_text("x")
+    upper = os.open(upper_copy, os.O_RDWR)
+    inode = fs.Inode(99, None, False)
+    inode.fds = [upper, lower]      # the read of the lower file was answered last
+    try:
+        fd = served._reopen_unlinked(inode, os.O_WRONLY)
+        try:
+            assert os.fstat(fd).st_ino == os.fstat(upper).st_ino
+        finally:
+            os.close(fd)
+    finally:
+        os.close(lower)
+        os.close(upper)

@@ -632,9 +632,14 @@ class UnionFS:
             if not fds:
                 raise OSError(errno.ESTALE, "unlinked: the kernel looks the name up again")
             fd = fds[-1]
-            if flags & _WRITE_FLAGS and not any(fcntl.fcntl(f, fcntl.F_GETFL) & os.O_ACCMODE
-                                                != os.O_RDONLY for f in fds):
-                if os.fstat(fd).st_nlink:
+            if flags & _WRITE_FLAGS:
+                # Through a descriptor held for writing if any: the node may
+                # hold one of its lower file too (read before a copy-up).
+                writable = [f for f in fds
+                            if fcntl.fcntl(f, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY]
+                if writable:
+                    fd = writable[-1]
+                elif os.fstat(fd).st_nlink:
                     # Held read-only, and still linked: it may be a lower file.
                     raise OSError(errno.ESTALE, "unlinked lower file: not writable")
             return os.open(f"/proc/self/fd/{fd}",
