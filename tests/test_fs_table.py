@@ -107,3 +107,100 @@ def test_the_request_loop_ends_when_its_descriptor_is_no_longer_the_device(tmp_p
         assert session.done.is_set() and session.error.errno == errno.EBADF
     finally:
         os.close(fd)
+
+
+def test_an_open_failing_before_its_reply_keeps_no_descriptor(served, monkeypatch):
+    """An open that fails after the file was opened (here: its name unlinked
+    by another thread before the node learns its number) answers the error
+    and closes what it opened: the kernel will never release it, and a
+    later open of the unlinked node must not reopen a descriptor nobody
+    holds."""
+    with open(os.path.join(served.union.stack.lowers[0].root, "c"), "w") as f:
+        f.write("c")
+    node = served.lookup_name("c")
+    before = set(os.listdir("/proc/self/fd"))
+
+    def gone(path):
+        raise FileNotFoundError(errno.ENOENT, "unlinked meanwhile", path)
+    monkeypatch.setattr(served.union, "lstat", gone)
+    with pytest.raises(OSError):
+        served.open(None, node, os.O_RDONLY)
+    assert not served._inode(node).fds
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_an_unlinked_node_is_never_reopened_through_a_reused_descriptor_number(
+        served, monkeypatch):
+    """An open of an unlinked node reopens a descriptor the daemon holds on
+    its file (/proc/self/fd/N). A release of that descriptor on another
+    thread meanwhile, and N given to another file, must not make the open
+    hand out that other file."""
+    import threading
+    from types import SimpleNamespace
+    low = served.union.stack.lowers[0].root
+    with open(os.path.join(low, "c"), "w") as f:
+        f.write("c")
+    want = os.stat(os.path.join(low, "c")).st_ino
+    opened = []
+    monkeypatch.setattr(fs.ll, "reply_open", lambda req, fi: opened.append(fi.fh) or 0)
+    node = served.lookup_name("c")
+    served.open(None, node, os.O_RDONLY)
+    held = opened[-1]
+    served.unlink(None, common.ROOT_ID, b"c")
+    assert served._inode(node).path is None
+
+    picked, released = threading.Event(), threading.Event()
+    real_open = os.open
+
+    def slow_open(path, flags, *a, **kw):
+        if str(path).startswith("/proc/self/fd/"):
+            picked.set()
+            released.wait(1)        # the other thread's turn, if it can take it
+        return real_open(path, flags, *a, **kw)
+
+    def release_and_reuse():
+        picked.wait(10)
+        served.release(None, node, SimpleNamespace(contents=SimpleNamespace(fh=held)))
+        other = real_open("/dev/null", os.O_RDONLY)
+        if other != held:
+            os.dup2(other, held)    # the number now names another file
+            os.close(other)
+        released.set()
+
+    monkeypatch.setattr(os, "open", slow_open)
+    t = threading.Thread(target=release_and_reuse)
+    t.start()
+    try:
+        served.open(None, node, os.O_RDONLY)
+    finally:
+        t.join(10)
+        monkeypatch.setattr(os, "open", real_open)
+        os.close(held)
+    fd = opened[-1]
+    try:
+        assert os.fstat(fd).st_ino == want
+    finally:
+        os.close(fd)
+
+
+def test_an_unlinked_node_is_reopened_for_writing_only_through_a_writable_descriptor(
+        served, tmp_path):
+    """A node can hold a descriptor of its lower file (opened for reading
+    just before another open copied it up) after one of its upper copy.
+    Reopened for writing once unlinked, it must be the upper copy: a lower
+    layer is never written."""
+    lower = os.open(os.path.join(served.union.stack.lowers[0].root, "a"), os.O_RDONLY)
+    upper_copy = tmp_path / "copy"
+    upper_copy.write_text("x")
+    upper = os.open(upper_copy, os.O_RDWR)
+    inode = fs.Inode(99, None, False)
+    inode.fds = [upper, lower]      # the read of the lower file was answered last
+    try:
+        fd = served._reopen_unlinked(inode, os.O_WRONLY)
+        try:
+            assert os.fstat(fd).st_ino == os.fstat(upper).st_ino
+        finally:
+            os.close(fd)
+    finally:
+        os.close(lower)
+        os.close(upper)

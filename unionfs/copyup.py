@@ -235,9 +235,11 @@ class CopyUp:
         copy-up then costs no listxattr and getxattrs when next stat'ed."""
         node = self.stack.lookup(path)
         if recorded and node is not None and node.in_upper and node.ino is None:
-            node.ino = origin_ino(st, layer)
             node.hidden_links = 0
             node.data = path if data is META and stat.S_ISREG(st.st_mode) else None
+            # Last: a number says the rest is learned (Union.lstat and
+            # lower_data read the node without a lock).
+            node.ino = origin_ino(st, layer)
         return node
 
     def _report(self, path, st, data, t0):

@@ -84,6 +84,10 @@ class UnionFS:
         self._by_ident = {}                # (dev, ino) of upper hard links -> Inode
         self._next_id = common.ROOT_ID + 1
         self._table = threading.Lock()     # guards the three maps above
+        # Held while a descriptor of Inode.fds is closed or reopened by its
+        # number (_reopen_unlinked): a number closed meanwhile could name
+        # another file by the time it is reopened.
+        self._fds_lock = threading.Lock()
         self._dirs = {}                    # dir handle -> Listing it reads, or None
         self._next_dh = 1
         self._listings = {}                # dir path -> (entries, Listing)
@@ -419,9 +423,11 @@ class UnionFS:
             return
         inode = self._inode(nodeid)
         if inode.path is None:
-            if not inode.fds:
-                raise OSError(errno.ENOENT, "unlinked")
-            self._reply_attr(req, os.fstat(inode.fds[-1]), inode.ino, alias=inode.alias)
+            with self._fds_lock:    # (see _reopen_unlinked)
+                if not inode.fds:
+                    raise OSError(errno.ENOENT, "unlinked")
+                st = os.fstat(inode.fds[-1])
+            self._reply_attr(req, st, inode.ino, alias=inode.alias)
             return
         if self._by_path.get(inode.path) is not inode:
             # Its name now has a new inode (_open_as_new_inode), which the
@@ -590,23 +596,27 @@ class UnionFS:
             except BaseException:
                 os.close(fd)
                 raise
-        fi = ll.fuse_file_info()
-        fi.flags = flags
-        fi.fh = fd
-        inode = self._inode(nodeid)
-        fi.keep_cache = not inode.alias     # see "Caching" in the module doc
-        self._hold(inode, fd)
-        if not inode.ino and path is not None:   # made from compact form: learn what fstat shows once unlinked
-            inode.ino = self.union.lstat(path)[1]
+        inode = None
+        try:
+            fi = ll.fuse_file_info()
+            fi.flags = flags
+            fi.fh = fd
+            inode = self._inode(nodeid)
+            fi.keep_cache = not inode.alias     # see "Caching" in the module doc
+            self._hold(inode, fd)
+            if not inode.ino and path is not None:   # made from compact form: learn what fstat shows once unlinked
+                inode.ino = self.union.lstat(path)[1]
+        except BaseException:
+            # (The error is the reply: the kernel will never release fd.)
+            self._drop(inode, fd)
+            raise
         sent = ll.reply_open(req, fi)
         if sent == -errno.ESTALE:
             self._open_as_new_inode(req, inode, path, fd)
         elif sent == -errno.ENOENT:         # interrupted: the kernel never releases it
-            self._unhold(inode, fd)
-            os.close(fd)
+            self._drop(inode, fd)
 
-    @staticmethod
-    def _reopen_unlinked(inode, flags):
+    def _reopen_unlinked(self, inode, flags):
         """A new descriptor on the file of ``inode``, whose name is gone.
 
         The kernel opens a node by its id, and can hold one whose name was
@@ -617,16 +627,23 @@ class UnionFS:
         daemon still holds on it; with none (or a write to a lower file,
         which is never written), ESTALE, which has the kernel walk the path
         again and find the name as it is now."""
-        fds = inode.fds
-        if not fds:
-            raise OSError(errno.ESTALE, "unlinked: the kernel looks the name up again")
-        fd = fds[-1]
-        if flags & _WRITE_FLAGS and not any(fcntl.fcntl(f, fcntl.F_GETFL) & os.O_ACCMODE
-                                            != os.O_RDONLY for f in fds):
-            if os.fstat(fd).st_nlink:
-                # Held read-only, and still linked: it may be a lower file.
-                raise OSError(errno.ESTALE, "unlinked lower file: not writable")
-        return os.open(f"/proc/self/fd/{fd}", flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
+        with self._fds_lock:
+            fds = inode.fds
+            if not fds:
+                raise OSError(errno.ESTALE, "unlinked: the kernel looks the name up again")
+            fd = fds[-1]
+            if flags & _WRITE_FLAGS:
+                # Through a descriptor held for writing if any: the node may
+                # hold one of its lower file too (read before a copy-up).
+                writable = [f for f in fds
+                            if fcntl.fcntl(f, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY]
+                if writable:
+                    fd = writable[-1]
+                elif os.fstat(fd).st_nlink:
+                    # Held read-only, and still linked: it may be a lower file.
+                    raise OSError(errno.ESTALE, "unlinked lower file: not writable")
+            return os.open(f"/proc/self/fd/{fd}",
+                           flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
 
     def _hold(self, inode, fd):
         """Count open ``fd`` as one of ``inode``'s (before the kernel can
@@ -639,14 +656,18 @@ class UnionFS:
                 fds = inode.fds
         fds.append(fd)
 
-    @staticmethod
-    def _unhold(inode, fd):
-        fds = inode.fds
-        if fds:
+    def _drop(self, inode, fd):
+        """Close ``fd``, one of ``inode``'s if it is held (inode may be
+        None or a compact one)."""
+        if inode.__class__ is not Inode or not inode.fds:
+            os.close(fd)
+            return
+        with self._fds_lock:
             try:
-                fds.remove(fd)
+                inode.fds.remove(fd)
             except ValueError:
                 pass
+            os.close(fd)
 
     def _open_as_new_inode(self, req, inode, path, fd):
         """The binding could not give the kernel open ``fd`` as ``inode``
@@ -655,8 +676,7 @@ class UnionFS:
         id and answer ESTALE: the kernel then looks the name up again and
         opens it as a new inode. Opens made before keep the old one, whose
         attributes the kernel must ask for from now on (see getattr)."""
-        self._unhold(inode, fd)
-        os.close(fd)
+        self._drop(inode, fd)
         with self._table:
             inode.replaced = True
             if self._by_path.get(path) is inode:
@@ -684,8 +704,7 @@ class UnionFS:
         if sent == -errno.ENOENT:
             # Interrupted: the kernel will neither release the file nor
             # forget the lookup (the file stays created, as it would natively).
-            self._unhold(inode, fd)
-            os.close(fd)
+            self._drop(inode, fd)
             self._unlookup(e.ino)
         elif sent == -errno.ESTALE:         # not sent: see open
             self._unlookup(e.ino)
@@ -709,10 +728,7 @@ class UnionFS:
 
     def release(self, req, nodeid, fi):
         fd = fi.contents.fh
-        inode = self._inodes.get(nodeid)
-        if inode.__class__ is Inode:
-            self._unhold(inode, fd)
-        os.close(fd)
+        self._drop(self._inodes.get(nodeid), fd)
         ll.reply_err(req, 0)
 
     def fsync(self, req, nodeid, datasync, fh):

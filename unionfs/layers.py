@@ -641,7 +641,7 @@ class LayerStack:
             parent = self._cache.get(parent_path, _MISS)
             if parent is _MISS:
                 parent = self._lookup_walk(parent_path)
-            if parent is None:
+            if parent is None or parent is _WHITED_OUT:
                 return None
             if parent.kind != DIR:
                 raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
