@@ -52,7 +52,7 @@ def ps_status(engine, name) -> str:
     return ""
 
 
-def wait_for(pred, timeout=20.0):
+def wait_for(pred, timeout=60.0):      # a bound, not a timing check (see below)
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
