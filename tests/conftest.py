@@ -37,6 +37,14 @@ requires_fuse = pytest.mark.skipif(fuse_missing_reason() is not None,
 requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
 
 
+def write(path, data="", mode=None):
+    """A file at ``path`` (a Path) with ``data``, its directories made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data)
+    if mode is not None:
+        path.chmod(mode)
+
+
 def is_mounted(path):
     path = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:

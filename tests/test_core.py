@@ -6,19 +6,13 @@ import stat
 
 import pytest
 
+from conftest import write
 from unionfs import whiteout as wh
 from unionfs.union import WORK_SUBDIR, Union
 
 IS_ROOT = os.geteuid() == 0
 FORMATS = [pytest.param(wh.FORMAT_OVERLAY, marks=pytest.mark.skipif(
     not IS_ROOT, reason="overlay whiteouts need CAP_MKNOD")), wh.FORMAT_OCI]
-
-
-def write(path, data="", mode=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(data)
-    if mode is not None:
-        path.chmod(mode)
 
 
 def dev_whiteout(path):

@@ -6,14 +6,10 @@ import os
 
 import pytest
 
+from conftest import write
 from unionfs import layers
 from unionfs import whiteout as wh
 from unionfs.union import Union
-
-
-def write(path, data=""):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(data)
 
 
 @pytest.fixture
